@@ -1,0 +1,196 @@
+"""Process identifiers and the term types that may be stored and sent.
+
+A *term* is what pgregistry can store in a table and put on the wire without pickle:
+
+* keys: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, `Pid`, `Ref`, and
+  tuples of keys;
+* values: keys, plus ``list`` and ``dict`` (with ``str`` or ``int`` keys), nested.
+
+Anything else is refused at the call site with a `TypeError` naming the offending part,
+never later while gossiping. Equality is Python's (``1 == 1.0``), as in a dict.
+
+`Pid` and `Ref` are tuple subclasses so that hashing them costs what hashing a tuple
+costs (they are hashed on every table write); their ``__eq__`` refuses other types, so a
+pid never equals a plain tuple with the same fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Final
+
+__all__ = ["Pid", "Ref", "check_key", "check_value", "is_key", "is_value"]
+
+
+class _Id(tuple):
+    """Common shape of `Pid` and `Ref`: ``(node, serial, creation)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, node: str, serial: int, creation: int = 0) -> Any:
+        if type(node) is not str:
+            raise TypeError(f"{cls.__name__} node must be a str, got {node!r}")
+        if type(serial) is not int or serial < 0:
+            raise TypeError(f"{cls.__name__} serial must be a non-negative int, got {serial!r}")
+        if type(creation) is not int or creation < 0:
+            raise TypeError(f"{cls.__name__} creation must be a non-negative int, got {creation!r}")
+        return tuple.__new__(cls, (node, serial, creation))
+
+    @property
+    def node(self) -> str:
+        """The id of the node the process (or reference) belongs to."""
+        return tuple.__getitem__(self, 0)
+
+    @property
+    def serial(self) -> int:
+        return tuple.__getitem__(self, 1)
+
+    @property
+    def creation(self) -> int:
+        """The incarnation of the node: a restarted node gets a new one."""
+        return tuple.__getitem__(self, 2)
+
+    __hash__ = tuple.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not (type(other) is type(self) and tuple.__eq__(self, other))
+
+    def _order(self, other: object) -> tuple:
+        if type(other) is not type(self):
+            raise TypeError(f"'<' not supported between {type(self).__name__} and {type(other).__name__}")
+        return tuple(self), tuple(other)  # type: ignore[arg-type]
+
+    def __lt__(self, other: object) -> bool:
+        a, b = self._order(other)
+        return a < b
+
+    def __le__(self, other: object) -> bool:
+        a, b = self._order(other)
+        return a <= b
+
+    def __gt__(self, other: object) -> bool:
+        a, b = self._order(other)
+        return a > b
+
+    def __ge__(self, other: object) -> bool:
+        a, b = self._order(other)
+        return a >= b
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), tuple(self))
+
+
+class Pid(_Id):
+    """Identifies one process: the node it runs on, a serial, the node's creation.
+
+    Hashable and ordered among pids. ``repr`` is short: ``<a@127.0.0.1:4000.12.1>``.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        node, serial, creation = tuple.__iter__(self)
+        return f"<{node}.{serial}.{creation}>"
+
+
+class Ref(_Id):
+    """A reference unique within the cluster: made by `Node`s for monitors and calls."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        node, serial, creation = tuple.__iter__(self)
+        return f"#Ref<{node}.{serial}.{creation}>"
+
+
+_SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes, Pid, Ref})
+
+# Guards recursion on hostile nesting; the wire decoder applies the same limit.
+MAX_DEPTH: Final = 64
+
+
+def _key_problem(x: Any, depth: int) -> str | None:
+    t = type(x)
+    if t in _SCALARS:
+        return None
+    if t is tuple:
+        if depth >= MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH}"
+        for item in x:
+            if type(item) not in _SCALARS:
+                problem = _key_problem(item, depth + 1)
+                if problem is not None:
+                    return problem
+        return None
+    return f"{t.__name__} {x!r:.60} is not a key term (None, bool, int, float, str, bytes, Pid, Ref, tuple)"
+
+
+def _value_problem(x: Any, depth: int) -> str | None:
+    t = type(x)
+    if t in _SCALARS:
+        return None
+    if depth >= MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH}"
+    if t is tuple or t is list:
+        for item in x:
+            if type(item) not in _SCALARS:
+                problem = _value_problem(item, depth + 1)
+                if problem is not None:
+                    return problem
+        return None
+    if t is dict:
+        for k, item in x.items():
+            if type(k) is not str and type(k) is not int:
+                return f"dict key {k!r:.60} is not a str or int"
+            if type(item) not in _SCALARS:
+                problem = _value_problem(item, depth + 1)
+                if problem is not None:
+                    return problem
+        return None
+    return (
+        f"{t.__name__} {x!r:.60} is not a value term "
+        "(None, bool, int, float, str, bytes, Pid, Ref, tuple, list, dict)"
+    )
+
+
+def check_key(key: Any, what: str = "key") -> Any:
+    """Return `key` unchanged if it is a key term, else raise `TypeError` saying why."""
+    if type(key) in _SCALARS:
+        return key
+    problem = _key_problem(key, 0)
+    if problem is not None:
+        raise TypeError(f"{what}: {problem}")
+    return key
+
+
+def check_value(value: Any, what: str = "value") -> Any:
+    """Return `value` unchanged if it is a value term, else raise `TypeError` saying why."""
+    if type(value) in _SCALARS:
+        return value
+    problem = _value_problem(value, 0)
+    if problem is not None:
+        raise TypeError(f"{what}: {problem}")
+    return value
+
+
+def is_key(x: Any) -> bool:
+    return type(x) in _SCALARS or _key_problem(x, 0) is None
+
+
+def is_value(x: Any) -> bool:
+    return type(x) in _SCALARS or _value_problem(x, 0) is None
+
+
+class Counter:
+    """A monotonic counter; ``next()`` is a C-level call (used for serials and tags)."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, start: int = 1) -> None:
+        self.next = itertools.count(start).__next__
