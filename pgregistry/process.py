@@ -1,0 +1,967 @@
+"""Processes: asyncio tasks with a mailbox, identified by a `Pid` (layer 2).
+
+The model, in brief:
+
+* A **process** is an asyncio task plus a mailbox (a deque and at most one waiter
+  future). `Runtime.spawn` makes one from an async callable; `Runtime.adopt` turns an
+  existing task (a node's "main" task) into one. Every process belongs to one `Runtime`,
+  the per-node process table, and runs on that node's event loop.
+* The calling process is found from the running task (`current_process`), never from a
+  context variable, so a plain task created by a process is *not* that process.
+* Messages are any Python objects. Local delivery appends to the mailbox and wakes the
+  waiter; `receive` pops in arrival order. A message to a pid of another node goes to the
+  runtime's ``router`` (installed by the node layer); with no router it is dropped. Two
+  runtimes in one event loop never deliver to each other directly.
+* A process **exits** once: its function returns (reason ``"normal"``), raises (the
+  exception object, logged with its traceback), its task is cancelled (``"killed"``), or
+  it gets an exit signal `exit(pid, reason)`. On exit, in this order: the process leaves
+  the table and releases its local name, its exit hooks run (in insertion order, each
+  once), the monitors it holds are dropped, its watchers get ``Down(ref, pid, reason)``,
+  and its mailbox is discarded.
+* ``exit(pid, "kill")`` finishes the process at once (reason ``"killed"``) and cancels its
+  task; no code of it runs before its exit is complete. Any other reason (except
+  ``"normal"`` from another process, which is ignored, as in Erlang) is recorded in
+  `Process.exit_request` and delivered as a cancellation, so the process may clean up (a
+  `Server` runs ``terminate``); it then exits with that reason. Adopted processes do
+  not own their task: an exit signal finishes them without cancelling the task.
+* Monitors: ``monitor(pid)`` returns a `Ref`; the watcher later gets
+  ``Down(ref, pid, reason)`` unless it calls `demonitor` first. Monitoring a dead pid
+  yields ``"noproc"`` at once, a pid of an unreachable node ``"noconnection"``.
+* Calls (`pgregistry.server.call`) wait on a future registered in the caller under the
+  call's ref (`Process.expect_reply`): a `Reply` or the ``Down`` for that ref resolves it
+  instead of entering the mailbox, and a `Reply` nobody waits for is dropped.
+
+Writes to a runtime (spawn, names, adopt) must happen on the node's loop thread;
+`whereis` and `process` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections import deque
+from typing import Any, Awaitable, Callable, Hashable, NamedTuple, Protocol
+
+from .errors import AlreadyStarted, NoProcess, NotLocal
+from .events import Down
+from .terms import Counter, Pid, Ref
+
+__all__ = [
+    "Process",
+    "Runtime",
+    "Router",
+    "NamingService",
+    "Via",
+    "Reply",
+    "current_process",
+    "task_process",
+    "self",
+    "send",
+    "receive",
+    "monitor",
+    "demonitor",
+    "exit",
+]
+
+logger = logging.getLogger("pgregistry.process")
+
+_NOT_A_PROCESS = (
+    "this task is not a pgregistry process: run the code in a process with "
+    "node.spawn(fn, ...), or inside `async with node:` (or after `await node.start()`)"
+)
+
+#: Longest local name accepted (Erlang's atom limit).
+MAX_NAME_LENGTH = 255
+
+# Every live process, by the task it runs in. Module-level because `current_process`
+# does not know which runtime the calling task belongs to.
+_tasks: dict[asyncio.Task, "Process"] = {}
+
+_current_task = asyncio.current_task
+
+
+class Reply(NamedTuple):
+    """The answer to a call: sent to the caller, consumed by its pending future.
+
+    A `Reply` never enters a mailbox: if nobody waits for ``ref`` any more (the call
+    timed out or was cancelled) it is dropped.
+    """
+
+    ref: Ref
+    value: Any
+
+
+class Router(Protocol):
+    """What the node layer installs as `Runtime.router` to reach other nodes.
+
+    ``dest`` of `send_remote` is a pid of another node or a ``(name, node_id)`` tuple;
+    ``pid`` of `monitor_remote` likewise. A ``Down`` for a monitor held by a process of
+    another node is handed to `send_remote` as ``Down(ref, pid, reason)`` addressed to
+    the watcher; the receiving node must deliver it with `Process.deliver_down`.
+    """
+
+    def send_remote(self, dest: Any, msg: Any) -> None: ...
+
+    def monitor_remote(self, watcher: Pid, ref: Ref, pid: Any) -> None: ...
+
+    def demonitor_remote(self, ref: Ref, pid: Any) -> None: ...
+
+    def exit_remote(self, pid: Pid, reason: Any) -> None: ...
+
+
+class NamingService(Protocol):
+    """A name service usable through `Via` (a unique `Registry` is one)."""
+
+    def whereis_name(self, key: Any) -> Pid | None: ...
+
+    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool: ...
+
+    def unregister_name(self, key: Any) -> None: ...
+
+
+class Via:
+    """A name resolved by a `NamingService`: ``Via(service, key, value=None)``.
+
+    Accepted by `send`, `pgregistry.server.call` and `~pgregistry.server.cast`, and as
+    ``name=`` of `Server.start` (which registers the new process with ``value``).
+    Immutable; equal and hashed by ``(id(service), key)``, so ``value`` does not count.
+    """
+
+    __slots__ = ("service", "key", "value")
+
+    service: NamingService
+    key: Any
+    value: Any
+
+    def __init__(self, service: NamingService, key: Any, value: Any = None) -> None:
+        object.__setattr__(self, "service", service)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Via is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Via is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Via:
+            return NotImplemented
+        return self.service is other.service and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash((id(self.service), self.key))
+
+    def __repr__(self) -> str:
+        if self.value is None:
+            return f"Via({self.service!r}, {self.key!r})"
+        return f"Via({self.service!r}, {self.key!r}, value={self.value!r})"
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _log_crash(pid: Pid, exc: BaseException) -> None:
+    logger.error("process %r crashed: %r", pid, exc, exc_info=exc)
+
+
+def _exited_error(pid: Any, reason: Any) -> NoProcess:
+    """The `NoProcess` a call gets when its destination is gone."""
+    if type(reason) is str and reason == "noproc":
+        exc = NoProcess(f"no process {pid!r} (noproc)")
+    elif type(reason) is str and reason == "noconnection":
+        exc = NoProcess(f"no connection to the node of {pid!r} (noconnection)")
+    else:
+        exc = NoProcess(f"{pid!r} exited ({reason!r})")
+    if isinstance(reason, BaseException):
+        exc.__cause__ = reason
+    return exc
+
+
+def check_timeout(timeout: Any, what: str) -> None:
+    """Raise `TypeError`/`ValueError` unless `timeout` is a number of seconds >= 0."""
+    if type(timeout) is bool or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{what}: timeout must be a number of seconds or None, got {timeout!r}")
+    if not timeout >= 0:
+        raise ValueError(f"{what}: timeout must be >= 0, got {timeout!r}")
+
+
+class Process:
+    """One process of a `Runtime`: its pid, task, mailbox, monitors and exit hooks.
+
+    Only the process's own task may wait on its mailbox (`receive`); any code on the
+    node's loop may call `deliver`, `deliver_down`, `flush` and the hook methods.
+    """
+
+    __slots__ = (
+        "pid",
+        "runtime",
+        "task",
+        "alive",
+        "exit_reason",
+        "exit_request",
+        "adopted",
+        "name",
+        "_loop",
+        "_mailbox",
+        "_waiter",
+        "_pending",
+        "_monitors",
+        "_monitored_by",
+        "_hooks",
+        "_started",
+        "_previous",
+    )
+
+    pid: Pid
+    runtime: "Runtime"
+    task: asyncio.Task | None
+    #: True until the process has exited.
+    alive: bool
+    #: The exit reason once the process has exited, else None.
+    exit_reason: Any
+    #: ``(reason,)`` once a non-kill exit signal arrived and is being delivered as a
+    #: cancellation; None otherwise. A `Server` reads it to call ``terminate(reason)``.
+    exit_request: tuple[Any] | None
+    #: True for a task adopted with `Runtime.adopt` (the runtime does not own its task).
+    adopted: bool
+    #: The local name the process holds, if any.
+    name: str | None
+
+    def __init__(self, runtime: "Runtime", pid: Pid, adopted: bool = False) -> None:
+        self.pid = pid
+        self.runtime = runtime
+        self.task = None
+        self.alive = True
+        self.exit_reason = None
+        self.exit_request = None
+        self.adopted = adopted
+        self.name = None
+        self._loop = runtime.loop
+        self._mailbox: deque[Any] = deque()
+        self._waiter: asyncio.Future | None = None
+        # The four dicts below are made on first use: most processes never need them.
+        self._pending: dict[Ref, asyncio.Future] | None = None  # call ref -> future
+        self._monitors: dict[Ref, Any] | None = None  # monitors held: ref -> target
+        self._monitored_by: dict[Ref, Pid] | None = None  # monitors on us: ref -> watcher
+        self._hooks: dict[Hashable, Callable[[Pid, Any], None]] | None = None
+        self._started = adopted
+        self._previous: Process | None = None
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else f"exited {self.exit_reason!r}"
+        return f"<Process {self.pid!r} {state}>"
+
+    # -- mailbox --------------------------------------------------------------------
+
+    def deliver(self, msg: Any) -> None:
+        """Put `msg` in the mailbox, or resolve the pending call it replies to.
+
+        A `Reply` resolves the future registered under its ref and never enters the
+        mailbox; a `Reply` for no pending call is dropped. Messages to a process that
+        has exited are dropped.
+        """
+        if type(msg) is Reply:
+            pending = self._pending
+            if pending is not None:
+                fut = pending.pop(msg.ref, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.value)
+            return
+        if not self.alive:
+            return
+        self._mailbox.append(msg)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def deliver_down(self, ref: Ref, pid: Any, reason: Any) -> None:
+        """Deliver the ``Down`` of a monitor this process holds under `ref`.
+
+        Dropped if the monitor is no longer active (demonitored, or already fired), so
+        no ``Down`` arrives after `demonitor`. A pending call under `ref` fails with
+        `NoProcess` instead of receiving a message.
+        """
+        monitors = self._monitors
+        if monitors is None or monitors.pop(ref, None) is None:
+            return
+        pending = self._pending
+        if pending is not None:
+            fut = pending.pop(ref, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(_exited_error(pid, reason))
+                return
+        self.deliver(Down(ref, pid, reason))
+
+    async def _wait(self, timeout: float | None) -> Any:
+        """Wait for a message (the mailbox is empty) and pop it; see `receive`."""
+        loop = self._loop
+        mailbox = self._mailbox
+        deadline = None if timeout is None else loop.time() + timeout
+        while not mailbox:
+            if not self.alive:
+                raise RuntimeError(f"process {self.pid!r} exited ({self.exit_reason!r}) while receiving")
+            waiter = loop.create_future()
+            self._waiter = waiter
+            if deadline is None:
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+            else:
+                delay = deadline - loop.time()
+                if delay <= 0:
+                    self._waiter = None
+                    raise TimeoutError(f"receive: no message within {timeout} s")
+                timer = loop.call_later(delay, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
+        return mailbox.popleft()
+
+    def flush(self, predicate: Callable[[Any], bool]) -> int:
+        """Remove every queued message for which `predicate` is true; return how many.
+
+        If `predicate` raises, the mailbox is left unchanged and the exception propagates.
+        """
+        mailbox = self._mailbox
+        if not mailbox:
+            return 0
+        keep = [msg for msg in mailbox if not predicate(msg)]
+        removed = len(mailbox) - len(keep)
+        if removed:
+            mailbox.clear()
+            mailbox.extend(keep)
+        return removed
+
+    # -- calls ----------------------------------------------------------------------
+
+    def expect_reply(self, ref: Ref) -> asyncio.Future:
+        """Register and return the future that a `Reply` (or ``Down``) for `ref` resolves.
+
+        The caller must `forget_reply` once it stops waiting (also on timeout and
+        cancellation), after which a late `Reply` for `ref` is dropped.
+        """
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = {}
+        fut = self._loop.create_future()
+        pending[ref] = fut
+        return fut
+
+    def forget_reply(self, ref: Ref) -> None:
+        """Stop waiting for a reply under `ref` (no error if there was none)."""
+        pending = self._pending
+        if pending:
+            pending.pop(ref, None)
+
+    # -- exit hooks -----------------------------------------------------------------
+
+    def add_exit_hook(self, key: Hashable, fn: Callable[[Pid, Any], None]) -> None:
+        """Run ``fn(pid, reason)`` once when this process exits.
+
+        Hooks run synchronously, in the order their keys were first added, after the
+        process has left the table and released its local name and before monitors get
+        ``Down``; they run in whatever task causes the exit, so they must not rely on
+        `current_process`. An exception in a hook is logged and the other hooks still
+        run. Adding under an existing key replaces that hook in place. Raises
+        `NoProcess` if the process has already exited.
+        """
+        if not self.alive:
+            raise NoProcess(f"{self.pid!r} has exited ({self.exit_reason!r})")
+        hooks = self._hooks
+        if hooks is None:
+            hooks = self._hooks = {}
+        hooks[key] = fn
+
+    def remove_exit_hook(self, key: Hashable) -> None:
+        """Remove the hook under `key`; nothing happens if there is none."""
+        hooks = self._hooks
+        if hooks:
+            hooks.pop(key, None)
+
+    # -- exit -----------------------------------------------------------------------
+
+    def signal_exit(self, reason: Any) -> None:
+        """Deliver an exit signal (the caller has already applied the ``"normal"`` rule).
+
+        ``"kill"`` finishes the process at once with ``"killed"`` and cancels its task.
+        Another reason finishes an adopted process, or a spawned one whose function has
+        not started, at once; a running spawned process gets it as a cancellation
+        (first signal wins) and exits with it once its code has unwound.
+        """
+        if not self.alive:
+            return
+        kill = type(reason) is str and reason == "kill"
+        task = self.task
+        if kill or self.adopted or not self._started:
+            self._finish("killed" if kill else reason)
+            if not self.adopted and task is not None:
+                task.cancel()
+        elif self.exit_request is None:
+            self.exit_request = (reason,)
+            if task is not None:
+                task.cancel()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Done-callback of the task: finish the process if nothing else has."""
+        if not self.alive:
+            return
+        if self.exit_request is not None:
+            reason = self.exit_request[0]
+        elif task.cancelled():
+            reason = "killed"
+        else:
+            exc = task.exception()
+            if exc is None:
+                reason = "normal"
+            else:
+                reason = exc
+                _log_crash(self.pid, exc)
+        self._finish(reason)
+
+    def _finish(self, reason: Any) -> None:
+        """Exit with `reason`; later calls do nothing.
+
+        Leaves the table, releases the name, runs the hooks, drops the monitors held,
+        sends ``Down`` to the watchers, discards the mailbox and detaches from the task.
+        """
+        if not self.alive:
+            return
+        self.alive = False
+        self.exit_reason = reason
+        runtime = self.runtime
+        pid = self.pid
+        runtime._procs.pop(pid, None)
+        if self.name is not None:
+            runtime._names.pop(self.name, None)
+            self.name = None
+
+        hooks = self._hooks
+        if hooks:
+            self._hooks = None
+            for key, fn in hooks.items():
+                try:
+                    fn(pid, reason)
+                except Exception:
+                    logger.exception("exit hook %r of process %r failed", key, pid)
+
+        monitors = self._monitors
+        if monitors:
+            self._monitors = None
+            for ref, target in monitors.items():
+                runtime._drop_monitor(ref, target)
+        watchers = self._monitored_by
+        if watchers:
+            self._monitored_by = None
+            for ref, watcher in watchers.items():
+                runtime._notify_down(watcher, ref, pid, reason)
+
+        pending = self._pending
+        if pending:
+            self._pending = None
+            for fut in pending.values():
+                if fut.done():
+                    continue
+                if self.adopted:
+                    # The task lives on: fail its call instead of faking a cancellation.
+                    fut.set_exception(RuntimeError(f"process {pid!r} exited ({reason!r}) during a call"))
+                else:
+                    fut.cancel()
+        self._mailbox.clear()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            _wake(waiter)
+
+        task = self.task
+        if task is not None:
+            if self.adopted:
+                task.remove_done_callback(self._task_done)
+                if _tasks.get(task) is self:
+                    previous = self._previous
+                    while previous is not None and not previous.alive:
+                        previous = previous._previous
+                    if previous is None:
+                        del _tasks[task]
+                    else:
+                        _tasks[task] = previous
+            elif _tasks.get(task) is self:
+                del _tasks[task]
+
+
+async def _run(proc: Process, fn: Callable[..., Awaitable[Any]], args: tuple, kwargs: dict) -> None:
+    """Body of a spawned process's task: run `fn` and finish the process with its outcome."""
+    task = _current_task()
+    assert task is not None
+    proc.task = task
+    _tasks[task] = proc
+    proc._started = True
+    try:
+        awaitable = fn(*args, **kwargs)
+        if not inspect.isawaitable(awaitable):
+            raise TypeError(f"spawn: {fn!r} returned {type(awaitable).__name__}, not an awaitable; pass an async function")
+        await awaitable
+    except asyncio.CancelledError:
+        request = proc.exit_request
+        proc._finish(request[0] if request is not None else "killed")
+    except Exception as exc:
+        if proc.alive:
+            _log_crash(proc.pid, exc)
+            proc._finish(exc)
+    except BaseException as exc:
+        proc._finish(exc)
+        raise
+    else:
+        request = proc.exit_request
+        proc._finish(request[0] if request is not None else "normal")
+
+
+class Runtime:
+    """The process table of one node.
+
+    ``node_id`` and ``creation`` may be changed until the first pid or ref is made.
+    ``loop`` and ``loop_thread`` are set by the node when it starts; writes (`spawn`,
+    `adopt`, `register_name`, `unregister_name`) from another thread, before the start
+    or after `close` raise `RuntimeError`. ``router`` is None or a `Router`: without
+    one, a send to another node's pid is dropped, a monitor of one gets
+    ``Down(ref, pid, "noconnection")`` at once, and an exit signal to one does nothing.
+    """
+
+    __slots__ = (
+        "_node_id",
+        "_creation",
+        "_frozen",
+        "loop",
+        "loop_thread",
+        "router",
+        "closed",
+        "_procs",
+        "_names",
+        "_next_pid",
+        "_next_ref",
+    )
+
+    loop: asyncio.AbstractEventLoop | None
+    loop_thread: int | None
+    router: Router | None
+    closed: bool
+
+    def __init__(self, node_id: str, creation: int = 0) -> None:
+        if type(node_id) is not str or not node_id:
+            raise TypeError(f"node_id must be a non-empty str, got {node_id!r}")
+        if type(creation) is not int or creation < 0:
+            raise TypeError(f"creation must be a non-negative int, got {creation!r}")
+        self._node_id = node_id
+        self._creation = creation
+        self._frozen = False
+        self.loop = None
+        self.loop_thread = None
+        self.router = None
+        self.closed = False
+        self._procs: dict[Pid, Process] = {}
+        self._names: dict[str, Process] = {}
+        self._next_pid = Counter(1).next
+        self._next_ref = Counter(1).next
+
+    def __repr__(self) -> str:
+        return f"<Runtime {self._node_id} creation={self._creation} processes={len(self._procs)}>"
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @node_id.setter
+    def node_id(self, value: str) -> None:
+        if self._frozen:
+            raise RuntimeError("node_id cannot change once pids or refs have been made")
+        if type(value) is not str or not value:
+            raise TypeError(f"node_id must be a non-empty str, got {value!r}")
+        self._node_id = value
+
+    @property
+    def creation(self) -> int:
+        return self._creation
+
+    @creation.setter
+    def creation(self, value: int) -> None:
+        if self._frozen:
+            raise RuntimeError("creation cannot change once pids or refs have been made")
+        if type(value) is not int or value < 0:
+            raise TypeError(f"creation must be a non-negative int, got {value!r}")
+        self._creation = value
+
+    def _check_writable(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"{what}: the node has stopped")
+        if threading.get_ident() != self.loop_thread:
+            if self.loop_thread is None:
+                raise RuntimeError(f"{what}: the node has not been started")
+            raise RuntimeError(f"{what} must be called on the node's event loop thread")
+
+    # -- identities -----------------------------------------------------------------
+
+    def new_ref(self) -> Ref:
+        """A new reference, unique in the cluster (node id, serial, creation)."""
+        self._frozen = True
+        return Ref(self._node_id, self._next_ref(), self._creation)
+
+    def _new_pid(self) -> Pid:
+        self._frozen = True
+        return Pid(self._node_id, self._next_pid(), self._creation)
+
+    def is_local(self, pid: Pid) -> bool:
+        """True if `pid` names a process of this node and incarnation (alive or not)."""
+        return pid.node == self._node_id and pid.creation == self._creation
+
+    def _is_remote(self, dest: Any) -> bool:
+        """True if `dest` (a pid or a ``(name, node_id)`` tuple) lives on another node."""
+        if type(dest) is Pid:
+            return dest.node != self._node_id
+        return dest[1] != self._node_id
+
+    def process(self, pid: Pid) -> Process | None:
+        """The live local process `pid`, or None."""
+        return self._procs.get(pid)
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    # -- processes ------------------------------------------------------------------
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Pid:
+        """Start ``fn(*args, **kwargs)`` as a new process and return its pid at once.
+
+        The process is in the table (it can be sent messages, monitored, named) before
+        its task first runs. `fn` must be an async callable: a non-callable raises
+        `TypeError` here, a callable that returns no awaitable crashes the process with
+        `TypeError`.
+        """
+        self._check_writable("spawn")
+        if not callable(fn):
+            hint = " (pass the async function, not a coroutine object)" if inspect.iscoroutine(fn) else ""
+            raise TypeError(f"spawn: fn must be an async callable, got {fn!r}{hint}")
+        pid = self._new_pid()
+        proc = Process(self, pid)
+        self._procs[pid] = proc
+        assert self.loop is not None
+        task = self.loop.create_task(_run(proc, fn, args, kwargs), name=f"pgregistry process {pid!r}")
+        proc.task = task
+        task.add_done_callback(proc._task_done)
+        return pid
+
+    def adopt(self, task: asyncio.Task) -> Process:
+        """Make `task` (not a spawned process) a process of this runtime and return it.
+
+        From now on `current_process` in `task` is this process; when it exits (an exit
+        signal, the node stopping, or `task` finishing) the task reverts to the most
+        recent still-alive process it was adopted as before, if any. The task itself is
+        never cancelled by the runtime. Adopting a task already adopted here returns its
+        process. A spawned process cannot be adopted (`RuntimeError`).
+        """
+        self._check_writable("adopt")
+        if task.done():
+            raise RuntimeError(f"adopt: {task!r} has finished")
+        previous = _tasks.get(task)
+        if previous is not None:
+            if not previous.adopted:
+                raise RuntimeError(f"adopt: the task is already the spawned process {previous.pid!r}")
+            if previous.runtime is self:
+                return previous
+        proc = Process(self, self._new_pid(), adopted=True)
+        proc.task = task
+        proc._previous = previous
+        self._procs[proc.pid] = proc
+        _tasks[task] = proc
+        task.add_done_callback(proc._task_done)
+        return proc
+
+    def exit(self, pid: Pid, reason: Any = "kill", sender: Pid | None = None) -> None:
+        """Send the exit signal `reason` to `pid` on behalf of `sender`.
+
+        ``"normal"`` is ignored unless `sender` is `pid` itself. A dead or unknown local
+        pid is ignored; a pid of another node goes to the router (ignored without one).
+        See `Process.signal_exit` for what the target does.
+        """
+        if type(pid) is not Pid:
+            raise TypeError(f"exit: expected a Pid, got {pid!r}")
+        if type(reason) is str and reason == "normal" and sender != pid:
+            return
+        proc = self._procs.get(pid)
+        if proc is not None:
+            proc.signal_exit(reason)
+        elif pid.node != self._node_id and self.router is not None:
+            self.router.exit_remote(pid, reason)
+
+    def close(self, exclude: asyncio.Task | None = None) -> list[asyncio.Task]:
+        """Refuse new processes and kill every process (reason ``"killed"``).
+
+        Exit hooks run for each process. Spawned tasks are cancelled, except `exclude`
+        (the task calling this, which must keep running); they are returned so that the
+        caller can wait for them to unwind. Idempotent.
+        """
+        self.closed = True
+        tasks: list[asyncio.Task] = []
+        while self._procs:
+            for proc in list(self._procs.values()):
+                task = proc.task
+                proc._finish("killed")
+                if not proc.adopted and task is not None and task is not exclude and not task.done():
+                    task.cancel()
+                    tasks.append(task)
+        return tasks
+
+    # -- names ----------------------------------------------------------------------
+
+    @staticmethod
+    def check_name(name: Any) -> str:
+        """Return `name` if it is a valid local name, else raise `TypeError`/`ValueError`."""
+        if type(name) is not str:
+            raise TypeError(f"a process name must be a str, got {name!r}")
+        if not name or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"a process name must have 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
+        return name
+
+    def register_name(self, name: str, pid: Pid) -> None:
+        """Register the live local process `pid` under the local name `name`.
+
+        Like ``erlang:register``: `AlreadyStarted` (``.pid`` the holder) if a process
+        holds `name`; `ValueError` if `pid` already holds another name; `TypeError` or
+        `ValueError` for a bad name; `TypeError` for a non-pid; `NotLocal` for a pid of
+        another node; `NoProcess` for a dead pid. The name is released when the process
+        exits.
+        """
+        self._check_writable("register_name")
+        self.check_name(name)
+        if type(pid) is not Pid:
+            raise TypeError(f"register_name: expected a Pid, got {pid!r}")
+        proc = self._procs.get(pid)
+        if proc is None:
+            if not self.is_local(pid):
+                raise NotLocal(pid, self._node_id)
+            raise NoProcess(f"register_name: {pid!r} is not alive")
+        holder = self._names.get(name)
+        if holder is not None:
+            raise AlreadyStarted(holder.pid, name)
+        if proc.name is not None:
+            raise ValueError(f"register_name: {pid!r} is already registered as {proc.name!r}")
+        self._names[name] = proc
+        proc.name = name
+
+    def unregister_name(self, name: str) -> None:
+        """Release the local name `name`; nothing happens if no process holds it."""
+        self._check_writable("unregister_name")
+        self.check_name(name)
+        proc = self._names.pop(name, None)
+        if proc is not None:
+            proc.name = None
+
+    def whereis(self, name: str) -> Pid | None:
+        """The pid registered under the local name `name`, or None. Any thread."""
+        if type(name) is not str:
+            raise TypeError(f"whereis: a process name must be a str, got {name!r}")
+        proc = self._names.get(name)
+        return None if proc is None else proc.pid
+
+    # -- messages -------------------------------------------------------------------
+
+    def resolve(self, dest: Any) -> Any:
+        """Turn a destination into a pid (or a ``(name, node_id)`` of another node).
+
+        `dest` is a `Pid`, a local name, a ``(name, node_id)`` tuple or a `Via`. An
+        unregistered local name or a `Via` that resolves to None raises `NoProcess`;
+        exceptions of ``Via.service.whereis_name`` propagate; anything else raises
+        `TypeError`.
+        """
+        kind = type(dest)
+        if kind is Pid:
+            return dest
+        if kind is str:
+            pid = self.whereis(dest)
+            if pid is None:
+                raise NoProcess(f"no process is registered as {dest!r}")
+            return pid
+        if kind is tuple and len(dest) == 2 and type(dest[0]) is str and type(dest[1]) is str:
+            if dest[1] != self._node_id:
+                return dest
+            pid = self.whereis(dest[0])
+            if pid is None:
+                raise NoProcess(f"no process is registered as {dest[0]!r} on {dest[1]}")
+            return pid
+        if kind is Via:
+            pid = dest.service.whereis_name(dest.key)
+            if pid is None:
+                raise NoProcess(f"no process is registered under {dest!r}")
+            return pid
+        raise TypeError(f"a destination must be a Pid, a name, a (name, node_id) tuple or a Via, got {dest!r}")
+
+    def send(self, dest: Any, msg: Any) -> None:
+        """Send `msg` to `dest` (see `resolve`); never waits.
+
+        To a dead pid: dropped silently. To another node: handed to the router, or
+        dropped without one.
+        """
+        proc = self._procs.get(dest) if type(dest) is Pid else None
+        if proc is not None:
+            proc.deliver(msg)
+            return
+        target = self.resolve(dest)
+        proc = self._procs.get(target)
+        if proc is not None:
+            proc.deliver(msg)
+        elif self.router is not None and self._is_remote(target):
+            self.router.send_remote(target, msg)
+
+    # -- monitors -------------------------------------------------------------------
+
+    def monitor(self, watcher: Process, target: Any, ref: Ref | None = None) -> Ref:
+        """Make `watcher` monitor `target` (a pid, or ``(name, node_id)`` of another node).
+
+        Returns the monitor's ref (a new one unless `ref` is given). A dead local target
+        yields ``Down(ref, target, "noproc")`` at once; a remote one without a router
+        ``"noconnection"``.
+        """
+        if ref is None:
+            ref = self.new_ref()
+        monitors = watcher._monitors
+        if monitors is None:
+            monitors = watcher._monitors = {}
+        monitors[ref] = target
+        proc = self._procs.get(target)
+        if proc is not None:
+            watchers = proc._monitored_by
+            if watchers is None:
+                watchers = proc._monitored_by = {}
+            watchers[ref] = watcher.pid
+        elif not self._is_remote(target):
+            watcher.deliver_down(ref, target, "noproc")
+        elif self.router is None:
+            watcher.deliver_down(ref, target, "noconnection")
+        else:
+            self.router.monitor_remote(watcher.pid, ref, target)
+        return ref
+
+    def demonitor(self, watcher: Process, ref: Ref, flush: bool = True) -> bool:
+        """Remove `watcher`'s monitor `ref`; True if it was active.
+
+        No ``Down`` for `ref` reaches `watcher` afterwards; with `flush`, one already
+        queued (the monitor had fired) is removed from the mailbox.
+        """
+        if type(ref) is not Ref:
+            raise TypeError(f"demonitor: expected a Ref, got {ref!r}")
+        monitors = watcher._monitors
+        target = monitors.pop(ref, None) if monitors else None
+        if target is None:
+            if flush:
+                watcher.flush(lambda msg: type(msg) is Down and msg.ref == ref)
+            return False
+        self._drop_monitor(ref, target)
+        return True
+
+    def _drop_monitor(self, ref: Ref, target: Any) -> None:
+        """Forget, on the target's side, the monitor `ref` on `target`."""
+        proc = self._procs.get(target)
+        if proc is not None:
+            if proc._monitored_by:
+                proc._monitored_by.pop(ref, None)
+        elif self.router is not None and self._is_remote(target):
+            self.router.demonitor_remote(ref, target)
+
+    def _notify_down(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None:
+        proc = self._procs.get(watcher)
+        if proc is not None:
+            proc.deliver_down(ref, pid, reason)
+        elif self.router is not None and watcher.node != self._node_id:
+            self.router.send_remote(watcher, Down(ref, pid, reason))
+
+
+# -- the calling process ------------------------------------------------------------
+
+
+def current_process() -> Process:
+    """The process the calling task is; `RuntimeError` if it is none."""
+    try:
+        task = _current_task()
+    except RuntimeError:
+        raise RuntimeError(_NOT_A_PROCESS) from None
+    proc = _tasks.get(task)  # type: ignore[arg-type]
+    if proc is None:
+        raise RuntimeError(_NOT_A_PROCESS)
+    return proc
+
+
+def task_process(task: asyncio.Task) -> Process | None:
+    """The live process `task` currently is, or None."""
+    return _tasks.get(task)
+
+
+def self() -> Pid:
+    """The pid of the calling process (a spawned process, or a node's adopted task)."""
+    return current_process().pid
+
+
+def send(dest: Any, msg: Any) -> None:
+    """Send `msg` to `dest`: a `Pid`, a local name, ``(name, node_id)`` or a `Via`.
+
+    Never waits. A dead pid drops the message silently; an unregistered local name (or a
+    `Via` that finds nobody) raises `NoProcess`; another node's pid goes through the
+    node's connections (dropped if there is none).
+    """
+    current_process().runtime.send(dest, msg)
+
+
+async def receive(timeout: float | None = None) -> Any:
+    """Return the calling process's oldest message, waiting up to `timeout` seconds.
+
+    ``timeout=None`` waits forever, ``0`` only takes a queued message. Raises
+    `TimeoutError` when nothing arrives in time. If the wait is cancelled no message is
+    lost: it stays in the mailbox for the next `receive`.
+    """
+    proc = current_process()
+    mailbox = proc._mailbox
+    if mailbox:
+        return mailbox.popleft()
+    if timeout is not None:
+        check_timeout(timeout, "receive")
+    return await proc._wait(timeout)
+
+
+def monitor(pid: Pid) -> Ref:
+    """Monitor `pid`: the caller later receives ``Down(ref, pid, reason)``.
+
+    ``reason`` is ``"noproc"`` (at once) if `pid` is already dead and ``"noconnection"``
+    if its node cannot be reached.
+    """
+    if type(pid) is not Pid:
+        raise TypeError(f"monitor: expected a Pid, got {pid!r}")
+    proc = current_process()
+    return proc.runtime.monitor(proc, pid)
+
+
+def demonitor(ref: Ref) -> bool:
+    """Cancel the caller's monitor `ref`; True if it was still active.
+
+    No ``Down`` for `ref` arrives afterwards, and one already in the mailbox is removed.
+    """
+    proc = current_process()
+    return proc.runtime.demonitor(proc, ref)
+
+
+def exit(pid: Pid, reason: Any = "kill") -> None:  # noqa: A001 - Erlang's name
+    """Send the exit signal `reason` to `pid`.
+
+    ``"kill"``: `pid` exits at once with reason ``"killed"``. ``"normal"``: ignored
+    unless `pid` is the caller, which then exits normally. Any other reason: `pid`
+    exits with it (a `Server` runs ``terminate(reason)`` first). A dead pid is ignored.
+    """
+    proc = current_process()
+    proc.runtime.exit(pid, reason, proc.pid)
