@@ -1,0 +1,1 @@
+"""pgregistry: a distributed process registry for Python."""

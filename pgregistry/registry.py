@@ -1,0 +1,345 @@
+"""`Registry`: the Elixir-Registry-shaped façade over a scope's table and server.
+
+Reads (`lookup`, `match`, `select`, `count`, `meta`, …) go straight to the table and may
+be called from any thread. Writes (`register`, `unregister`, `update_value`, `put_meta`,
+…) are synchronous and must run on the node's event-loop thread; they validate every
+argument *before* touching the table, so a write that raises changes nothing.
+
+Semantics follow PgRegistry (see DESIGN.md §4, §5): `unregister` removes the caller's
+most recent entry under a key; `unregister_name` removes every local entry under a key;
+`keys` is distinct; `dispatch` passes pids; unique mode is per node; `whereis_name`,
+`send` and via names resolve to the holder on the calling node only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Final
+
+from ._table import Matcher
+from .errors import AlreadyStarted, NoProcess, NotLocal
+from .node import Node
+from .process import Process, Via, current_process
+from .scope import ScopeServer
+from .spec import canonical, check_match, check_spec
+from .terms import Pid, Ref, check_key, check_value
+
+__all__ = ["Registry"]
+
+_NO_DEFAULT: Final = object()
+_MATCHER_CACHE_SIZE: Final = 256
+
+
+class Registry:
+    """A named scope of ``(key, pid, value)`` entries on one node, shared with its peers.
+
+    Create one with ``await Registry.start(node, "name", keys="duplicate")``.
+    """
+
+    __slots__ = ("name", "keys_mode", "listeners", "node", "_runtime", "_scope", "_table",
+                 "_matchers", "_loop_thread")
+
+    def __init__(self, node: Node, name: str, scope: ScopeServer) -> None:
+        self.name = name
+        self.keys_mode = "unique" if scope.unique else "duplicate"
+        self.listeners = scope.listeners
+        self.node = node
+        self._runtime = node.runtime
+        self._scope = scope
+        self._table = scope.table
+        self._matchers: OrderedDict[Any, Matcher] = OrderedDict()
+        self._loop_thread = node.loop_thread
+
+    @classmethod
+    async def start(cls, node: Node, name: str, *, keys: str = "duplicate",
+                    listeners: tuple[str, ...] | list[str] = (), partitions: int = 1) -> "Registry":
+        """Start the scope `name` on `node` and return its registry.
+
+        `keys` is ``"duplicate"`` (process groups: any number of entries per key) or
+        ``"unique"`` (at most one live local holder per key, per node). `listeners`
+        are locally registered process names that receive `Registered`/`Unregistered`
+        messages. `partitions` must be 1 (one table per scope). A bad option value
+        raises `ValueError`, an unknown option `TypeError`, a scope name already
+        running on the node `AlreadyStarted`.
+        """
+        if not isinstance(node, Node):
+            raise TypeError(f"node must be a pgregistry Node, got {node!r:.60}")
+        if type(name) is not str or not name:
+            raise TypeError(f"the registry name must be a non-empty str, got {name!r:.60}")
+        if keys not in ("duplicate", "unique"):
+            raise ValueError(f'keys must be "duplicate" or "unique", got {keys!r:.60}')
+        if type(partitions) is not int or partitions != 1:
+            extra = (" (pgregistry keeps one table per scope; start several registries to split "
+                     "the load)" if type(partitions) is int and partitions > 1 else "")
+            raise ValueError(f"partitions must be 1, got partitions={partitions!r:.60}{extra}")
+        if type(listeners) not in (tuple, list) or not all(type(n) is str and n for n in listeners):
+            raise ValueError(f"listeners must be a list of registered process names (str), got {listeners!r:.60}")
+        node.require_loop_thread("Registry.start")
+        existing = node.service(name)
+        if existing is not None:
+            raise AlreadyStarted(existing, name)
+        scope = ScopeServer(node, name, unique=keys == "unique", listeners=tuple(listeners))
+        node.attach_service(name, scope)
+        return cls(node, name, scope)
+
+    async def stop(self) -> None:
+        """Stop the scope on this node: its entries, subscriptions and metadata are gone."""
+        self._check_thread("stop")
+        self._scope.close()
+
+    def __repr__(self) -> str:
+        return f"<Registry {self.name!r} {self.keys_mode} on {self.node.id} with {len(self._table)} entries>"
+
+    # -- guards -----------------------------------------------------------------------------
+
+    def _check_thread(self, what: str) -> None:
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError(f"Registry.{what} is a write: call it on the node's event-loop thread")
+        if self._scope.closed:
+            raise RuntimeError(f"registry {self.name!r} is stopped")
+
+    def _caller(self, what: str) -> Process:
+        self._check_thread(what)
+        process = current_process()
+        if process.runtime is not self._runtime:
+            raise NotLocal(process.pid, self.node.id)
+        return process
+
+    def _local_pid(self, pid: Any) -> Pid:
+        if type(pid) is not Pid:
+            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+        if not self._runtime.is_local(pid):
+            raise NotLocal(pid, self.node.id)
+        return pid
+
+    def _require_unique(self, what: str) -> None:
+        if self.keys_mode != "unique":
+            raise ValueError(f"Registry.{what} needs keys='unique'; {self.name!r} is a duplicate registry")
+
+    def _matcher(self, kind: str, spec: Any, build: Callable[[], Any]) -> Matcher:
+        try:
+            cache_key = (kind, canonical(spec))
+            matcher = self._matchers.get(cache_key)
+        except TypeError:  # an unhashable non-term inside the spec: let validation name it
+            return Matcher(build())
+        if matcher is None:
+            matcher = Matcher(build())
+            self._matchers[cache_key] = matcher
+            if len(self._matchers) > _MATCHER_CACHE_SIZE:
+                self._matchers.popitem(last=False)
+        return matcher
+
+    def _value_matcher(self, pattern: Any, guards: Any) -> Matcher:
+        return self._matcher("match", (pattern, guards), lambda: (check_match(pattern, guards),))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def register(self, key: Any, value: Any = None) -> Pid:
+        """Register the calling process under `key` with `value`; return its pid.
+
+        Duplicate mode always adds an entry (the same process may register a key many
+        times). Unique mode raises `AlreadyRegistered(holder)` if a live process of this
+        node holds `key` (the caller included).
+        """
+        process = self._caller("register")
+        check_key(key)
+        check_value(value)
+        self._scope.join(key, process, value)
+        return process.pid
+
+    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool:
+        """Register any live local process under `key`; False on a unique collision.
+
+        `TypeError` for a non-pid, `NotLocal` for a pid of another node, `NoProcess`
+        for a dead one.
+        """
+        self._check_thread("register_name")
+        self._local_pid(pid)
+        check_key(key)
+        check_value(value)
+        process = self._scope.live_local_process(pid)
+        if self._scope.unique and self._scope.local_holder(key) is not None:
+            return False
+        self._scope.join(key, process, value)
+        return True
+
+    def unregister(self, key: Any) -> None:
+        """Remove the calling process's most recent entry under `key` (if any)."""
+        process = self._caller("unregister")
+        check_key(key)
+        self._scope.leave_latest(key, process.pid)
+
+    def unregister_name(self, key: Any) -> None:
+        """Remove every entry under `key` of every process of this node."""
+        self._check_thread("unregister_name")
+        check_key(key)
+        self._scope.leave_local(key)
+
+    def update_value(self, key: Any, value: Any, pid: Pid | None = None) -> bool:
+        """Set the value of every entry of `pid` (default: the caller) under `key`.
+
+        The updated entries move to the end of the key's order. Returns False, changing
+        nothing, if `pid` has no entry under `key`.
+        """
+        if pid is None:
+            pid = self._caller("update_value").pid
+        else:
+            self._check_thread("update_value")
+            self._local_pid(pid)
+        check_key(key)
+        check_value(value)
+        return self._scope.update(key, pid, value)
+
+    def unregister_match(self, key: Any, pattern: Any, guards: Any = ()) -> int:
+        """Remove the caller's entries under `key` whose value matches; return how many."""
+        process = self._caller("unregister_match")
+        check_key(key)
+        return self._scope.leave_match(key, process.pid, self._value_matcher(pattern, guards))
+
+    def put_meta(self, key: Any, value: Any) -> None:
+        """Set node-local scope metadata `key` (a key term) to `value` (any object)."""
+        self._check_thread("put_meta")
+        check_key(key, "meta key")
+        self._scope.meta[key] = value
+
+    def delete_meta(self, key: Any) -> None:
+        """Remove metadata `key`; nothing happens if it is absent."""
+        self._check_thread("delete_meta")
+        check_key(key, "meta key")
+        self._scope.meta.pop(key, None)
+
+    # -- via names ----------------------------------------------------------------------------
+
+    def whereis_name(self, key: Any) -> Pid | None:
+        """The local holder of `key` (unique mode only; `ValueError` otherwise), or None."""
+        self._require_unique("whereis_name")
+        check_key(key)
+        return self._scope.local_holder(key)
+
+    def send(self, key: Any, msg: Any) -> Pid:
+        """Send `msg` to the local holder of `key` and return its pid (unique mode only).
+
+        `NoProcess` if no process of this node holds `key`.
+        """
+        pid = self.whereis_name(key)
+        if pid is None:
+            raise NoProcess(f"no process of {self.node.id} is registered under {key!r} in {self.name!r}")
+        process = self._runtime.process(pid)
+        if process is not None:
+            process.deliver(msg)
+        return pid
+
+    def via(self, key: Any, value: Any = None) -> Via:
+        """A name for `Server.start`, `call`, `cast` and `send` resolved by this registry."""
+        check_key(key)
+        check_value(value)
+        return Via(self, key, value)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def lookup(self, key: Any) -> list[tuple[Pid, Any]]:
+        """``[(pid, value)]`` under `key`, every node's entries, in insertion order."""
+        entries = self._table.lookup(key)
+        if not entries:
+            check_key(key)
+        return entries
+
+    def lookup_local(self, key: Any) -> list[tuple[Pid, Any]]:
+        """Like `lookup`, only the entries of this node's processes."""
+        is_local = self._runtime.is_local
+        return [entry for entry in self.lookup(key) if is_local(entry[0])]
+
+    def values(self, key: Any, pid: Pid) -> list[Any]:
+        """The values of `pid`'s entries under `key`, in insertion order."""
+        if type(pid) is not Pid:
+            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+        check_key(key)
+        return self._table.values(key, pid)
+
+    def keys(self, pid: Pid) -> list[Any]:
+        """The distinct keys under which `pid` has an entry."""
+        if type(pid) is not Pid:
+            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+        return self._table.keys(pid)
+
+    def which_groups(self) -> list[Any]:
+        """Every key that has at least one entry."""
+        return self._table.groups()
+
+    def count(self) -> int:
+        """The number of entries, every node's included."""
+        return len(self._table)
+
+    def match(self, key: Any, pattern: Any, guards: Any = ()) -> list[tuple[Pid, Any]]:
+        """``[(pid, value)]`` under `key` whose value matches `pattern` and `guards`."""
+        check_key(key)
+        return self._table.match(key, self._value_matcher(pattern, guards))
+
+    def count_match(self, key: Any, pattern: Any, guards: Any = ()) -> int:
+        """How many entries under `key` match `pattern` and `guards`."""
+        check_key(key)
+        return self._table.count_match(key, self._value_matcher(pattern, guards))
+
+    def select(self, spec: Any) -> list[Any]:
+        """Evaluate a match spec ``[(head, guards, body)]`` over every entry."""
+        return self._table.select(self._matcher("select", spec, lambda: check_spec(spec)))
+
+    def count_select(self, spec: Any) -> int:
+        """How many entries' body result ``is True``."""
+        return self._table.count_select(self._matcher("select", spec, lambda: check_spec(spec)))
+
+    def dispatch(self, key: Any, fn: Callable[[list[Pid]], Any]) -> None:
+        """Call ``fn(pids)`` with one pid per entry under `key`; not called if there is none."""
+        if not callable(fn):
+            raise TypeError(f"dispatch needs a callable, got {fn!r:.60}")
+        check_key(key)
+        pids = self._table.pids(key)
+        if pids:
+            fn(pids)
+
+    def meta(self, key: Any, default: Any = _NO_DEFAULT) -> Any:
+        """Node-local metadata `key`; `default` if absent, else `KeyError`."""
+        check_key(key, "meta key")
+        try:
+            return self._scope.meta[key]
+        except KeyError:
+            if default is _NO_DEFAULT:
+                raise KeyError(key) from None
+            return default
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def monitor_scope(self) -> tuple[Ref, dict[Any, list[tuple[Pid, Any]]]]:
+        """Subscribe the caller to every change; return ``(ref, snapshot)``.
+
+        The caller then receives `Join`, `Leave` and `Update` events carrying `ref`.
+        Applying the snapshot and then the events gives exactly the registry's view.
+        """
+        process = self._caller("monitor_scope")
+        return self._scope.subscribe(process), self._table.snapshot()
+
+    def monitor(self, key: Any) -> tuple[Ref, list[tuple[Pid, Any]]]:
+        """Subscribe the caller to changes of `key`; return ``(ref, current entries)``."""
+        process = self._caller("monitor")
+        check_key(key)
+        return self._scope.subscribe(process, key), self._table.lookup(key)
+
+    def demonitor(self, ref: Ref) -> bool:
+        """End a subscription and drop its events still in the caller's mailbox.
+
+        Returns False if `ref` is not an active subscription of this registry.
+        """
+        process = self._caller("demonitor")
+        return self._scope.unsubscribe(ref, process)
+
+    async def sync(self, timeout: float = 5.0) -> None:
+        """Return once every connected peer has applied what this node sent before the call.
+
+        With no connected peer there is nothing to wait for and it returns at once.
+        Raises `TimeoutError` if the peers do not confirm within `timeout` seconds.
+        """
+        if type(timeout) not in (int, float) or timeout < 0:
+            raise ValueError(f"timeout must be a non-negative number, got {timeout!r:.60}")
+        self._check_thread("sync")
+        await self._scope.sync(timeout)
