@@ -1,1 +1,45 @@
-"""pgregistry: a distributed process registry for Python."""
+"""pgregistry: a distributed process registry for Python.
+
+Processes are asyncio tasks with a mailbox and a `Pid`; a `Registry` keeps
+``(key, pid, value)`` entries in a compiled table and shares them with the same
+registry on connected nodes. Start with::
+
+    import pgregistry as pgr
+
+    async with pgr.Node("a") as node:
+        reg = await pgr.Registry.start(node, "workers")
+        reg.register("jobs", {"load": 0})
+        reg.lookup("jobs")            # [(pid, {"load": 0})]
+
+Match-spec vocabulary lives in `pgregistry.spec` (``from pgregistry.spec import _, V1``).
+This module only re-exports; every name is defined in a private module below it.
+"""
+
+from . import spec
+from ._table import IMPLEMENTATION as TABLE_IMPLEMENTATION
+from .errors import (
+    AlreadyRegistered,
+    AlreadyStarted,
+    AuthenticationError,
+    CallTimeout,
+    NoProcess,
+    NotLocal,
+    RegistryError,
+)
+from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistered, Update
+from .node import Node
+from .process import Via, demonitor, exit, monitor, receive, self, send
+from .registry import Registry
+from .server import Server, call, cast
+from .terms import Pid, Ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Node", "Registry", "Server", "Via", "Pid", "Ref",
+    "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
+    "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown",
+    "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
+    "CallTimeout", "AuthenticationError",
+    "spec", "TABLE_IMPLEMENTATION", "__version__",
+]

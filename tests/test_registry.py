@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,8 @@ from pgregistry.errors import AlreadyRegistered, AlreadyStarted, NoProcess, NotL
 from pgregistry.events import Join, Leave, Registered, Unregistered, Update
 from pgregistry.node import Node
 from pgregistry.process import self as self_pid
+from pgregistry.process import send
+from pgregistry.server import Server, call, cast
 from pgregistry.registry import Registry
 from pgregistry.spec import BINDINGS, V1, V2, V3, WHOLE, _, is_int, is_str, var
 
@@ -562,3 +565,56 @@ async def test_sync_without_peers_returns_and_validates_timeout() -> None:
         await reg.sync()
         with pytest.raises(ValueError):
             await reg.sync(timeout=-1)
+
+
+# -- via names -------------------------------------------------------------------------------
+
+class Counter(Server):
+    async def init(self, start: int) -> None:
+        self.n = start
+
+    async def handle_call(self, request: Any, caller: Pid) -> Any:
+        if request == "get":
+            return self.n
+        self.n += request
+        return self.n
+
+    async def handle_cast(self, msg: Any) -> None:
+        self.n += msg
+
+
+async def test_server_started_with_a_via_name() -> None:
+    async with started_registry(keys="unique") as (node, reg):
+        pid = await Counter.start(node, 10, name=reg.via("counter", {"kind": "counter"}))
+        assert reg.lookup("counter") == [(pid, {"kind": "counter"})]
+        assert reg.whereis_name("counter") == pid
+        assert await call(reg.via("counter"), 5) == 15
+        cast(reg.via("counter"), 1)
+        send(reg.via("counter"), "an info message")
+        assert await call(reg.via("counter"), "get") == 16
+        with pytest.raises(AlreadyStarted) as info:
+            await Counter.start(node, 0, name=reg.via("counter"))
+        assert info.value.pid == pid
+        await stop_agent(pid, "kill")
+        assert reg.lookup("counter") == []
+        with pytest.raises(NoProcess):
+            await call(reg.via("counter"), "get")
+        with pytest.raises(NoProcess):
+            send(reg.via("counter"), "lost")
+
+
+async def test_via_in_a_duplicate_registry_registers_but_cannot_resolve() -> None:
+    async with started_registry() as (node, reg):
+        with pytest.raises(ValueError, match="unique"):
+            await Counter.start(node, 0, name=reg.via("counter"))
+        assert reg.register_name("counter", self_pid()) is True
+        with pytest.raises(ValueError, match="unique"):
+            await call(reg.via("counter"), "get")
+
+
+async def test_via_names_validate_their_key() -> None:
+    async with started_registry(keys="unique") as (node, reg):
+        with pytest.raises(TypeError):
+            reg.via([1])
+        with pytest.raises(TypeError):
+            reg.via("k", object())
