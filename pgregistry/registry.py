@@ -122,9 +122,9 @@ class Registry:
             cache_key = (kind, canonical(spec))
             matcher = self._matchers.get(cache_key)
         except TypeError:  # an unhashable non-term inside the spec: let validation name it
-            return Matcher(build())
+            return self._scope.Matcher(build())
         if matcher is None:
-            matcher = Matcher(build())
+            matcher = self._scope.Matcher(build())
             self._matchers[cache_key] = matcher
             if len(self._matchers) > _MATCHER_CACHE_SIZE:
                 self._matchers.popitem(last=False)

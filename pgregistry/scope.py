@@ -29,7 +29,10 @@ import itertools
 import logging
 from typing import Any, Callable, Iterable
 
-from ._table import Matcher, Table
+from types import ModuleType
+
+from . import _table
+from ._table import Matcher
 from .errors import AlreadyRegistered, NoProcess
 from .events import Join, Leave, Registered, Unregistered, Update
 from .node import Node
@@ -55,13 +58,18 @@ class _Subscription:
 class ScopeServer:
     """The server of one scope on one node. Created and driven by `Registry`."""
 
-    def __init__(self, node: Node, name: str, *, unique: bool, listeners: tuple[str, ...]) -> None:
+    def __init__(self, node: Node, name: str, *, unique: bool, listeners: tuple[str, ...],
+                 table_module: ModuleType | None = None) -> None:
+        # `table_module` (default: the one `_table` picked) lets benchmarks and tests run
+        # the same server on either table implementation in one process.
+        impl = table_module if table_module is not None else _table
         self.node = node
         self.runtime = node.runtime
         self.name = name
         self.unique = unique
         self.listeners = listeners
-        self.table = Table()
+        self.table = impl.Table()
+        self.Matcher: type[Matcher] = impl.Matcher
         self.meta: dict[Any, Any] = {}
         self.closed = False
         self._next_tag: Callable[[], int] = itertools.count(1).__next__

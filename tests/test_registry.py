@@ -21,6 +21,8 @@ from pgregistry.terms import Pid
 
 from .helpers import drain, run_as, spawn_agent, started_registry, stop_agent
 
+pytestmark = pytest.mark.usefixtures("registry_table")
+
 
 # -- starting ---------------------------------------------------------------------------
 

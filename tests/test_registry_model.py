@@ -13,7 +13,9 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from hypothesis import given, settings
+from types import ModuleType
+
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgregistry.events import Join, Leave, Update
@@ -97,7 +99,9 @@ async def scenario(keys_mode: str, ops: list[tuple]) -> None:
         assert reg.count() == sum(len(entries) for entries in truth.values())
 
 
-@settings(max_examples=60, deadline=None)
+# The fixture only selects the table implementation; it holds no per-example state.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(keys_mode=st.sampled_from(["duplicate", "unique"]), ops=st.lists(OPS, max_size=40))
-def test_snapshot_plus_events_equals_the_registry(keys_mode: str, ops: list[tuple]) -> None:
+def test_snapshot_plus_events_equals_the_registry(registry_table: ModuleType, keys_mode: str,
+                                                  ops: list[tuple]) -> None:
     asyncio.run(asyncio.wait_for(scenario(keys_mode, ops), 30))
