@@ -79,7 +79,30 @@ MAX_NAME_LENGTH = 255
 # does not know which runtime the calling task belongs to.
 _tasks: dict[asyncio.Task, "Process"] = {}
 
-_current_task = asyncio.current_task
+
+def _fast_current_task() -> Callable[[], asyncio.Task | None]:
+    """`asyncio.current_task` without its Python-level wrapper where that is safe.
+
+    Every registry write asks for the calling task, so this is on the hot path. From
+    Python 3.12 `asyncio.current_task` is C already. On 3.11 it is a Python function
+    reading ``asyncio.tasks._current_tasks`` (a dict kept by the C task
+    implementation) for the running loop; reading it directly saves about a third of
+    a microsecond. If that private dict is missing, fall back to the public function.
+    """
+    current = asyncio.current_task
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(current, type(len)) or not isinstance(table, dict):
+        return current
+    get_running_loop = asyncio.get_running_loop
+    get = table.get
+
+    def current_task() -> asyncio.Task | None:
+        return get(get_running_loop())
+
+    return current_task
+
+
+_current_task = _fast_current_task()
 
 
 class Reply(NamedTuple):
