@@ -1,0 +1,1317 @@
+"""Authenticated, framed, batched connections between nodes (layer 3).
+
+The transport moves *terms* (anything `pgregistry.wire.encode` accepts) between nodes
+that share a cookie. It knows nothing of processes, scopes or registries: the node
+layer drives it through an `Endpoint` (one per node: a listener plus the connections it
+accepted or opened) and the `Connection` objects the endpoint reports. Everything runs on
+the event loop that called `Endpoint.start` and must be called from that loop's thread.
+
+Stream and frames
+=================
+A connection is a TCP stream (TLS when an `ssl.SSLContext` is configured) carrying the
+frames of `pgregistry.wire`: a 4-byte unsigned big-endian length ``n``, then ``n``
+payload bytes. There are three kinds of frame:
+
+* **handshake frame**: the payload is one encoded term, a tuple whose first two items
+  are always the magic ``"pgregistry"`` and the sender's protocol version (an int), so
+  any future version can still be recognised and refused cleanly. Only these are valid
+  before the handshake completes, and each must be at most `HANDSHAKE_MAX_FRAME` bytes:
+  an unauthenticated peer can make a node buffer at most that much.
+* **tick**: an empty frame (the four bytes ``00 00 00 00``). Sent by a side that wrote
+  nothing else for ``tick_interval`` seconds; ignored by the receiver except as a sign of
+  life.
+* **message**: after the handshake, every non-empty frame's payload is one encoded term,
+  handed to ``on_message``. The payload is at most the receiver's ``max_frame`` bytes
+  (each side announces its own in the handshake and `Connection.send` refuses larger
+  payloads with `ValueError`, so a valid sender never trips the limit).
+
+Handshake (protocol version 1)
+==============================
+``C`` is the connecting side, ``S`` the accepting side. ``id`` is a node id string,
+``creation`` the node's incarnation (an int, ``0 <= creation < 2**64``), ``max_frame``
+the largest message payload the sender accepts, ``nonce`` 32 fresh random bytes from
+`secrets`::
+
+    C -> S  ("pgregistry", 1, "hello",     id_C, creation_C, max_frame_C, nonce_C)
+    S -> C  ("pgregistry", 1, "challenge", id_S, creation_S, max_frame_S, nonce_S)
+    C -> S  ("pgregistry", 1, "response",  mac_C)
+    S -> C  ("pgregistry", 1, "accept",    mac_S)
+
+    mac_C = HMAC-SHA256(cookie, b"pgregistry/1 client proof\\0" + H + X)
+    mac_S = HMAC-SHA256(cookie, b"pgregistry/1 server proof\\0" + H + X)
+
+where ``cookie`` is the cookie's UTF-8 bytes and ``H`` and ``X`` are the hello and
+challenge frames exactly as they were sent (length prefix and payload). Both nonces, both
+ids, creations and frame limits are thereby covered by both MACs; the cookie itself never
+crosses the wire. The direction labels differ, so a proof cannot be reflected back to
+the side that made it, and ``S`` proves the cookie only after ``C`` did, so an
+unauthenticated client cannot use a node as an oracle. MACs are compared with
+`hmac.compare_digest`.
+
+Either side may instead answer any handshake message with
+``("pgregistry", version, "refuse", kind, detail)`` and close the connection. ``kind``
+is one of ``"version"`` (protocol version mismatch), ``"auth"`` (the peer did not prove
+the cookie), ``"protocol"`` (a malformed or unexpected handshake message), ``"self"``
+(a node connected to itself: same id and creation); ``detail`` is a human-readable str.
+The connecting side raises `AuthenticationError` for ``"auth"`` (sent by ``S``, or
+decided by ``C`` itself when ``mac_S`` is wrong) and `HandshakeError` for the others.
+A version mismatch is checked on every handshake message, before anything else but a
+``refuse``. The accepting side declares the connection established when it sends
+``accept``, the connecting side when it has checked ``mac_S``; messages may follow
+``accept`` at once (in the same TCP segment). A handshake that does not finish within
+``handshake_timeout`` seconds closes the connection.
+
+Without TLS the handshake authenticates the peer when the connection opens, but the
+stream itself is neither encrypted nor integrity-protected (as in Erlang distribution):
+on an untrusted network configure TLS.
+
+Liveness, batching, backpressure
+================================
+* `Connection.send` never awaits: it encodes the term and appends its frame to the
+  connection's output buffer; the buffer is written with a single ``transport.write``
+  once per event-loop iteration, so many messages sent in one iteration cost one
+  syscall.
+* One timer per endpoint runs every ``tick_interval / 2`` seconds over all established
+  connections: one that wrote nothing for about ``tick_interval`` seconds gets a tick;
+  one that received nothing at all for ``down_after`` seconds (at most ``tick_interval
+  / 2`` more) is closed with reason ``"timeout"``. ``down_after`` must be at least twice
+  ``tick_interval``. A timer run that starts ``tick_interval / 2`` or more late means this
+  loop was blocked, so the silence may be ours: that run sends every peer a tick at once
+  and declares nobody down (the next run judges, after the input that arrived meanwhile
+  has been read).
+* Flow control is asyncio's (``pause_writing``/``resume_writing``): `Connection.drain`
+  waits while the transport's buffer is above its high-water mark. When a connection's
+  unwritten output (its own buffer plus the transport's) exceeds ``send_buffer_limit``
+  bytes, the peer is not reading: the connection is aborted with reason
+  ``"overloaded"`` instead of growing memory without bound.
+
+Failure handling
+================
+Malformed input of any kind (a bad length prefix, an oversized or truncated frame, a
+payload that is not a term, an unexpected handshake message), a peer that fails the
+cookie challenge, or an exception raised by the ``on_message`` or ``on_connection``
+callback closes *that* connection with a reason logged on the ``pgregistry.transport``
+logger, and nothing else (messages that arrived in the same read as a bad frame may be
+lost with the connection). Nothing received is ever executed (no pickle). More than
+``max_pending_handshakes`` inbound connections still in their handshake make the endpoint
+drop the oldest of them (a legitimate handshake takes one round trip; an idle flood
+connection is what lingers), so a flood of idle connections costs bounded memory and
+cannot lock a legitimate peer out. Log lines about unauthenticated connections are
+rate-limited.
+
+Callbacks
+=========
+``on_connection(conn)`` is called once per established connection, in either direction,
+before any ``on_message`` for it (for an outgoing connection, before `Endpoint.connect`
+returns it). ``on_message(conn, term)`` is called for each message, in the order sent.
+``on_close(conn, reason)`` is called exactly once for every connection that was reported
+to ``on_connection``, whatever closed it (the peer, an error, `Connection.close`,
+`Endpoint.close`), always from a fresh loop callback, never from inside `Connection.send`
+or `Connection.close`, so a caller iterating over its connections is never re-entered.
+No ``on_message`` follows a close. Two nodes that connect to each other at the same time
+get two connections; the layer above keeps one (both sides can decide alike from
+``initiated`` and the two ids).
+
+Run ``python -m pgregistry.transport [--asyncio | --uvloop]`` for latency and throughput figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import socket
+import ssl as _ssl
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+from .errors import AuthenticationError
+from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HANDSHAKE_MAX_FRAME",
+    "REASON_TIMEOUT",
+    "REASON_OVERLOADED",
+    "REASON_PEER_CLOSED",
+    "REASON_ENDPOINT_CLOSED",
+    "HandshakeError",
+    "Connection",
+    "Endpoint",
+    "parse_address",
+]
+
+logger = logging.getLogger("pgregistry.transport")
+
+PROTOCOL_VERSION: Final = 1
+MAGIC: Final = "pgregistry"
+HANDSHAKE_MAX_FRAME: Final = 4096
+"""Largest handshake frame payload accepted, in bytes."""
+NONCE_SIZE: Final = 32
+MAC_SIZE: Final = 32
+MAX_NODE_ID_LEN: Final = 1024
+MIN_MAX_FRAME: Final = 256
+
+REASON_TIMEOUT: Final = "timeout"
+REASON_OVERLOADED: Final = "overloaded"
+REASON_PEER_CLOSED: Final = "closed by peer"
+REASON_ENDPOINT_CLOSED: Final = "endpoint closed"
+
+_CLIENT_LABEL: Final = b"pgregistry/1 client proof\0"
+_SERVER_LABEL: Final = b"pgregistry/1 server proof\0"
+_TICK: Final = b"\0\0\0\0"
+_HEADER: Final = struct.Struct(">I")
+_pack_header: Final = _HEADER.pack
+_HANDSHAKE_LIMITS: Final = Limits(
+    max_size=HANDSHAKE_MAX_FRAME,
+    max_str_len=HANDSHAKE_MAX_FRAME,
+    max_bin_len=HANDSHAKE_MAX_FRAME,
+    max_array_len=16,
+    max_map_len=16,
+    max_ext_len=64,
+)
+_REFUSAL_KINDS: Final = frozenset({"version", "auth", "protocol", "self"})
+
+# Connection states.
+_AWAIT_HELLO: Final = 1  # accepting side, before the client's hello
+_AWAIT_CHALLENGE: Final = 2  # connecting side, hello sent
+_AWAIT_RESPONSE: Final = 3  # accepting side, challenge sent
+_AWAIT_ACCEPT: Final = 4  # connecting side, response sent
+_OPEN: Final = 5
+_CLOSED: Final = 6
+_NEW: Final = 0
+
+# Rate limit of log lines about unauthenticated connections, per endpoint.
+_LOG_WINDOW: Final = 1.0
+_LOG_BUDGET: Final = 20
+
+
+class HandshakeError(ConnectionError):
+    """The handshake failed for a reason other than the cookie.
+
+    ``kind`` is ``"version"``, ``"protocol"``, ``"self"``, or ``"closed"`` (the peer
+    closed the connection during the handshake without saying why).
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"handshake failed ({kind}): {detail}")
+
+
+class _Refusal(Exception):
+    """Raised inside the handshake: refuse the peer with `kind` and `detail`."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6addr]:port"`` or a node id ``"name@host:port"`` -> ``(host, port)``.
+
+    Raises `ValueError` for anything else (`TypeError` for a non-str).
+    """
+    if type(address) is not str:
+        raise TypeError(f"address must be a str, got {address!r}")
+    text = address.rpartition("@")[2]
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"address must be 'host:port' or 'name@host:port', got {address!r}")
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port must be in 1..65535, got {port} in {address!r}")
+    return host, port
+
+
+def _mac(key: bytes, label: bytes, hello_frame: bytes, challenge_frame: bytes) -> bytes:
+    return hmac.new(key, label + hello_frame + challenge_frame, hashlib.sha256).digest()
+
+
+def _handshake_frame(kind: str, *fields: Any) -> bytes:
+    payload = encode((MAGIC, PROTOCOL_VERSION, kind, *fields))
+    return _pack_header(len(payload)) + payload
+
+
+def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
+    """The ``(id, creation, max_frame, nonce)`` of a hello or challenge, checked."""
+    if len(msg) != 7:
+        raise _Refusal("protocol", f"{kind} with {len(msg)} items instead of 7")
+    _, _, _, node_id, creation, max_frame, nonce = msg
+    if type(node_id) is not str or not 0 < len(node_id) <= MAX_NODE_ID_LEN or not node_id.isprintable():
+        raise _Refusal("protocol", f"{kind}: bad node id {node_id!r:.80}")
+    if type(creation) is not int or not 0 <= creation < 2**64:
+        raise _Refusal("protocol", f"{kind}: bad creation {creation!r:.40}")
+    if type(max_frame) is not int or not MIN_MAX_FRAME <= max_frame <= 0xFFFFFFFF:
+        raise _Refusal("protocol", f"{kind}: bad max_frame {max_frame!r:.40}")
+    if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
+        raise _Refusal("protocol", f"{kind}: the nonce is not {NONCE_SIZE} bytes")
+    return node_id, creation, max_frame, nonce
+
+
+def _check_mac_message(msg: tuple, kind: str) -> bytes:
+    if len(msg) != 4 or type(msg[3]) is not bytes or len(msg[3]) != MAC_SIZE:
+        raise _Refusal("protocol", f"malformed {kind} message")
+    mac: bytes = msg[3]
+    return mac
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        with contextlib.suppress(OSError):  # the socket may already be closing
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _noop_connection(conn: Connection) -> None:
+    """Default ``on_connection``: ignore."""
+
+
+def _noop_message(conn: Connection, term: Any) -> None:
+    """Default ``on_message``: drop."""
+
+
+def _noop_close(conn: Connection, reason: str) -> None:
+    """Default ``on_close``: ignore."""
+
+
+class Connection(asyncio.Protocol):
+    """One connection to a peer node; created by an `Endpoint`, never directly.
+
+    Public, read-only attributes: ``peer_id`` and ``peer_creation`` (the peer's node id
+    and creation, valid once established), ``peer_max_frame``, ``peer_address`` (the
+    socket's peer address), ``initiated`` (True if this node connected),
+    ``close_reason`` (None while open), and the counters ``bytes_sent``,
+    ``bytes_received``, ``messages_sent``, ``messages_received`` (ticks and the
+    handshake count as bytes, not messages; bytes are counted when handed to, or
+    received from, the socket).
+    """
+
+    __slots__ = (
+        "_endpoint",
+        "_loop",
+        "initiated",
+        "peer_id",
+        "peer_creation",
+        "peer_max_frame",
+        "peer_address",
+        "close_reason",
+        "bytes_sent",
+        "bytes_received",
+        "messages_sent",
+        "messages_received",
+        "_transport",
+        "_state",
+        "_buf",
+        "_decoder",
+        "_limits",
+        "_on_message",
+        "_out",
+        "_out_size",
+        "_flush_scheduled",
+        "_send_limit",
+        "_paused",
+        "_drain_waiters",
+        "_heard",
+        "_last_heard",
+        "_wrote",
+        "_idle_checks",
+        "_hs_timer",
+        "_hs_future",
+        "_hello",
+        "_challenge",
+        "_linger",
+        "_lost",
+    )
+
+    def __init__(self, endpoint: Endpoint, initiated: bool) -> None:
+        self._endpoint = endpoint
+        loop = endpoint._require_loop()
+        self._loop = loop
+        self.initiated = initiated
+        self.peer_id = ""
+        self.peer_creation = 0
+        self.peer_max_frame = 0
+        self.peer_address: Any = None
+        self.close_reason: str | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages_sent = 0
+        self.messages_received = 0
+        self._transport: asyncio.Transport | None = None
+        self._state = _NEW
+        self._buf = bytearray()  # handshake input not yet parsed
+        self._decoder: FrameDecoder | None = None
+        self._limits = endpoint._limits
+        self._on_message = endpoint._on_message
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._flush_scheduled = False
+        self._send_limit = endpoint.send_buffer_limit
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._heard = False
+        self._last_heard = 0.0
+        self._wrote = False
+        self._idle_checks = 0
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._hs_future: asyncio.Future[None] | None = loop.create_future() if initiated else None
+        self._hello = b""  # the hello frame as sent, kept for the MACs
+        self._challenge = b""  # the challenge frame as sent
+        self._linger: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[None] = loop.create_future()
+
+    def __repr__(self) -> str:
+        direction = "to" if self.initiated else "from"
+        state = "closed" if self._state == _CLOSED else "open" if self._state == _OPEN else "handshaking"
+        address = self.peer_address
+        where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else address
+        peer = f"{self.peer_id!r} at {where}" if self.peer_id else f"{where}"
+        return f"<Connection {direction} {peer} {state}>"
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (by either side, for any reason)."""
+        return self._state == _CLOSED
+
+    @property
+    def established(self) -> bool:
+        """True between the end of the handshake and the close."""
+        return self._state == _OPEN
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes sent but not yet written to the socket (own buffer plus the transport's)."""
+        transport = self._transport
+        if transport is None or self._state == _CLOSED:
+            return 0
+        return self._out_size + transport.get_write_buffer_size()
+
+    def send(self, term: Any) -> None:
+        """Queue `term` for the peer; it is written with the rest of this loop iteration's output.
+
+        Never awaits, never calls a callback. `TypeError` if `term` is not a term,
+        `ValueError` if its encoding exceeds the peer's ``max_frame``. On a closed
+        connection the term is dropped silently (``on_close`` tells the owner). If the
+        unwritten output exceeds ``send_buffer_limit``, the connection is closed with
+        reason ``"overloaded"``.
+        """
+        payload = encode(term)
+        size = len(payload)
+        if self._state != _OPEN:
+            self._not_open()
+            return
+        if size > self.peer_max_frame:
+            raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        out = self._out
+        out.append(_pack_header(size))
+        out.append(payload)
+        self.messages_sent += 1
+        self._out_size += size + 4
+        if self._out_size > self._send_limit:
+            self._overloaded()
+
+    def send_encoded(self, payload: bytes) -> None:
+        """Like `send` for a payload already made by ``wire.encode`` (encode once, send to many).
+
+        The payload is not checked: it must be exactly the output of ``wire.encode``.
+        """
+        if type(payload) is not bytes:
+            raise TypeError(f"send_encoded needs bytes, got {type(payload).__name__}")
+        size = len(payload)
+        if self._state != _OPEN:
+            self._not_open()
+            return
+        if not size:
+            raise ValueError("an empty payload is not an encoded term")
+        if size > self.peer_max_frame:
+            raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        out = self._out
+        out.append(_pack_header(size))
+        out.append(payload)
+        self.messages_sent += 1
+        self._out_size += size + 4
+        if self._out_size > self._send_limit:
+            self._overloaded()
+
+    async def drain(self) -> None:
+        """Write the queued output now, then wait until the transport is below its low-water mark.
+
+        For bulk senders (a sync of many entries): ``send`` a batch, ``await drain()``.
+        Raises `ConnectionError` if the connection is or becomes closed.
+        """
+        if self._state == _OPEN:
+            self._flush()
+        while self._state == _OPEN and self._paused:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self._state != _OPEN:
+            raise ConnectionError(f"connection {self!r} is closed: {self.close_reason}")
+
+    def close(self, reason: str = "closed") -> None:
+        """Close the connection: queued output is still written, then the socket is closed.
+
+        ``on_close(self, reason)`` follows from a later loop callback. Idempotent. The
+        socket is aborted if the peer has not taken the output within ``down_after``.
+        """
+        if type(reason) is not str:
+            raise TypeError(f"reason must be a str, got {reason!r}")
+        self._close(reason)
+
+    async def wait_closed(self) -> None:
+        """Wait until the socket is closed (after `close`, or after the peer went away)."""
+        await asyncio.shield(self._lost)
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses but have its interface.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self.peer_address = transport.get_extra_info("peername")
+        endpoint = self._endpoint
+        if self._state == _CLOSED:  # `connect` gave up before the socket was ready
+            transport.abort()
+            return
+        if endpoint._closing:
+            self._close(REASON_ENDPOINT_CLOSED, abort=True, log=False)
+            return
+        _set_nodelay(transport)
+        self._hs_timer = self._loop.call_later(endpoint.handshake_timeout, self._handshake_timed_out)
+        if self.initiated:
+            self._hello = _handshake_frame(
+                "hello", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
+            )
+            self._state = _AWAIT_CHALLENGE
+            self._write_raw(self._hello)
+        else:
+            self._state = _AWAIT_HELLO
+            endpoint._admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        self._heard = True
+        if self._state == _OPEN:
+            self._receive(data)
+        elif self._state != _CLOSED:
+            self._handshake_data(data)
+
+    def eof_received(self) -> bool | None:
+        if self._state == _OPEN:
+            decoder = self._decoder
+            if decoder is not None and decoder.pending:
+                self._fail(f"truncated frame at end of stream ({decoder.pending} bytes of a frame)")
+            else:
+                self._close(REASON_PEER_CLOSED)
+        elif self._state != _CLOSED:
+            if self._buf:
+                self._fail_handshake(HandshakeError("closed", "truncated handshake frame at end of stream"))
+            else:
+                self._fail_handshake(HandshakeError("closed", "the peer closed the connection during the handshake"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._transport = None  # gone: `_close` must not write to it
+        if self._state == _OPEN:
+            self._close(REASON_PEER_CLOSED if exc is None else f"connection lost: {exc}")
+        elif self._state != _CLOSED:
+            detail = "the peer closed the connection during the handshake" if exc is None else f"connection lost: {exc}"
+            self._fail_handshake(HandshakeError("closed", detail))
+        self._state = _CLOSED
+        self._out = []
+        self._out_size = 0
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake_drainers()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers()
+
+    # -- data path ----------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        """Decode the frames in `data` and deliver their messages (established state)."""
+        decoder = self._decoder
+        assert decoder is not None
+        try:
+            frames = decoder.feed(data)
+        except WireError as exc:
+            self._fail(f"malformed frame: {exc}")
+            return
+        limits = self._limits
+        on_message = self._on_message
+        for payload in frames:
+            if not payload:
+                continue  # tick
+            try:
+                term = decode(payload, limits)
+            except WireError as exc:
+                self._fail(f"malformed message: {exc}")
+                return
+            self.messages_received += 1
+            try:
+                on_message(self, term)
+            except Exception:
+                logger.exception("connection %r: on_message raised; closing the connection", self)
+                self._close("on_message raised")
+                return
+            if self._state != _OPEN:
+                return
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self._state != _OPEN:
+            return
+        self._out = []
+        size = self._out_size
+        self._out_size = 0
+        self.bytes_sent += size
+        self._wrote = True
+        transport = self._transport
+        assert transport is not None
+        transport.write(b"".join(out))
+        if transport.get_write_buffer_size() > self._send_limit:
+            self._overloaded()
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            self.bytes_sent += len(data)
+            transport.write(data)
+
+    def _not_open(self) -> None:
+        if self._state != _CLOSED:
+            raise RuntimeError(f"connection {self!r} is still in its handshake")
+
+    def _overloaded(self) -> None:
+        logger.warning(
+            "connection %r: %d bytes of output not taken by the peer (limit %d); closing it",
+            self,
+            self._out_size + (self._transport.get_write_buffer_size() if self._transport else 0),
+            self._send_limit,
+        )
+        self._close(REASON_OVERLOADED, abort=True, log=False)
+
+    def _tick(self, now: float, down_after: float, late: bool) -> None:
+        """One run of the endpoint's liveness timer over this (established) connection.
+
+        `late` means this run started late because the loop was blocked: the silence may
+        be ours, not the peer's (input that arrived meanwhile may not even be read yet:
+        uvloop runs due timers before polling), so nobody is declared down in this run,
+        and the peer gets a tick at once, lest it declare this node down.
+        """
+        if self._heard:
+            self._heard = False
+            self._last_heard = now
+        elif not late and now - self._last_heard >= down_after:
+            logger.warning("connection %r: nothing received for %.3g s; closing it", self, now - self._last_heard)
+            self._close(REASON_TIMEOUT, abort=True, log=False)
+            return
+        if late:
+            self._wrote = False
+            self._idle_checks = 0
+            if not self._out:
+                self._write_raw(_TICK)
+        elif self._wrote:
+            self._wrote = False
+            self._idle_checks = 0
+        elif not self._out:  # (otherwise a flush is already scheduled)
+            self._idle_checks += 1
+            if self._idle_checks >= 2:
+                self._idle_checks = 0
+                self._write_raw(_TICK)
+
+    def _wake_drainers(self) -> None:
+        waiters = self._drain_waiters
+        if waiters:
+            self._drain_waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # -- handshake ----------------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while True:
+            if len(buf) < 4:
+                break
+            size = _HEADER.unpack_from(buf)[0]
+            if size > HANDSHAKE_MAX_FRAME:
+                self._refuse(_Refusal("protocol", f"handshake frame of {size} bytes exceeds {HANDSHAKE_MAX_FRAME}"))
+                return
+            end = 4 + size
+            if len(buf) < end:
+                break
+            frame_bytes = bytes(buf[:end])
+            del buf[:end]
+            try:
+                self._handshake_step(frame_bytes)
+            except _Refusal as refusal:
+                self._refuse(refusal)
+                return
+            if self._state == _CLOSED:
+                return
+            if self._state == _OPEN:
+                rest = bytes(buf)
+                self._buf = bytearray()
+                if rest:
+                    self._receive(rest)
+                return
+
+    def _handshake_step(self, frame_bytes: bytes) -> None:
+        try:
+            msg = decode(memoryview(frame_bytes)[4:], _HANDSHAKE_LIMITS)
+        except WireError as exc:
+            raise _Refusal("protocol", f"undecodable handshake message: {exc}") from None
+        if (
+            type(msg) is not tuple
+            or len(msg) < 3
+            or type(msg[0]) is not str
+            or msg[0] != MAGIC
+            or type(msg[1]) is not int
+            or type(msg[2]) is not str
+        ):
+            raise _Refusal("protocol", f"not a pgregistry handshake message: {msg!r:.80}")
+        kind: str = msg[2]
+        if kind == "refuse":
+            self._peer_refused(msg)
+            return
+        if msg[1] != PROTOCOL_VERSION:
+            raise _Refusal("version", f"this node speaks protocol {PROTOCOL_VERSION}, the peer {msg[1]}")
+        state = self._state
+        endpoint = self._endpoint
+        if state == _AWAIT_HELLO and kind == "hello":
+            peer_id, creation, max_frame, _client_nonce = _check_identity(msg, kind)
+            if peer_id == endpoint.node_id and creation == endpoint.creation:
+                raise _Refusal("self", f"node {peer_id!r} connected to itself")
+            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
+            self._hello = frame_bytes
+            self._challenge = _handshake_frame(
+                "challenge", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
+            )
+            self._state = _AWAIT_RESPONSE
+            self._write_raw(self._challenge)
+        elif state == _AWAIT_CHALLENGE and kind == "challenge":
+            peer_id, creation, max_frame, _server_nonce = _check_identity(msg, kind)
+            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
+            self._challenge = frame_bytes
+            proof = _mac(endpoint._key, _CLIENT_LABEL, self._hello, frame_bytes)
+            self._state = _AWAIT_ACCEPT
+            self._write_raw(_handshake_frame("response", proof))
+        elif state == _AWAIT_RESPONSE and kind == "response":
+            proof = _check_mac_message(msg, kind)
+            expected = _mac(endpoint._key, _CLIENT_LABEL, self._hello, self._challenge)
+            if not hmac.compare_digest(proof, expected):
+                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
+            self._write_raw(
+                _handshake_frame("accept", _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge))
+            )
+            self._establish()
+        elif state == _AWAIT_ACCEPT and kind == "accept":
+            proof = _check_mac_message(msg, kind)
+            expected = _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge)
+            if not hmac.compare_digest(proof, expected):
+                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
+            self._establish()
+        else:
+            raise _Refusal("protocol", f"unexpected handshake message {kind!r:.40}")
+
+    def _peer_refused(self, msg: tuple) -> None:
+        if len(msg) != 5 or type(msg[3]) is not str or type(msg[4]) is not str:
+            raise _Refusal("protocol", "malformed refuse message")
+        kind, detail = msg[3], msg[4][:300]
+        text = f"the peer refused the handshake ({kind!r:.40}): {detail!r}"
+        exc: Exception
+        if kind == "auth":
+            exc = AuthenticationError(text)
+        else:
+            exc = HandshakeError(kind if kind in _REFUSAL_KINDS else "protocol", text)
+        self._fail_handshake(exc)
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        """Tell the peer why, then close; the connecting side's `connect` raises."""
+        if self._state not in (_CLOSED, _OPEN):
+            self._write_raw(_handshake_frame("refuse", refusal.kind, refusal.detail[:300]))
+        exc: Exception
+        if refusal.kind == "auth":
+            exc = AuthenticationError(f"authentication failed: {refusal.detail}")
+        else:
+            exc = HandshakeError(refusal.kind, refusal.detail)
+        self._fail_handshake(exc)
+
+    def _fail_handshake(self, exc: Exception) -> None:
+        if self._state in (_CLOSED, _OPEN):
+            return
+        endpoint = self._endpoint
+        if self.initiated:
+            logger.info("connection %r: handshake failed: %s", self, exc)
+        else:
+            endpoint._log_unauthenticated("connection %r: handshake failed: %s", self, exc)
+        self._close(str(exc), exc=exc, log=False)
+
+    def _handshake_timed_out(self) -> None:
+        self._hs_timer = None
+        if self._state not in (_CLOSED, _OPEN):
+            timeout = self._endpoint.handshake_timeout
+            self._fail_handshake(TimeoutError(f"handshake not finished within {timeout:g} s"))
+
+    def _establish(self) -> None:
+        endpoint = self._endpoint
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        endpoint._pending_inbound.pop(self, None)
+        endpoint._connecting.discard(self)
+        self._state = _OPEN
+        self._hello = self._challenge = b""
+        self._decoder = FrameDecoder(endpoint.max_frame)
+        self._last_heard = self._loop.time()
+        transport = self._transport
+        assert transport is not None
+        transport.set_write_buffer_limits(high=endpoint._high_water, low=endpoint._low_water)
+        endpoint._established[self] = None
+        logger.info("connection %r: established (creation %d)", self, self.peer_creation)
+        try:
+            endpoint._on_connection(self)
+        except Exception:
+            logger.exception("connection %r: on_connection raised; closing the connection", self)
+            self._close("on_connection raised")
+        future = self._hs_future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        """Close an established connection because of bad input from the peer."""
+        logger.warning("connection %r: %s; closing it", self, reason)
+        self._close(reason, abort=True, log=False)
+
+    def _close(self, reason: str, *, abort: bool = False, exc: Exception | None = None, log: bool = True) -> None:
+        state = self._state
+        if state == _CLOSED:
+            return
+        was_open = state == _OPEN
+        self._state = _CLOSED
+        self.close_reason = reason
+        endpoint = self._endpoint
+        endpoint._pending_inbound.pop(self, None)
+        endpoint._connecting.discard(self)
+        endpoint._established.pop(self, None)
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        future = self._hs_future
+        if future is not None and not future.done():
+            future.set_exception(exc if exc is not None else ConnectionError(f"connection closed: {reason}"))
+        if log and was_open:
+            logger.info("connection %r: closed: %s", self, reason)
+        transport = self._transport
+        if transport is not None:
+            if abort:
+                transport.abort()
+            elif was_open:
+                out = self._out
+                if out:
+                    self.bytes_sent += self._out_size
+                    transport.write(b"".join(out))
+                transport.close()
+                if transport.get_write_buffer_size():
+                    self._linger_abort(transport, endpoint.down_after)
+            else:
+                transport.close()  # lets a refuse message reach the peer
+                self._linger_abort(transport, endpoint.handshake_timeout)
+        elif not self._lost.done():
+            self._lost.set_result(None)  # never had a socket
+        self._out = []
+        self._out_size = 0
+        self._wake_drainers()
+        if was_open:
+            self._loop.call_soon(endpoint._notify_close, self, reason)
+
+    def _linger_abort(self, transport: asyncio.Transport, delay: float) -> None:
+        if self._linger is None and not self._lost.done():
+            self._linger = self._loop.call_later(delay, transport.abort)
+
+
+OnConnection = Callable[[Connection], None]
+OnMessage = Callable[[Connection, Any], None]
+OnClose = Callable[[Connection, str], None]
+
+
+def _check_seconds(what: str, value: Any) -> float:
+    if type(value) is bool or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _check_int(what: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int:
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be within {low}..{high}, got {value}")
+    return value
+
+
+class Endpoint:
+    """A node's listener and its connections to peers.
+
+    ``Endpoint(name, cookie, *, creation=0, host="127.0.0.1", port=0, ssl=None,
+    client_ssl=None, tick_interval=1.0, down_after=5.0, max_frame=wire.MAX_FRAME,
+    handshake_timeout=5.0, max_pending_handshakes=64, send_buffer_limit=64 MiB,
+    on_connection=None, on_message=None, on_close=None)``; every argument is checked
+    here (`TypeError`/`ValueError`). ``ssl`` is used to listen and, unless
+    ``client_ssl`` is given, to connect (so it must then be usable on both sides, e.g.
+    ``ssl.SSLContext(ssl.PROTOCOL_TLS)`` with a certificate and CA loaded).
+
+    ``node_id`` defaults to ``"name@host:port"`` once `start` knows the port; the caller
+    may set ``node_id`` and ``creation`` after `start`, before the first handshake.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cookie: str,
+        *,
+        creation: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: _ssl.SSLContext | None = None,
+        client_ssl: _ssl.SSLContext | None = None,
+        tick_interval: float = 1.0,
+        down_after: float = 5.0,
+        max_frame: int = MAX_FRAME,
+        handshake_timeout: float = 5.0,
+        max_pending_handshakes: int = 64,
+        send_buffer_limit: int = 64 * 1024 * 1024,
+        on_connection: OnConnection | None = None,
+        on_message: OnMessage | None = None,
+        on_close: OnClose | None = None,
+    ) -> None:
+        if type(name) is not str or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if type(cookie) is not str:
+            raise TypeError(f"cookie must be a str, got {type(cookie).__name__}")
+        if not cookie:
+            raise ValueError("cookie must not be empty")
+        if type(host) is not str or not host:
+            raise TypeError(f"host must be a non-empty str, got {host!r}")
+        for what, context in (("ssl", ssl), ("client_ssl", client_ssl)):
+            if context is not None and not isinstance(context, _ssl.SSLContext):
+                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {context!r}")
+        self.name = name
+        self._key = cookie.encode("utf-8", "surrogatepass")
+        self.host = host
+        self.port = _check_int("port", port, 0, 65535)
+        self.ssl = ssl
+        self.client_ssl = client_ssl if client_ssl is not None else ssl
+        if ssl is not None and ssl.protocol == _ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError("ssl is a client-only context (PROTOCOL_TLS_CLIENT); the endpoint listens with it")
+        if self.client_ssl is not None and self.client_ssl.protocol == _ssl.PROTOCOL_TLS_SERVER:
+            raise ValueError(
+                "the context used to connect is server-only (PROTOCOL_TLS_SERVER): give client_ssl, "
+                "or one ssl.SSLContext(ssl.PROTOCOL_TLS) usable on both sides"
+            )
+        self.tick_interval = _check_seconds("tick_interval", tick_interval)
+        self.down_after = _check_seconds("down_after", down_after)
+        if self.down_after < 2 * self.tick_interval:
+            raise ValueError(
+                f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}),"
+                " or idle but healthy connections would be declared down"
+            )
+        self.max_frame = _check_int("max_frame", max_frame, MIN_MAX_FRAME, 0xFFFFFFFF)
+        self.handshake_timeout = _check_seconds("handshake_timeout", handshake_timeout)
+        self.max_pending_handshakes = _check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
+        self.send_buffer_limit = _check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)
+        for what, callback in (("on_connection", on_connection), ("on_message", on_message), ("on_close", on_close)):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{what} must be callable or None, got {callback!r}")
+        self._on_connection: OnConnection = on_connection or _noop_connection
+        self._on_message: OnMessage = on_message or _noop_message
+        self._on_close: OnClose = on_close or _noop_close
+        self._node_id: str | None = None
+        self._creation = 0
+        self.creation = creation
+        # The transport's write buffer pauses the producer (drain) above this; the
+        # overload limit stays well above it.
+        self._high_water = max(1, min(1024 * 1024, self.send_buffer_limit // 2))
+        self._low_water = self._high_water // 4
+        self._limits = (
+            Limits(
+                max_size=self.max_frame,
+                max_str_len=self.max_frame,
+                max_bin_len=self.max_frame,
+                max_array_len=self.max_frame,
+                max_map_len=self.max_frame // 2,
+                max_ext_len=self.max_frame,
+            )
+            if self.max_frame != MAX_FRAME
+            else Limits()
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._was_late = False
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._pending_inbound: dict[Connection, None] = {}  # insertion order = age
+        self._connecting: set[Connection] = set()
+        self._established: dict[Connection, None] = {}
+        self._log_window_start = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self._node_id or self.name} {len(self._established)} connections>"
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id as sent in handshakes (``"name@host:port"`` unless set)."""
+        if self._node_id is None:
+            raise RuntimeError("the endpoint has no node id before start()")
+        return self._node_id
+
+    @node_id.setter
+    def node_id(self, value: str) -> None:
+        if type(value) is not str or not 0 < len(value) <= MAX_NODE_ID_LEN or not value.isprintable():
+            raise ValueError(f"node_id must be a printable str of 1..{MAX_NODE_ID_LEN} characters, got {value!r:.80}")
+        self._node_id = value
+
+    @property
+    def creation(self) -> int:
+        """This node's incarnation as sent in handshakes."""
+        return self._creation
+
+    @creation.setter
+    def creation(self, value: int) -> None:
+        self._creation = _check_int("creation", value, 0, 2**64 - 1)
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The established connections, oldest first."""
+        return list(self._established)
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Inbound connections still in their handshake."""
+        return len(self._pending_inbound)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the endpoint is not started")
+        return self._loop
+
+    async def start(self) -> tuple[str, int]:
+        """Listen on ``host:port``; return ``(host, port)`` with the real port (when 0 was asked).
+
+        `OSError` if the address cannot be bound; `RuntimeError` if already started.
+        """
+        if self._loop is not None:
+            raise RuntimeError("the endpoint was already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            server = await self._bind(loop)
+        except BaseException:
+            self._closing = True
+            self._closed.set()
+            raise
+        self._server = server
+        if self._node_id is None:
+            self._node_id = f"{self.name}@{self.host}:{self.port}"
+        self._timer_due = loop.time() + self.tick_interval / 2
+        self._timer = loop.call_at(self._timer_due, self._on_timer)
+        logger.info("endpoint %s listening on %s:%d%s", self._node_id, self.host, self.port, " (TLS)" if self.ssl else "")
+        return self.host, self.port
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
+        port = self.port
+        for _attempt in range(5):
+            server = await loop.create_server(
+                self._accepted,
+                self.host,
+                port,
+                ssl=self.ssl,
+                ssl_handshake_timeout=self.handshake_timeout if self.ssl is not None else None,
+                backlog=1024,
+            )
+            ports = {sock.getsockname()[1] for sock in server.sockets}
+            if len(ports) == 1:
+                self.port = ports.pop()
+                return server
+            # Port 0 on a host with several addresses: give them all the port of the first.
+            port = server.sockets[0].getsockname()[1]
+            server.close()
+        raise OSError(f"could not bind every address of {self.host!r} to one port")
+
+    def _accepted(self) -> Connection:
+        return Connection(self, initiated=False)
+
+    async def connect(self, address: str) -> Connection:
+        """Connect to ``"host:port"`` (or a node id) and complete the handshake.
+
+        Returns the established connection (already reported to ``on_connection``).
+        Raises `AuthenticationError` if either side fails the cookie challenge,
+        `HandshakeError` for a version mismatch or a malformed handshake, `TimeoutError`
+        if connecting and the handshake take longer than ``handshake_timeout``, and
+        `OSError`/`ConnectionError` when the peer cannot be reached or goes away.
+        """
+        loop = self._require_loop()
+        if self._closing:
+            raise RuntimeError("the endpoint is closed")
+        host, port = parse_address(address)
+        conn = Connection(self, initiated=True)
+        self._connecting.add(conn)
+        future = conn._hs_future
+        assert future is not None
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await loop.create_connection(
+                    lambda: conn,
+                    host,
+                    port,
+                    ssl=self.client_ssl,
+                    ssl_handshake_timeout=self.handshake_timeout if self.client_ssl is not None else None,
+                )
+                await future
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                conn._close(f"connect to {address} timed out", abort=True, log=False)
+            else:
+                conn._close(f"connect to {address} failed: {exc!r}", abort=True, log=False)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: it is the exception being raised, or moot
+            raise
+        finally:
+            self._connecting.discard(conn)
+        if conn._state != _OPEN:
+            raise ConnectionError(f"connection to {address} closed right after the handshake: {conn.close_reason}")
+        return conn
+
+    async def close(self) -> None:
+        """Stop listening and close every connection; idempotent, concurrent calls wait.
+
+        Queued output is written first where the peer takes it; ``on_close`` is called
+        (reason ``"endpoint closed"``) for every established connection before this returns.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            server = self._server
+            if server is not None:
+                server.close()
+            conns = [*self._pending_inbound, *self._connecting, *self._established]
+            for conn in conns:
+                conn._close(REASON_ENDPOINT_CLOSED)
+            lost = [conn._lost for conn in conns if not conn._lost.done()]
+            if lost:
+                _done, stragglers = await asyncio.wait(lost, timeout=min(1.0, self.down_after))
+                if stragglers:
+                    for conn in conns:
+                        if conn._transport is not None and not conn._lost.done():
+                            conn._transport.abort()
+            if server is not None:
+                await server.wait_closed()
+            await asyncio.sleep(0)  # the deferred on_close callbacks
+        finally:
+            self._closed.set()
+        logger.info("endpoint %s closed", self._node_id or self.name)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _admit(self, conn: Connection) -> None:
+        """Track a new inbound connection; evict the oldest pending one when full."""
+        pending = self._pending_inbound
+        while len(pending) >= self.max_pending_handshakes:
+            oldest = next(iter(pending))
+            self._log_unauthenticated(
+                "too many pending handshakes (%d); dropping the oldest, from %r",
+                len(pending),
+                oldest.peer_address,
+            )
+            oldest._close("dropped: too many pending handshakes", abort=True, log=False)
+        pending[conn] = None
+
+    def _notify_close(self, conn: Connection, reason: str) -> None:
+        try:
+            self._on_close(conn, reason)
+        except Exception:
+            logger.exception("connection %r: on_close raised", conn)
+
+    def _on_timer(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        period = self.tick_interval / 2
+        # Ran late: the loop was blocked, and some event loops (uvloop) run due timers
+        # before reading the input that arrived meanwhile.
+        late = now - self._timer_due >= period
+        if late:
+            logger.warning(
+                "endpoint %s: the event loop was blocked for about %.3g s", self._node_id, now - self._timer_due + period
+            )
+        # Spare the peers one run after a stall, not two in a row: a loop that is always
+        # late must still detect dead peers.
+        spare = late and not self._was_late
+        self._was_late = late
+        self._timer_due = now + period
+        self._timer = loop.call_at(self._timer_due, self._on_timer)
+        if not self._established:
+            return
+        down_after = self.down_after
+        for conn in list(self._established):
+            conn._tick(now, down_after, spare)
+
+    def _log_unauthenticated(self, msg: str, *args: Any) -> None:
+        """A warning about an unauthenticated peer, at most `_LOG_BUDGET` per second."""
+        now = time.monotonic()
+        if now - self._log_window_start >= _LOG_WINDOW:
+            if self._log_suppressed:
+                logger.warning(
+                    "endpoint %s: %d more messages about unauthenticated connections suppressed",
+                    self._node_id,
+                    self._log_suppressed,
+                )
+            self._log_window_start = now
+            self._log_count = 0
+            self._log_suppressed = 0
+        if self._log_count < _LOG_BUDGET:
+            self._log_count += 1
+            logger.warning("endpoint %s: " + msg, self._node_id, *args)
+        else:
+            self._log_suppressed += 1
+
+
+# --------------------------------------------------------------------------- benchmark
+
+async def _bench_run(round_trips: int, stream: int) -> None:
+    """Two endpoints in this loop: ping-pong latency, then a one-way stream of small messages."""
+    loop = asyncio.get_running_loop()
+    waiter: list[asyncio.Future[Any]] = []
+    received = 0
+    stream_done = loop.create_future()
+
+    def on_pong(conn: Connection, term: Any) -> None:
+        waiter[0].set_result(term)
+
+    def on_server_message(conn: Connection, term: Any) -> None:
+        nonlocal received
+        if type(term) is tuple and term[0] == "ping":
+            conn.send(term)
+            return
+        received += 1
+        if received == stream and not stream_done.done():
+            stream_done.set_result(None)
+
+    a = Endpoint("bench-a", "bench", on_message=on_pong)
+    b = Endpoint("bench-b", "bench", on_message=on_server_message)
+    await a.start()
+    await b.start()
+    try:
+        conn = await a.connect(f"{b.host}:{b.port}")
+        rtts: list[int] = []
+        for i in range(1000 + round_trips):
+            waiter[:] = [loop.create_future()]
+            start = time.perf_counter_ns()
+            conn.send(("ping", i))
+            await waiter[0]
+            if i >= 1000:
+                rtts.append(time.perf_counter_ns() - start)
+        rtts.sort()
+        p50, p99 = rtts[len(rtts) // 2] / 1e3, rtts[len(rtts) * 99 // 100] / 1e3
+        print(
+            f"  ping-pong over {round_trips} round trips: one-way p50 {p50 / 2:6.1f} us, p99 {p99 / 2:6.1f} us"
+            f"  (round trip p50 {p50:6.1f} us, p99 {p99:6.1f} us)"
+        )
+        pid_like = ("bench-a@127.0.0.1:1", 42, 1)
+        batch = 1000
+        encoded = encode(("join", "reg", 12345, pid_like))
+        for label, pre_encoded in (("send", False), ("send_encoded", True)):
+            received = 0
+            stream_done = loop.create_future()
+            bytes_before = conn.bytes_sent
+            start = time.perf_counter()
+            for i in range(0, stream, batch):
+                if pre_encoded:
+                    for _ in range(batch):
+                        conn.send_encoded(encoded)
+                else:
+                    for j in range(i, i + batch):
+                        conn.send(("join", "reg", j, pid_like))
+                await conn.drain()
+                await asyncio.sleep(0)
+            await stream_done
+            elapsed = time.perf_counter() - start
+            print(
+                f"  stream of {stream} small messages with {label} (sender and receiver on this one loop): "
+                f"{stream / elapsed:,.0f} messages/s, {(conn.bytes_sent - bytes_before) / elapsed / 1e6:.1f} MB/s"
+            )
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _bench() -> None:
+    import sys
+
+    round_trips = 10_000
+    stream = 500_000  # a multiple of the batch size
+    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
+    try:
+        import uvloop
+    except ImportError:
+        print("(uvloop not installed: standard loop only)")
+    else:
+        factories.append(("uvloop", uvloop.new_event_loop))
+    if "--uvloop" in sys.argv[1:]:
+        factories = factories[1:]
+    elif "--asyncio" in sys.argv[1:]:
+        factories = factories[:1]
+    for name, factory in factories:
+        print(f"{name} loop:")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_bench_run(round_trips, stream))
+
+
+if __name__ == "__main__":
+    _bench()
