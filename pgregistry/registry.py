@@ -81,6 +81,7 @@ class Registry:
             raise AlreadyStarted(existing, name)
         scope = ScopeServer(node, name, unique=keys == "unique", listeners=tuple(listeners))
         node.attach_service(name, scope)
+        scope.start()
         return cls(node, name, scope)
 
     async def stop(self) -> None:
