@@ -13,6 +13,7 @@ most recent entry under a key; `unregister_name` removes every local entry under
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Final
@@ -20,7 +21,7 @@ from typing import Any, Callable, Final
 from ._table import Matcher
 from .errors import AlreadyStarted, NoProcess, NotLocal
 from .node import Node
-from .process import Process, Via, current_process
+from .process import Process, Via, current_process, task_process
 from .scope import ScopeServer
 from .spec import canonical, check_match, check_spec
 from .terms import Pid, Ref, check_key, check_value
@@ -28,6 +29,13 @@ from .terms import Pid, Ref, check_key, check_value
 __all__ = ["Registry"]
 
 _NO_DEFAULT: Final = object()
+
+# asyncio's map of running loop -> current task (a C-level dict on CPython). Writes run on
+# the node's loop thread, so the node's loop is the running one and its entry is the
+# calling task: reading it directly skips `get_running_loop`, which on Python 3.11 makes
+# a getpid system call on every call. Where the map is absent or not kept up to date,
+# `current_process` (the public path) decides.
+_CURRENT_TASKS: Final = getattr(asyncio.tasks, "_current_tasks", None)
 _MATCHER_CACHE_SIZE: Final = 256
 
 
@@ -102,7 +110,13 @@ class Registry:
 
     def _caller(self, what: str) -> Process:
         self._check_thread(what)
-        process = current_process()
+        process = None
+        if type(_CURRENT_TASKS) is dict:
+            task = _CURRENT_TASKS.get(self._runtime.loop)
+            if task is not None:
+                process = task_process(task)
+        if process is None:
+            process = current_process()
         if process.runtime is not self._runtime:
             raise NotLocal(process.pid, self.node.id)
         return process

@@ -191,7 +191,7 @@ class ScopeServer:
         tag = self._next_tag()
         if self.table.insert(key, pid, value, tag):
             self._watch(process)
-        if self._scope_subs or self._key_subs or self.listeners:
+        if not self._quiet():
             self._publish_join(key, [(pid, value)])
         if self._peers:
             self._queue(["j", key, pid, value, tag])
@@ -300,25 +300,35 @@ class ScopeServer:
         if subs:
             yield from reversed(subs.values())
 
+    def _quiet(self) -> bool:
+        """Nobody to tell: no subscriber and no listener (the common, fast case)."""
+        return not (self._scope_subs or self._key_subs or self.listeners)
+
     def _publish_join(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
+        if self._quiet():
+            return
         for sub in self._subscribers(key):
             sub.process.deliver(Join(sub.ref, key, entries))
         if self.listeners:
             self._tell_listeners([Registered(self.name, key, pid, value) for pid, value in entries])
 
     def _publish_leave(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
+        if self._quiet():
+            return
         for sub in self._subscribers(key):
             sub.process.deliver(Leave(sub.ref, key, entries))
         if self.listeners:
             self._tell_listeners([Unregistered(self.name, key, pid) for pid, _value in entries])
 
     def _publish_update(self, key: Any, changes: list[tuple[Pid, Any, Any]]) -> None:
+        if not (self._scope_subs or key in self._key_subs):
+            return  # listeners never see updates
         for sub in self._subscribers(key):
             sub.process.deliver(Update(sub.ref, key, changes))
 
     def _publish_leaves(self, pid: Pid, rows: list[tuple[Any, Any, int]]) -> None:
         """One `Leave` per key for the rows a process lost (in its join order)."""
-        if not (self._scope_subs or self._key_subs or self.listeners):
+        if self._quiet():
             return
         for key, entries in _group_by_key(pid, ((key, value) for key, value, _tag in rows)).items():
             self._publish_leave(key, entries)
@@ -459,7 +469,7 @@ class ScopeServer:
     def _remote_join(self, peer: str, key: Any, pid: Pid, value: Any, tag: int) -> None:
         self.table.insert(key, pid, value, tag)
         self._peers[peer].add(pid)
-        if self._scope_subs or self._key_subs or self.listeners:
+        if not self._quiet():
             self._publish_join(key, [(pid, value)])
 
     def _remote_leave(self, peer: str, triples: list[Any]) -> None:
@@ -526,8 +536,7 @@ class ScopeServer:
         for key, entries in leaves.items():
             self._publish_leave(key, entries)
         for key, changes in updates.items():
-            if self._scope_subs or key in self._key_subs:
-                self._publish_update(key, changes)
+            self._publish_update(key, changes)
         for key, entries in joins.items():
             self._publish_join(key, entries)
 
