@@ -6,8 +6,15 @@ the reference model and the fallback). ``pgregistry._table`` picks one at import
 
 A `Table` holds rows ``(key, pid, value, tag)``. It is type-agnostic: keys, pids and
 values are any hashable/any objects (the registry validates terms before inserting);
-``tag`` is an int, and ``(pid, tag)`` identifies a row (the caller keeps it unique).
-Values are stored by reference, never copied.
+``tag`` is an int in the int64 range (`TypeError`/`OverflowError` otherwise), and
+``(pid, tag)`` identifies a row: the caller keeps it unique (if it does not, methods
+that name a row act on the first such row in key order). Values are stored by
+reference, never copied. An unhashable key or pid passed to a method raises
+`TypeError` and changes nothing.
+
+Equal but distinguishable keys (``1``, ``1.0``, ``True``) share a group. Per-row results
+(`rows`, `pid_entries`, `keys`, `WHOLE`, bindings) report the key object each row was
+inserted with; `groups` and `snapshot` report the object the group was created with.
 
 Orders (both implementations must produce them identically):
 
@@ -30,11 +37,15 @@ Match semantics (``Matcher``), for each visited row, clauses in order:
   tuple``/``list`` of equal length element-wise; `PatDict` matches ``type(x) is dict``
   holding every key of the pattern with a matching value. Patterns are matched key,
   pid, value, depth-first left to right (this decides which occurrence binds).
-* every guard must evaluate to exactly ``True``; an exception makes the guard false;
+* every guard must evaluate to exactly ``True``; an exception (an `Exception`
+  subclass) makes the guard false; an exception raised while comparing a *pattern*
+  literal propagates (terms never raise there);
 * the first clause that passes decides the row: in `select` its body is evaluated
   (every expression in order, the last is the result; an exception skips the row);
   `count_select` counts the row iff the result ``is True``. `match`, `count_match` and
-  `pop_match` ignore bodies.
+  `pop_match` ignore bodies; `select`/`count_select` with a matcher built from
+  `spec.check_match` (no body) raise `ValueError`. An unhashable literal key or pid in a
+  head matches nothing.
 * expressions: `ExprConst` is its value (the same object), `ExprVar` the slot,
   `ExprWhole` the tuple ``(key, pid, value)``, `ExprBindings` the list of all slots,
   `ExprTuple`/`ExprList`/`ExprDict` build a new container of evaluated items,
