@@ -25,6 +25,7 @@ from .errors import (
     NoProcess,
     NotLocal,
     RegistryError,
+    RemoteError,
 )
 from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistered, Update
 from .node import Node
@@ -40,6 +41,6 @@ __all__ = [
     "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
     "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown",
     "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
-    "CallTimeout", "AuthenticationError",
+    "CallTimeout", "AuthenticationError", "RemoteError",
     "spec", "TABLE_IMPLEMENTATION", "__version__",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "NoProcess",
     "CallTimeout",
     "AuthenticationError",
+    "RemoteError",
 ]
 
 
@@ -61,3 +62,35 @@ class CallTimeout(RegistryError, TimeoutError):
 
 class AuthenticationError(RegistryError):
     """A peer failed the cookie challenge, or this node failed the peer's."""
+
+
+class RemoteError(RegistryError):
+    """An exception that happened on another node, as its type name and message.
+
+    Exceptions are not terms, so they never cross the network: a process on another
+    node that crashed with ``ValueError("bad")`` is reported to a local monitor as
+    ``Down(ref, pid, RemoteError("ValueError", "bad"))`` (the same for exit signals whose
+    reason is an exception). ``type_name`` is the class's qualified name, prefixed with
+    its module unless it is a built-in (``"ValueError"``, ``"myapp.jobs.JobFailed"``);
+    ``message`` is ``str(exc)``, truncated. Two `RemoteError` are equal when both fields
+    are, so a reason can be compared like any other.
+    """
+
+    def __init__(self, type_name: str, message: str = "") -> None:
+        super().__init__(type_name, message)
+        self.type_name = type_name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+    def __repr__(self) -> str:
+        return f"RemoteError({self.type_name!r}, {self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RemoteError:
+            return NotImplemented
+        return self.type_name == other.type_name and self.message == other.message
+
+    def __hash__(self) -> int:
+        return hash((RemoteError, self.type_name, self.message))

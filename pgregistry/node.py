@@ -1,28 +1,149 @@
-"""`Node`: one member of a cluster, owning its processes and local names (layer 3).
+"""`Node`: one member of a cluster (layer 3): processes, names, peers, remote messaging.
 
-A node runs on one asyncio event loop. `start` (or ``async with node``) binds it to the
-running loop and thread, picks a new *creation* (so pids of an earlier incarnation never
-match), and makes the calling task a process of the node (`pgregistry.process.self`
-works there). Writes (`spawn`, `register_name`, services) must run on that thread.
-`stop` kills every process of the node, running their exit hooks, then closes the
-attached services.
+A node runs on one asyncio event loop. `Node.start` (or ``async with node``) binds the
+node's `~pgregistry.transport.Endpoint` first (so the id carries the real port:
+``name@host:port``), picks a new random *creation* (so pids of an earlier incarnation
+never match), installs the node as its process runtime's router, and makes the calling
+task a process of the node. Writes (`spawn`, names, `connect`, services) must run on the
+loop's thread. `stop` kills every process, closes the attached services, says ``leave``
+to every peer and closes the endpoint.
+
+Everything between nodes travels over the endpoint's authenticated connections (cookie
+HMAC, optional TLS, ticks: see `pgregistry.transport`); nodes in one event loop still
+talk only through TCP. This module defines what the *node protocol* puts in the
+transport's message frames.
+
+The node protocol
+=================
+Every node-protocol message is one term, a list whose first item is a str tag. Ids are
+node ids (str), ``pid`` a `Pid`, ``ref`` a `Ref`, ``to`` a pid of the receiving node or
+a str name registered there. Nothing received is ever executed; the only effects a peer
+can have are the ones listed below.
+
+Connection set-up (after the transport handshake), per connection. Of the two nodes,
+the one with the smaller id (str order) is the *decider*: it alone confirms or refuses
+every connection of the pair, whoever dialled it, so both sides always agree on which
+connection is the live one::
+
+    ["hello", token, explicit]   dialler -> acceptor, first message. token: a random int
+                                 naming this connection; explicit: dialled by connect()
+                                 (clears a "disconnected" block), not by gossip/reconnect
+    ["ready"]                    acceptor -> dialler when the dialler decides
+    ["alive?", token]            decider -> other, when the decider already has a live
+                                 connection of that token to the same incarnation
+    ["alive", token, bool]       answer: is that connection still open on your side?
+    ["welcome"]                  decider -> other: this connection is now THE connection
+    ["reject", reason]           either side, then it closes the connection. reasons:
+                                 "duplicate" (the pair keeps another connection),
+                                 "disconnected" (see disconnect below), "protocol"
+
+The two flows (``D`` dials, ``A`` accepts; either may be the decider)::
+
+    D decides:  D -> A hello;  A -> D ready;  D -> A welcome | reject | alive? ...
+    A decides:  D -> A hello;  A -> D welcome | reject | alive? ...
+    alive? ...: decider -> other alive?;  other -> decider alive;  decider -> welcome | reject
+
+The acceptor of a hello first refuses it (``"disconnected"``) if it is blocked from the
+dialler and the hello is not explicit. Nothing but these messages may be sent on a
+connection before its ``welcome``; anything else closes it (``"protocol"``).
+The decider welcomes a connection at once when it has no live connection to that peer.
+If it has one, it asks ``alive?`` about it on the new connection: "yes" (the old one is
+open, e.g. both sides dialled at the same time) refuses the new one as a duplicate
+without any NodeDown/NodeUp; "no" (the peer lost the old one, and we had not noticed
+yet) takes the old one down (NodeDown, monitors fire) and welcomes the new one. A
+connection from a *different creation* of a connected peer means that the peer
+restarted: the old incarnation is taken down (NodeDown, its monitors fire
+``"noconnection"``) before the new one can come up. A connection that is not confirmed
+within ``handshake_timeout`` is closed.
+
+On a confirmed connection (FIFO; every kind shares the one connection of the pair)::
+
+    ["members", [id, ...]]            first message from each side: its other connected
+                                      peers; the receiver connects to those it does not
+                                      know (full mesh) and hurries its reconnects to the
+                                      known ones, except the ones it is disconnected from
+    ["send", to, msg]                 deliver msg (a term); to an unknown pid or name:
+                                      dropped, as are pids of another creation
+    ["send_t", to, type, [field...]]  deliver a pgregistry message named tuple (`Down`,
+                                      `NodeUp`, `Join`, ...), rebuilt from its type name
+    ["call", to, ref, caller, req]    monitor to for caller under ref (as ``monitor``
+                                      does: "noproc" at once if to is not alive) and
+                                      deliver ``Call(ref, caller, req)``; caller must be
+                                      a pid of the sending node
+    ["cast", to, msg]                 deliver ``Cast(msg)``
+    ["reply", caller, ref, value]     deliver ``Reply(ref, value)`` (resolves the call)
+    ["monitor", watcher, ref, to]     watcher (of the sender) monitors to; answered by a
+                                      ``down`` at once ("noproc") if to is not alive
+    ["demonitor", ref]                drop that monitor
+    ["down", watcher, ref, reason]    the monitored process exited with reason (a term)
+    ["down_exc", watcher, ref, type_name, message]
+                                      ... with an exception: delivered as `RemoteError`
+    ["exit", pid, reason]             exit signal (``"kill"``, any term)
+    ["exit_exc", pid, type_name, message]   exit signal with an exception reason
+    ["svc", name, payload]            ``peer_message(peer_id, payload)`` of the service
+                                      attached under name (dropped if there is none)
+    ["disconnect"]                    the sender called `Node.disconnect`: both block
+    ["leave"]                         the sender is stopping: forget it (no reconnects)
+
+A remote `call` is thus one ``call`` message and one ``reply``: the `Reply` passing
+through also ends the monitor of its call on both nodes (the caller demonitors right
+after anyway), which saves a ``demonitor`` message per call. Unknown or malformed
+messages from an authenticated peer are logged (rate-limited) and dropped; the
+connection stays up.
+
+Membership
+==========
+* `connect` to any member joins the whole cluster: each side of a new connection sends
+  its connected peers (``members``) and the receiver connects to the unknown ones.
+* A node remembers every member it was connected to (a node it only heard of through
+  ``members`` is dialled at most `GOSSIP_ATTEMPTS` times, so a node that stopped just as
+  it was gossiped about is not redialled forever). When a connection is lost, *both*
+  sides redial with exponential backoff (first delay ``reconnect_initial``, doubling up
+  to ``reconnect_max``, each drawn uniformly from ``[d/2, d]``), at the address they
+  have for the peer: the one given to `connect` or `add_route`, else the host:port of its
+  id. Tests put a `pgregistry.testing.LinkProxy` in both directions and `add_route`
+  through them, so that a cut stays cut.
+* ``disconnect(peer)``: both sides block each other (the peer is told with
+  ``["disconnect"]``; a peer that was not connected learns it from the ``"disconnected"``
+  refusal of its next redial) and neither dials the other again, directly or because of
+  ``members``, until one of them calls `connect` (an explicit hello lifts the block on
+  both sides).
+* ``leave``: a stopped node is forgotten, not redialled; a node restarted later joins
+  again by connecting (or by being connected to).
+
+Order of events when a peer is lost: the peer leaves `peers`, every monitor a local
+process holds on one of its processes gets ``Down(ref, pid, "noconnection")`` (a pending
+`call` raises `NoProcess`), monitors it held on local processes are dropped, then each
+service's ``peer_down(peer_id, reason)`` runs, then node monitors get
+``NodeDown(peer_id, reason)``. When a peer comes up: it enters `peers`, node monitors get
+``NodeUp(peer_id)``, then each service's ``peer_up(peer_id)`` runs. NodeDown reasons are
+str: ``"disconnect"``, ``"leave"``, ``"restarted"`` (a new incarnation connected),
+``"connection replaced"``, or the transport's reason (``"timeout"``, ``"closed by
+peer"``, ``"connection lost: ..."``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
 import os
+import random
 import secrets
 import ssl as _ssl
 import threading
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any, Awaitable, Callable, Final, Iterable
 
-from .errors import AlreadyStarted
-from .process import Runtime, task_process
-from .terms import Pid
+from .errors import AlreadyStarted, NotLocal, RemoteError
+from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistered, Update
+from .process import Process, Reply, Runtime, current_process, receive, send, task_process
+from .server import Call, Cast, Server, call
+from .terms import Pid, Ref, check_value, is_value
+from .transport import Connection, Endpoint, parse_address
+from .wire import encode
 
 __all__ = ["Node"]
 
@@ -31,9 +152,35 @@ logger = logging.getLogger("pgregistry.node")
 #: How long `Node.stop` waits for the cancelled tasks of killed processes to unwind.
 STOP_GRACE = 5.0
 
-_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+#: Longest exception message carried in a `RemoteError`.
+MAX_ERROR_TEXT: Final = 2000
+
+#: Dials to a node known only from ``members`` gossip before giving up on it (a node
+#: that was ever connected is redialled until it leaves or is disconnected).
+GOSSIP_ATTEMPTS: Final = 5
+
+_NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = "new", "starting", "running", "stopping", "stopped"
 
 _FORBIDDEN_IN_NAME = frozenset("@:/ \t\r\n")
+
+# States of one connection as the node sees it.
+_L_DIALED: Final = "dialed"  # we dialled; the transport handshake is done, hello not sent yet
+_L_AWAIT_HELLO: Final = "await hello"  # we accepted; waiting for the dialler's hello
+_L_HELLO_SENT: Final = "hello sent"  # we dialled and said hello; waiting for the verdict
+_L_AWAIT_WELCOME: Final = "await welcome"  # we accepted, said ready; the peer decides
+_L_ASKED: Final = "asked"  # we decide and asked "alive?" about the old connection
+_L_UP: Final = "up"
+_L_CLOSED: Final = "closed"
+
+# Named tuples that may cross the network as messages, by type name.
+_MESSAGE_TYPES: Final[dict[str, Any]] = {
+    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered)
+}
+_MESSAGE_TYPE_NAMES: Final[dict[type, str]] = {cls: name for name, cls in _MESSAGE_TYPES.items()}
+
+# Log budget for malformed messages from peers, per node.
+_LOG_WINDOW: Final = 1.0
+_LOG_BUDGET: Final = 20
 
 
 def _check_text(what: str, value: Any, forbidden: frozenset[str]) -> str:
@@ -61,13 +208,104 @@ def _new_creation() -> int:
             return creation
 
 
-class Node:
-    """A node: an id, its processes and local names, and attached services.
+def _error_parts(reason: Any) -> tuple[str, str]:
+    """``(type_name, message)`` of a reason that is not a term (usually an exception)."""
+    if isinstance(reason, RemoteError):
+        return reason.type_name, reason.message[:MAX_ERROR_TEXT]
+    cls = type(reason)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        text = str(reason) if isinstance(reason, BaseException) else repr(reason)
+    except Exception:  # a broken __str__ must not break an exit
+        text = f"<{name} whose str() raised>"
+    return name, text[:MAX_ERROR_TEXT]
 
-    ``Node(name, host=, port=, cookie=, ssl=, tick_interval=, down_after=)``: every
-    argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
+
+class _Malformed(Exception):
+    """A message from a peer that does not follow the node protocol."""
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Malformed(what)
+
+
+class _Link:
+    """One transport connection as the node sees it (pending until confirmed)."""
+
+    __slots__ = ("conn", "peer", "token", "state", "address", "refusal", "timer")
+
+    def __init__(self, conn: Connection, state: str) -> None:
+        self.conn = conn
+        self.peer: _Peer | None = None
+        self.token = 0
+        self.state = state
+        self.address: str | None = None  # what we dialled, for a connection we initiated
+        self.refusal: str | None = None  # the reason a "reject" gave, either way
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        peer = self.peer.id if self.peer is not None else self.conn.peer_id or "?"
+        return f"<link {'to' if self.conn.initiated else 'from'} {peer} {self.state}>"
+
+
+class _Peer:
+    """Everything the node knows about one other node, connected or not."""
+
+    __slots__ = (
+        "id",
+        "link",
+        "conn",
+        "creation",
+        "links",
+        "route",
+        "member",
+        "blocked",
+        "gossip_tries",
+        "reconnect",
+        "kick",
+        "out_monitors",
+        "in_monitors",
+        "waiters",
+    )
+
+    def __init__(self, node_id: str) -> None:
+        self.id = node_id
+        self.link: _Link | None = None  # the confirmed connection
+        self.conn: Connection | None = None  # its transport connection (hot path)
+        self.creation = 0  # of the connected incarnation
+        self.links: set[_Link] = set()  # connections still being set up
+        self.route: str | None = None  # the address to dial, if not the id's host:port
+        self.member = False  # remembered: redialled after a loss
+        self.blocked = False  # disconnected: never dialled until an explicit connect
+        self.gossip_tries = 0  # dials left for a node only heard of through ``members``
+        self.reconnect: asyncio.Task[None] | None = None
+        self.kick: asyncio.Event | None = None  # wakes the reconnect loop early
+        self.out_monitors: dict[Ref, Pid] = {}  # monitors local watchers hold there: ref -> watcher
+        self.in_monitors: dict[Ref, Pid] = {}  # monitors its processes hold here: ref -> local target
+        self.waiters: list[asyncio.Future[None]] = []  # woken on every state change
+
+
+class Node:
+    """A node: an id, its processes and local names, its peers, and attached services.
+
+    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=)``:
+    every argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
     value, each naming the argument). ``cookie=None`` takes ``PGREGISTRY_COOKIE`` from
-    the environment, else a random cookie.
+    the environment, else a random cookie (then nobody can connect). ``port=0`` binds an
+    ephemeral port, which the id then carries.
+
+    TLS: ``ssl`` is the context the node listens with; connections it dials use
+    ``client_ssl``, or ``ssl`` when ``client_ssl`` is None, in which case ``ssl`` must be
+    usable in both directions (``ssl.SSLContext(ssl.PROTOCOL_TLS)`` with a certificate
+    and CA loaded). A client-only ``ssl`` or a server-only context left to dial with
+    raises `ValueError` here.
+
+    ``tick_interval`` / ``down_after``: a peer from which nothing (not even a tick) was
+    heard for ``down_after`` seconds is down; ``down_after`` must be at least twice
+    ``tick_interval``. ``handshake_timeout`` (``max(1, down_after)``), ``reconnect_initial``
+    (``tick_interval``) and ``reconnect_max`` (``max(2 * down_after, tick_interval)``) are
+    attributes that may be changed before `start`.
     """
 
     runtime: Runtime
@@ -80,6 +318,7 @@ class Node:
         port: int = 0,
         cookie: str | None = None,
         ssl: _ssl.SSLContext | None = None,
+        client_ssl: _ssl.SSLContext | None = None,
         tick_interval: float = 1.0,
         down_after: float = 5.0,
     ) -> None:
@@ -96,24 +335,101 @@ class Node:
             raise TypeError(f"cookie must be a str or None, got {type(cookie).__name__}")
         elif not cookie:
             raise ValueError("cookie must not be empty")
-        self._cookie = cookie
-        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
-            raise TypeError(f"ssl must be an ssl.SSLContext or None, got {ssl!r}")
+        for what, context in (("ssl", ssl), ("client_ssl", client_ssl)):
+            if context is not None and not isinstance(context, _ssl.SSLContext):
+                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {context!r}")
+        if ssl is None and client_ssl is not None:
+            raise ValueError("client_ssl without ssl: give ssl (the context to listen with) too, or neither")
+        if ssl is not None and ssl.protocol == _ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError(
+                "ssl is a client-only context (PROTOCOL_TLS_CLIENT) but the node listens with it: give a "
+                "server context as ssl and this one as client_ssl, or one ssl.SSLContext(ssl.PROTOCOL_TLS)"
+            )
+        if ssl is not None and client_ssl is None and ssl.protocol == _ssl.PROTOCOL_TLS_SERVER:
+            raise ValueError(
+                "ssl is a server-only context (PROTOCOL_TLS_SERVER) and no client_ssl was given to dial "
+                "peers with: give client_ssl, or one ssl.SSLContext(ssl.PROTOCOL_TLS) usable both ways"
+            )
+        if client_ssl is not None and client_ssl.protocol == _ssl.PROTOCOL_TLS_SERVER:
+            raise ValueError("client_ssl is a server-only context (PROTOCOL_TLS_SERVER); it is used to dial peers")
         self.ssl = ssl
+        self.client_ssl = client_ssl
         self.tick_interval = _check_seconds("tick_interval", tick_interval)
         self.down_after = _check_seconds("down_after", down_after)
+        if self.down_after < 2 * self.tick_interval:
+            raise ValueError(
+                f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}), "
+                "or idle but healthy peers would be declared down"
+            )
+        self.handshake_timeout = max(1.0, self.down_after)
+        self.reconnect_initial = self.tick_interval
+        self.reconnect_max = max(2 * self.down_after, self.tick_interval)
         self.runtime = Runtime(self.id)
+        self._endpoint = Endpoint(
+            self.name,
+            cookie,
+            host=self.host,
+            port=port,
+            ssl=ssl,
+            client_ssl=client_ssl,
+            tick_interval=self.tick_interval,
+            down_after=self.down_after,
+            handshake_timeout=self.handshake_timeout,
+            on_connection=self._on_connection,
+            on_message=self._on_message,
+            on_close=self._on_close,
+        )
         self._state = _NEW
+        self._started = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._services: dict[str, Any] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._links: dict[Connection, _Link] = {}
+        self._up: dict[Connection, _Peer] = {}  # confirmed connections, in the order they came up
+        self._node_monitors: dict[Pid, None] = {}
+        self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
+        self._log_window_start = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
+        self._handlers: dict[str, Callable[[_Peer, list], None]] = {
+            "send": self._h_send,
+            "call": self._h_call,
+            "reply": self._h_reply,
+            "cast": self._h_cast,
+            "svc": self._h_svc,
+            "send_t": self._h_send_t,
+            "monitor": self._h_monitor,
+            "demonitor": self._h_demonitor,
+            "down": self._h_down,
+            "down_exc": self._h_down_exc,
+            "exit": self._h_exit,
+            "exit_exc": self._h_exit_exc,
+            "members": self._h_members,
+            "disconnect": self._h_disconnect,
+            "leave": self._h_leave,
+        }
+        self._handshake_handlers: dict[str, Callable[[_Link, list], None]] = {
+            "hello": self._hs_hello,
+            "ready": self._hs_ready,
+            "welcome": self._hs_welcome,
+            "alive?": self._hs_alive_query,
+            "alive": self._hs_alive,
+            "reject": self._hs_reject,
+        }
 
     def __repr__(self) -> str:
-        return f"<Node {self.id} {self._state}>"
+        return f"<Node {self.id} {self._state} {len(self._up)} peers>"
 
     @property
     def id(self) -> str:
-        """``"name@host:port"``."""
+        """``"name@host:port"`` (the real port once started)."""
         return f"{self.name}@{self.host}:{self.port}"
+
+    @property
+    def creation(self) -> int:
+        """This incarnation's creation (0 before `start`)."""
+        return self.runtime.creation
 
     @property
     def loop_thread(self) -> int | None:
@@ -135,21 +451,46 @@ class Node:
         await self.stop()
 
     async def start(self) -> None:
-        """Bind the node to the running loop and make the calling task its process.
+        """Listen, bind the node to the running loop and make the calling task its process.
 
-        A calling task that is a spawned process (of any node) stays that process; any
-        other task becomes a process of this node until the node stops or the task ends.
-        A node starts once: `RuntimeError` if it was started before.
+        The endpoint is bound first, so `id` carries the real port before the first pid
+        is made. A calling task that is a spawned process (of any node) stays that
+        process; any other task becomes a process of this node until the node stops or
+        the task ends. A node starts once: `RuntimeError` if it was started before
+        (also after a failed start, e.g. `OSError` for a port in use).
         """
         if self._state != _NEW:
             raise RuntimeError(f"node {self.id} was already started; make a new Node to start again")
+        self._state = _STARTING
         loop = asyncio.get_running_loop()
         runtime = self.runtime
+        creation = _new_creation()
+        endpoint = self._endpoint
+        endpoint.creation = creation
+        try:
+            endpoint.handshake_timeout = _check_seconds("handshake_timeout", self.handshake_timeout)
+            for what in ("reconnect_initial", "reconnect_max"):
+                _check_seconds(what, getattr(self, what))
+        except (TypeError, ValueError):
+            self._state = _NEW
+            raise
+        try:
+            _host, port = await endpoint.start()
+        except BaseException:
+            self._state = _STOPPED
+            self._started.set()
+            self._stopped.set()
+            raise
+        self.port = port
+        endpoint.node_id = self.id
         runtime.node_id = self.id
-        runtime.creation = _new_creation()
+        runtime.creation = creation
         runtime.loop = loop
         runtime.loop_thread = threading.get_ident()
+        runtime.router = self
+        self._loop = loop
         self._state = _RUNNING
+        self._started.set()
         task = asyncio.current_task()
         if task is not None:
             current = task_process(task)
@@ -157,20 +498,25 @@ class Node:
                 runtime.adopt(task)
 
     async def stop(self) -> None:
-        """Kill every process of the node, then close every attached service.
+        """Kill every process, close every service, leave the cluster, close the endpoint.
 
         Exit hooks run for each process (reason ``"killed"``; `Server.terminate` does not
-        run). The node then waits up to `STOP_GRACE` seconds for the killed tasks to
-        unwind and calls ``close()`` on each service (awaiting it if it returns an
-        awaitable; errors are logged). Idempotent: stopping a stopped or never-started
-        node does nothing, and a concurrent `stop` waits for the first one. If `stop`
-        is cancelled while waiting, the processes are already dead and the services are
-        closed before the cancellation propagates.
+        run); remote watchers get their ``Down``. The node then waits up to `STOP_GRACE`
+        seconds for the killed tasks to unwind, calls ``close()`` on each service
+        (awaiting it if it returns an awaitable; errors are logged), tells every peer it
+        leaves (so they do not redial it) and closes the endpoint (queued output is
+        written first). Idempotent: stopping a stopped or never-started node does
+        nothing, and a concurrent `stop` waits for the first one. If `stop` is cancelled
+        while waiting, the processes are already dead and the services are closed before
+        the cancellation propagates.
         """
         if self._state == _NEW:
             self._state = _STOPPED
+            self._started.set()
             self._stopped.set()
             return
+        if self._state == _STARTING:
+            await self._started.wait()
         if self._state == _STOPPED:
             return
         if self._state == _STOPPING:
@@ -186,12 +532,15 @@ class Node:
                 for task in still_running:
                     logger.warning("node %s: %r ignored its cancellation and is still running", self.id, task)
         finally:
-            services = list(self._services.items())
-            self._services.clear()
-            for name, service in services:
-                await self._close_service(name, service)
-            self._state = _STOPPED
-            self._stopped.set()
+            try:
+                services = list(self._services.items())
+                self._services.clear()
+                for name, service in services:
+                    await self._close_service(name, service)
+                await self._close_network()
+            finally:
+                self._state = _STOPPED
+                self._stopped.set()
 
     async def _close_service(self, name: str, service: Any) -> None:
         try:
@@ -200,6 +549,21 @@ class Node:
                 await closed
         except Exception:
             logger.exception("node %s: closing service %r failed", self.id, name)
+
+    async def _close_network(self) -> None:
+        """Say ``leave`` to every peer, stop redialling, close the endpoint."""
+        for peer in list(self._up.values()):
+            conn = peer.conn
+            if conn is not None and conn.established:
+                conn.send(["leave"])
+        reconnects = [peer.reconnect for peer in self._peers.values() if peer.reconnect is not None]
+        for task in reconnects:
+            task.cancel()
+        if reconnects:
+            await asyncio.gather(*reconnects, return_exceptions=True)
+        await self._endpoint.close()
+        for peer in self._peers.values():
+            self._wake(peer)
 
     # -- processes ------------------------------------------------------------------
 
@@ -218,7 +582,8 @@ class Node:
         `AlreadyStarted` (``.pid`` the holder) if the name is taken; `ValueError` if
         `pid` already has a name or `name` is empty or too long; `TypeError` for a
         non-str name or a non-pid; `NotLocal` for another node's pid; `NoProcess` for a
-        dead pid. The name is released when the process exits.
+        dead pid. The name is released when the process exits. Other nodes reach it as
+        ``(name, node.id)``.
         """
         self.runtime.register_name(name, pid)
 
@@ -230,17 +595,173 @@ class Node:
         """The pid registered under the local `name`, or None. Callable from any thread."""
         return self.runtime.whereis(name)
 
+    # -- membership -----------------------------------------------------------------
+
     def peers(self) -> list[str]:
-        """The ids of the connected peer nodes."""
-        return []
+        """The ids of the connected peer nodes, in the order they connected. Any thread."""
+        # list() copies the values in one C call, so another thread's loop cannot change
+        # the dict under the iteration.
+        return [peer.id for peer in list(self._up.values())]
+
+    async def connect(self, address: str) -> str:
+        """Connect to the node at `address` (``"host:port"`` or a node id); return its id.
+
+        Connecting to one member joins the whole cluster: the nodes then connect to every
+        member they did not know (this returns before that). A peer already connected
+        returns its id at once. An explicit connect lifts a `disconnect` block on both
+        sides, and the address given is remembered as the way to reach that node
+        (reconnects use it). Raises `AuthenticationError` when the cookies differ,
+        `OSError`/`ConnectionError` when the node cannot be reached or refuses,
+        `TimeoutError` after ``handshake_timeout``, `ValueError` for a malformed address
+        or this node's own id, `RuntimeError` off the loop thread or when not running.
+        """
+        self.require_loop_thread("connect")
+        if type(address) is not str:
+            raise TypeError(f"connect: address must be a str, got {address!r}")
+        host, port = parse_address(address)
+        expect: str | None = None
+        dial = address
+        if "@" in address:
+            expect = address
+            if address == self.id:
+                raise ValueError(f"connect: {address} is this node")
+            known = self._peers.get(address)
+            if known is not None:
+                known.blocked = False
+                if known.link is not None:
+                    return address
+                dial = known.route or address
+        else:
+            for peer in self._up.values():
+                if peer.route == address or parse_address(peer.id) == (host, port):
+                    peer.blocked = False
+                    return peer.id
+        link = await self._dial(dial, explicit=True, expect=expect)
+        record = link.peer
+        assert record is not None
+        if dial is address and expect is None:
+            record.route = address
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handshake_timeout
+        while record.link is None:
+            if self._state != _RUNNING:
+                raise ConnectionError(f"connect to {address}: node {self.id} stopped")
+            if link.state == _L_CLOSED and not record.links:
+                why = link.refusal or link.conn.close_reason or "closed"
+                raise ConnectionError(f"connect to {address} ({record.id}) failed: {why}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"connect to {address}: {record.id} did not confirm within {self.handshake_timeout} s"
+                )
+            await self._wait_change(record, remaining)
+        return record.id
+
+    async def disconnect(self, peer: str) -> None:
+        """Disconnect from `peer` (a node id), telling it; neither side redials the other.
+
+        The block holds on both sides, against reconnects and against ``members``
+        gossip from third nodes, until either node calls `connect` on the other. A peer
+        that is not connected is blocked too (it learns it when it next dials). Returns
+        once the connection is closed (bounded by ``handshake_timeout``).
+        """
+        self.require_loop_thread("disconnect")
+        if type(peer) is not str:
+            raise TypeError(f"disconnect: peer must be a node id str, got {peer!r}")
+        if peer == self.id:
+            raise ValueError(f"disconnect: {peer} is this node")
+        record = self._peer(peer)
+        record.blocked = True
+        record.member = False
+        self._stop_reconnect(record)
+        closing: list[Connection] = []
+        link = record.link
+        if link is not None:
+            link.conn.send(["disconnect"])
+            closing.append(link.conn)
+            self._peer_down(record, "disconnect")
+        for pending in list(record.links):
+            closing.append(pending.conn)
+            self._refuse(pending, "disconnected")
+        if closing:
+            await asyncio.wait(
+                [asyncio.ensure_future(conn.wait_closed()) for conn in closing], timeout=self.handshake_timeout
+            )
+
+    def add_route(self, peer: str, address: str) -> None:
+        """Reach the node `peer` (an id) at `address` (``"host:port"``) from now on.
+
+        Used for every later dial to that node: reconnects and ``members`` gossip (not
+        an already open connection). For NAT, proxies, and tests that put a
+        `~pgregistry.testing.LinkProxy` in each direction of a link.
+        """
+        self.require_loop_thread("add_route")
+        if type(peer) is not str or "@" not in peer:
+            raise TypeError(f"add_route: peer must be a node id 'name@host:port', got {peer!r}")
+        parse_address(peer)
+        parse_address(address)
+        self._peer(peer).route = address
+
+    def monitor_nodes(self) -> None:
+        """Make the calling process receive ``NodeUp(node)`` and ``NodeDown(node, reason)``.
+
+        For every peer that comes up or goes down from now on; calling it again changes
+        nothing. Ends when the process exits or calls `demonitor_nodes`. The caller must
+        be a process of this node (`NotLocal` otherwise).
+        """
+        proc = self._calling_process("monitor_nodes")
+        if proc.pid in self._node_monitors:
+            return
+        proc.add_exit_hook(self._monitor_hook_key, self._node_monitor_exited)
+        self._node_monitors[proc.pid] = None
+
+    def demonitor_nodes(self) -> None:
+        """Stop `monitor_nodes` for the calling process (nothing if it did not monitor)."""
+        proc = self._calling_process("demonitor_nodes")
+        if self._node_monitors.pop(proc.pid, 0) is None:
+            proc.remove_exit_hook(self._monitor_hook_key)
+
+    def _node_monitor_exited(self, pid: Pid, reason: Any) -> None:
+        self._node_monitors.pop(pid, None)
+
+    def _calling_process(self, what: str) -> Process:
+        self.require_loop_thread(what)
+        proc = current_process()
+        if proc.runtime is not self.runtime:
+            raise NotLocal(proc.pid, self.id)
+        return proc
+
+    def connection_stats(self, peer: str) -> dict[str, Any] | None:
+        """Counters of the connection to `peer`, or None if it is not connected.
+
+        ``{"bytes_sent", "bytes_received", "messages_sent", "messages_received",
+        "initiated", "creation"}``; bytes include ticks and the handshake.
+        """
+        record = self._peers.get(peer)
+        conn = record.conn if record is not None else None
+        if conn is None or record is None:
+            return None
+        return {
+            "bytes_sent": conn.bytes_sent,
+            "bytes_received": conn.bytes_received,
+            "messages_sent": conn.messages_sent,
+            "messages_received": conn.messages_received,
+            "initiated": conn.initiated,
+            "creation": record.creation,
+        }
 
     # -- services -------------------------------------------------------------------
 
     def attach_service(self, name: str, service: Any) -> None:
         """Attach `service` (e.g. a registry scope) under `name`; closed when the node stops.
 
-        `AlreadyStarted` (``.pid`` the attached service) if `name` is taken;
-        `RuntimeError` off the loop thread or when the node is not running.
+        The service may define ``peer_up(peer_id)``, ``peer_down(peer_id, reason)`` and
+        ``peer_message(peer_id, payload)``, called on the loop thread (exceptions are
+        logged) when a peer connection is confirmed or lost after the attach (a service
+        attached while peers are connected reads `peers` for those), and for each
+        `send_service` message a peer addressed to `name`. `AlreadyStarted` (``.pid``
+        the attached service) if `name` is taken; `RuntimeError` off the loop thread or
+        when the node is not running.
         """
         self.require_loop_thread("attach_service")
         if type(name) is not str:
@@ -267,6 +788,58 @@ class Node:
         """The service attached under `name`, or None."""
         return self._services.get(name)
 
+    def send_service(self, peer: str, name: str, payload: Any) -> bool:
+        """Send `payload` (a term) to the service `name` on the connected node `peer`.
+
+        Queued on the peer's connection, FIFO with every other message to it; the peer
+        calls ``peer_message(this node's id, payload)`` of its service `name` (or drops
+        it if there is none). Returns False, sending nothing, if `peer` is not
+        connected. `TypeError` if `payload` is not a term, `ValueError` if it exceeds
+        the peer's frame limit.
+        """
+        record = self._peers.get(peer)
+        conn = record.conn if record is not None else None
+        if conn is None:
+            check_value(payload, "send_service payload")
+            return False
+        conn.send(["svc", name, payload])
+        return True
+
+    def broadcast_service(self, name: str, payload: Any, peers: Iterable[str] | None = None) -> int:
+        """`send_service` to every connected peer (or those of `peers`); encoded once.
+
+        Returns how many peers it was queued to.
+        """
+        data = encode(["svc", name, payload])
+        if peers is None:
+            targets = [peer.conn for peer in self._up.values()]
+        else:
+            targets = []
+            for peer_id in peers:
+                record = self._peers.get(peer_id)
+                if record is not None and record.conn is not None:
+                    targets.append(record.conn)
+        for conn in targets:
+            if conn is not None:
+                conn.send_encoded(data)
+        return len(targets)
+
+    def _notify_services(self, method: str, *args: Any) -> None:
+        for name, service in list(self._services.items()):
+            fn = getattr(service, method, None)
+            if fn is None:
+                continue
+            try:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result).add_done_callback(self._log_service_task)
+            except Exception:
+                logger.exception("node %s: service %r: %s%r raised", self.id, name, method, args)
+
+    def _log_service_task(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("node %s: a service callback failed", self.id, exc_info=task.exception())
+
     def require_loop_thread(self, what: str) -> None:
         """Raise `RuntimeError` naming `what` unless the node runs and this is its loop thread.
 
@@ -276,3 +849,842 @@ class Node:
             raise RuntimeError(f"{what}: node {self.id} is not running")
         if threading.get_ident() != self.runtime.loop_thread:
             raise RuntimeError(f"{what} must be called on the node's event loop thread")
+
+    # -- router (see pgregistry.process.Router) --------------------------------------
+
+    def send_remote(self, dest: Any, msg: Any) -> None:
+        """Send `msg` to `dest` (a pid of another node, or ``(name, node_id)``).
+
+        Dropped when the node is not connected or the pid belongs to another incarnation
+        of it; `TypeError` for a message that is not a term in every case.
+        """
+        if type(dest) is Pid:
+            to: Any = dest
+            record = self._peers.get(dest.node)
+            conn = record.conn if record is not None else None
+            if conn is not None and dest.creation != record.creation:  # type: ignore[union-attr]
+                conn = None
+        else:
+            to, node_id = dest
+            record = self._peers.get(node_id)
+            conn = record.conn if record is not None else None
+        kind = type(msg)
+        if kind is Call:
+            term: list = ["call", to, msg.ref, msg.caller, msg.request]
+        elif kind is Reply:
+            term = ["reply", to, msg.ref, msg.value]
+        elif kind is Cast:
+            term = ["cast", to, msg.msg]
+        elif kind in _MESSAGE_TYPE_NAMES:
+            term = ["send_t", to, _MESSAGE_TYPE_NAMES[kind], list(msg)]
+        else:
+            term = ["send", to, msg]
+        if conn is None:
+            check_value(term, "message")
+            return
+        conn.send(term)
+        if kind is Reply and record.in_monitors:  # type: ignore[union-attr]
+            # The caller drops its monitor once the reply arrives: drop ours now.
+            target = record.in_monitors.pop(msg.ref, None)  # type: ignore[union-attr]
+            if target is not None:
+                proc = self.runtime.process(target)
+                if proc is not None:
+                    proc.remove_watcher(msg.ref)
+
+    def monitor_remote(self, watcher: Pid, ref: Ref, pid: Any) -> None:
+        """Start the remote half of `watcher`'s monitor `ref` on `pid` (or ``(name, node)``)."""
+        if type(pid) is Pid:
+            to: Any = pid
+            node_id = pid.node
+        else:
+            to, node_id = pid
+        record = self._peers.get(node_id)
+        conn = record.conn if record is not None else None
+        proc = self.runtime.process(watcher)
+        if proc is None:
+            return
+        if conn is None or record is None:
+            proc.deliver_down(ref, pid, "noconnection")
+        elif type(pid) is Pid and pid.creation != record.creation:
+            proc.deliver_down(ref, pid, "noproc")  # an earlier incarnation: long dead
+        else:
+            record.out_monitors[ref] = watcher
+            conn.send(["monitor", watcher, ref, to])
+
+    def call_remote(self, caller: Process, ref: Ref, dest: Any, request: Any) -> None:
+        """Monitor `dest` (another node's pid or ``(name, node_id)``) and call it, in one message."""
+        caller.add_monitor(ref, dest)
+        if type(dest) is Pid:
+            to: Any = dest
+            node_id = dest.node
+        else:
+            to, node_id = dest
+        record = self._peers.get(node_id)
+        conn = record.conn if record is not None else None
+        if conn is None or record is None:
+            check_value(request, "call request")
+            caller.deliver_down(ref, dest, "noconnection")
+        elif type(dest) is Pid and dest.creation != record.creation:
+            check_value(request, "call request")
+            caller.deliver_down(ref, dest, "noproc")  # an earlier incarnation: long dead
+        else:
+            conn.send(["call", to, ref, caller.pid, request])
+            record.out_monitors[ref] = caller.pid
+
+    def demonitor_remote(self, ref: Ref, pid: Any) -> None:
+        """Cancel the remote half of the monitor `ref` on `pid`."""
+        node_id = pid.node if type(pid) is Pid else pid[1]
+        record = self._peers.get(node_id)
+        if record is None or record.out_monitors.pop(ref, None) is None:
+            return
+        conn = record.conn
+        if conn is not None:
+            conn.send(["demonitor", ref])
+
+    def exit_remote(self, pid: Pid, reason: Any) -> None:
+        """Send the exit signal `reason` to the process `pid` of another node."""
+        record = self._peers.get(pid.node)
+        conn = record.conn if record is not None else None
+        if conn is None or record is None or pid.creation != record.creation:
+            return
+        if not self._send_reason(conn, ["exit", pid, reason]):
+            conn.send(["exit_exc", pid, *_error_parts(reason)])
+
+    @staticmethod
+    def _send_reason(conn: Connection, term: list) -> bool:
+        """Send `term`, whose last item is an exit reason, if that reason can cross as a term.
+
+        False (nothing sent) for a reason that is not a term (an exception) or too large
+        for the peer's frame limit: the caller sends it as a `RemoteError` instead.
+        """
+        reason = term[-1]
+        if type(reason) is not str and not is_value(reason):
+            return False
+        try:
+            conn.send(term)
+        except ValueError:
+            return False
+        return True
+
+    def down_remote(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None:
+        """Tell `watcher` (a process of another node) that `pid` exited with `reason`."""
+        try:
+            record = self._peers.get(watcher.node)
+            if record is None:
+                return
+            record.in_monitors.pop(ref, None)
+            conn = record.conn
+            if conn is None or watcher.creation != record.creation:
+                return
+            if not self._send_reason(conn, ["down", watcher, ref, reason]):
+                conn.send(["down_exc", watcher, ref, *_error_parts(reason)])
+        except Exception:  # called from inside an exit: never let it fail
+            logger.exception("node %s: reporting the exit of %r to %r failed", self.id, pid, watcher)
+
+    # -- incoming messages on confirmed connections -----------------------------------
+
+    def _on_message(self, conn: Connection, term: Any) -> None:
+        peer = self._up.get(conn)
+        if peer is None:
+            self._handshake_message(conn, term)
+            return
+        try:
+            handler = self._handlers[term[0]]
+        except (KeyError, TypeError, IndexError):
+            self._log_malformed(peer.id, "unknown message", term)
+            return
+        try:
+            handler(peer, term)
+        except _Malformed as exc:
+            self._log_malformed(peer.id, str(exc), term)
+        except Exception:
+            logger.exception("node %s: handling %.200r from %s failed", self.id, term, peer.id)
+
+    def _local_process(self, to: Any) -> Process | None:
+        """The live local process a message from a peer is addressed to, or None."""
+        if type(to) is Pid:
+            return self.runtime.process(to)
+        _need(type(to) is str, "the destination is not a pid or a name")
+        pid = self.runtime.whereis(to)
+        return None if pid is None else self.runtime.process(pid)
+
+    def _h_send(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 3, "send: wrong length")
+        proc = self._local_process(m[1])
+        if proc is not None:
+            proc.deliver(m[2])
+
+    def _h_call(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 5, "call: wrong length")
+        _, to, ref, caller, request = m
+        _need(type(ref) is Ref and type(caller) is Pid and caller.node == peer.id, "call: bad ref or caller")
+        proc = self._local_process(to)
+        if proc is None:
+            peer.conn.send(["down", caller, ref, "noproc"])  # type: ignore[union-attr]
+            return
+        # A call carries its monitor: the caller learns if the server dies first.
+        proc.add_watcher(ref, caller)
+        peer.in_monitors[ref] = proc.pid
+        proc.deliver(Call(ref, caller, request))
+
+    def _h_reply(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 4 and type(m[1]) is Pid and type(m[2]) is Ref, "reply: malformed")
+        ref = m[2]
+        if peer.out_monitors:
+            peer.out_monitors.pop(ref, None)  # the callee's node dropped its half already
+        proc = self.runtime.process(m[1])
+        if proc is not None:
+            proc.deliver(Reply(ref, m[3]))
+
+    def _h_cast(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 3, "cast: wrong length")
+        proc = self._local_process(m[1])
+        if proc is not None:
+            proc.deliver(Cast(m[2]))
+
+    def _h_send_t(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 4 and type(m[2]) is str and type(m[3]) is list, "send_t: malformed")
+        cls = _MESSAGE_TYPES.get(m[2])
+        if cls is None or len(m[3]) != len(cls._fields):
+            raise _Malformed("send_t: unknown type or wrong arity")
+        proc = self._local_process(m[1])
+        if proc is not None:
+            proc.deliver(cls(*m[3]))
+
+    def _h_svc(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 3 and type(m[1]) is str, "svc: malformed")
+        service = self._services.get(m[1])
+        handler = getattr(service, "peer_message", None) if service is not None else None
+        if handler is None:
+            return
+        try:
+            handler(peer.id, m[2])
+        except Exception:
+            logger.exception("node %s: service %r: peer_message from %s raised", self.id, m[1], peer.id)
+
+    def _h_monitor(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 4, "monitor: wrong length")
+        _, watcher, ref, to = m
+        _need(type(watcher) is Pid and watcher.node == peer.id and type(ref) is Ref, "monitor: bad watcher or ref")
+        proc = self._local_process(to)
+        if proc is None:
+            peer.conn.send(["down", watcher, ref, "noproc"])  # type: ignore[union-attr]
+            return
+        proc.add_watcher(ref, watcher)
+        peer.in_monitors[ref] = proc.pid
+
+    def _h_demonitor(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 2 and type(m[1]) is Ref, "demonitor: malformed")
+        target = peer.in_monitors.pop(m[1], None)
+        if target is not None:
+            proc = self.runtime.process(target)
+            if proc is not None:
+                proc.remove_watcher(m[1])
+
+    def _deliver_down(self, peer: _Peer, watcher: Any, ref: Any, reason: Any) -> None:
+        _need(type(watcher) is Pid and type(ref) is Ref, "down: bad watcher or ref")
+        if peer.out_monitors.pop(ref, None) is None:
+            return  # demonitored meanwhile (or never asked for): nothing to deliver
+        proc = self.runtime.process(watcher)
+        if proc is not None:
+            proc.deliver_down(ref, proc.monitor_target(ref), reason)
+
+    def _h_down(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 4, "down: wrong length")
+        self._deliver_down(peer, m[1], m[2], m[3])
+
+    def _h_down_exc(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 5 and type(m[3]) is str and type(m[4]) is str, "down_exc: malformed")
+        self._deliver_down(peer, m[1], m[2], RemoteError(m[3], m[4]))
+
+    def _exit_local(self, pid: Any, reason: Any) -> None:
+        _need(type(pid) is Pid, "exit: not a pid")
+        if type(reason) is str and reason == "normal":
+            return  # "normal" from another process is ignored, as in Erlang
+        proc = self.runtime.process(pid)
+        if proc is not None:
+            proc.signal_exit(reason)
+
+    def _h_exit(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 3, "exit: wrong length")
+        self._exit_local(m[1], m[2])
+
+    def _h_exit_exc(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 4 and type(m[2]) is str and type(m[3]) is str, "exit_exc: malformed")
+        self._exit_local(m[1], RemoteError(m[2], m[3]))
+
+    def _h_members(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 2 and type(m[1]) is list, "members: malformed")
+        for node_id in m[1]:
+            if type(node_id) is not str or node_id == self.id or "@" not in node_id:
+                continue
+            try:
+                parse_address(node_id)
+            except ValueError:
+                continue
+            other = self._peers.get(node_id)
+            if other is None:
+                other = self._peer(node_id)
+            elif other.blocked or other.link is not None:
+                continue
+            if not other.member:
+                other.gossip_tries = GOSSIP_ATTEMPTS
+            self._schedule_reconnect(other, now=True)
+
+    def _h_disconnect(self, peer: _Peer, m: list) -> None:
+        peer.blocked = True
+        peer.member = False
+        self._stop_reconnect(peer)
+        self._peer_down(peer, "disconnect")
+
+    def _h_leave(self, peer: _Peer, m: list) -> None:
+        peer.member = False
+        self._stop_reconnect(peer)
+        self._peer_down(peer, "leave")
+
+    def _log_malformed(self, peer_id: str, what: str, term: Any) -> None:
+        """A warning about a bad message from `peer_id`, at most `_LOG_BUDGET` per second."""
+        now = time.monotonic()
+        if now - self._log_window_start >= _LOG_WINDOW:
+            if self._log_suppressed:
+                logger.warning("node %s: %d more malformed messages not logged", self.id, self._log_suppressed)
+            self._log_window_start = now
+            self._log_count = 0
+            self._log_suppressed = 0
+        if self._log_count < _LOG_BUDGET:
+            self._log_count += 1
+            logger.warning("node %s: dropped a malformed message from %s (%s): %.200r", self.id, peer_id, what, term)
+        else:
+            self._log_suppressed += 1
+
+    # -- connection set-up --------------------------------------------------------------
+
+    def _on_connection(self, conn: Connection) -> None:
+        if self._state != _RUNNING:
+            conn.close("node not running")
+            return
+        link = _Link(conn, _L_DIALED if conn.initiated else _L_AWAIT_HELLO)
+        self._links[conn] = link
+        assert self._loop is not None
+        link.timer = self._loop.call_later(self.handshake_timeout, self._setup_timed_out, link)
+
+    def _setup_timed_out(self, link: _Link) -> None:
+        link.timer = None
+        if link.state not in (_L_UP, _L_CLOSED):
+            logger.warning("node %s: %r not confirmed within %g s; closing it", self.id, link, self.handshake_timeout)
+            link.conn.close("node handshake timed out")
+
+    async def _dial(self, address: str, *, explicit: bool, expect: str | None) -> _Link:
+        """Open a connection to `address` and say hello; the verdict comes later."""
+        conn = await self._endpoint.connect(address)
+        link = self._links.get(conn)
+        if link is None or conn.closed:
+            raise ConnectionError(f"connection to {address} closed during set-up: {conn.close_reason}")
+        peer_id = conn.peer_id
+        problem = None
+        if self._state != _RUNNING:
+            problem = f"node {self.id} is not running"
+        elif peer_id == self.id:
+            problem = f"{address} is this node's own id"
+        elif expect is not None and peer_id != expect:
+            problem = f"{address} is node {peer_id}, not {expect}"
+        elif not explicit and self._peer(peer_id).blocked:
+            problem = f"disconnected from {peer_id}"
+        if problem is not None:
+            conn.close(problem)
+            raise ConnectionError(problem)
+        peer = self._peer(peer_id)
+        if explicit:
+            peer.blocked = False
+        link.peer = peer
+        link.address = address
+        link.token = secrets.randbits(62)
+        peer.links.add(link)
+        self._check_incarnation(peer, conn.peer_creation)
+        link.state = _L_HELLO_SENT
+        conn.send(["hello", link.token, explicit])
+        return link
+
+    def _handshake_message(self, conn: Connection, term: Any) -> None:
+        link = self._links.get(conn)
+        if link is None or link.state == _L_CLOSED:
+            return
+        try:
+            _need(type(term) is list and len(term) > 0 and type(term[0]) is str, "not a tagged list")
+            handler = self._handshake_handlers.get(term[0])
+            _need(handler is not None, f"unexpected {term[0]!r:.40} before the connection was confirmed")
+            handler(link, term)  # type: ignore[misc]
+        except _Malformed as exc:
+            logger.warning("node %s: %r: protocol error during set-up: %s", self.id, link, exc)
+            self._refuse(link, "protocol")
+
+    def _decides(self, peer: _Peer) -> bool:
+        """True if this node confirms the connections of the pair (the smaller id does)."""
+        return self.id < peer.id
+
+    def _hs_hello(self, link: _Link, m: list) -> None:
+        _need(link.state == _L_AWAIT_HELLO and len(m) == 3, "unexpected hello")
+        token, explicit = m[1], m[2]
+        _need(type(token) is int and 0 <= token < 2**63 and type(explicit) is bool, "malformed hello")
+        conn = link.conn
+        _need(conn.peer_id != self.id, "a node with this node's own id")
+        peer = self._peer(conn.peer_id)
+        link.peer = peer
+        link.token = token
+        peer.links.add(link)
+        self._check_incarnation(peer, conn.peer_creation)
+        if peer.blocked:
+            if not explicit:
+                self._refuse(link, "disconnected")
+                return
+            peer.blocked = False  # the peer called connect: that lifts our block too
+        if self._decides(peer):
+            self._decide(link)
+        else:
+            link.state = _L_AWAIT_WELCOME
+            conn.send(["ready"])
+
+    def _pending_peer(self, link: _Link, states: tuple[str, ...], decider: bool | None, what: str) -> _Peer:
+        """The peer of a connection being set up, if `what` may arrive on it now."""
+        peer = link.peer
+        if peer is None or link.state not in states or (decider is not None and self._decides(peer) != decider):
+            raise _Malformed(f"unexpected {what} in state {link.state!r}")
+        return peer
+
+    def _hs_ready(self, link: _Link, m: list) -> None:
+        self._pending_peer(link, (_L_HELLO_SENT,), True, "ready")
+        self._decide(link)
+
+    def _hs_welcome(self, link: _Link, m: list) -> None:
+        self._pending_peer(link, (_L_HELLO_SENT, _L_AWAIT_WELCOME), False, "welcome")
+        self._confirm(link)
+
+    def _hs_alive_query(self, link: _Link, m: list) -> None:
+        peer = self._pending_peer(link, (_L_HELLO_SENT, _L_AWAIT_WELCOME), False, "alive?")
+        _need(len(m) == 2 and type(m[1]) is int, "malformed alive?")
+        token = m[1]
+        candidates = [peer.link] if peer.link is not None else []
+        alive = any(
+            other is not link and other.token == token and not other.conn.closed
+            for other in (*candidates, *peer.links)
+        )
+        link.conn.send(["alive", token, alive])
+
+    def _hs_alive(self, link: _Link, m: list) -> None:
+        peer = self._pending_peer(link, (_L_ASKED,), True, "alive")
+        _need(len(m) == 3 and type(m[1]) is int and type(m[2]) is bool, "malformed alive")
+        current = self._live_link(peer)
+        if current is None:
+            self._welcome(link)
+        elif current.token != m[1]:
+            self._decide(link)  # the connection asked about is gone already; ask about the new one
+        elif m[2]:
+            self._refuse(link, "duplicate")
+        else:
+            # The peer lost the old connection before we noticed: it is down for us too.
+            self._peer_down(peer, "connection replaced")
+            self._welcome(link)
+
+    def _hs_reject(self, link: _Link, m: list) -> None:
+        _need(len(m) == 2 and type(m[1]) is str, "malformed reject")
+        reason = m[1][:100]
+        link.refusal = reason
+        peer = link.peer
+        if reason == "disconnected" and peer is not None:
+            peer.blocked = True
+            peer.member = False
+            self._stop_reconnect(peer)
+        link.state = _L_CLOSED
+        link.conn.close(f"refused by the peer: {reason}")
+        if peer is not None:
+            peer.links.discard(link)
+            self._wake(peer)
+
+    def _live_link(self, peer: _Peer) -> _Link | None:
+        """The peer's confirmed connection, after taking down one that closed meanwhile."""
+        current = peer.link
+        if current is not None and current.conn.closed:
+            self._peer_down(peer, current.conn.close_reason or "closed")
+            current = None
+        return current
+
+    def _decide(self, link: _Link) -> None:
+        peer = link.peer
+        assert peer is not None
+        current = self._live_link(peer)
+        if current is None:
+            self._welcome(link)
+        else:
+            link.state = _L_ASKED
+            link.conn.send(["alive?", current.token])
+
+    def _welcome(self, link: _Link) -> None:
+        link.conn.send(["welcome"])
+        self._confirm(link)
+
+    def _refuse(self, link: _Link, reason: str) -> None:
+        link.refusal = reason
+        link.state = _L_CLOSED
+        conn = link.conn
+        if conn.established:
+            conn.send(["reject", reason])
+        conn.close(f"refused: {reason}")
+        peer = link.peer
+        if peer is not None:
+            peer.links.discard(link)
+            self._wake(peer)
+
+    def _check_incarnation(self, peer: _Peer, creation: int) -> None:
+        """A connection from `creation` of `peer`: an older incarnation is gone for good."""
+        if peer.link is not None and peer.creation != creation:
+            self._peer_down(peer, "restarted")
+        for other in list(peer.links):
+            if other.conn.peer_creation != creation:
+                other.conn.close("a newer incarnation of the peer connected")
+
+    def _confirm(self, link: _Link) -> None:
+        """`link` is now the pair's connection: the peer is up."""
+        peer = link.peer
+        assert peer is not None
+        if peer.link is not None and peer.link is not link:
+            self._peer_down(peer, "connection replaced")
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        link.state = _L_UP
+        peer.links.discard(link)
+        conn = link.conn
+        peer.link = link
+        peer.conn = conn
+        peer.creation = conn.peer_creation
+        peer.member = True
+        peer.blocked = False
+        if peer.kick is not None:
+            peer.kick.set()  # a reconnect loop still sleeping ends now
+        self._up[conn] = peer
+        logger.info("node %s: %s is up (creation %d)", self.id, peer.id, peer.creation)
+        conn.send(["members", [other.id for other in self._up.values() if other is not peer]])
+        self._notify_node_monitors(NodeUp(peer.id))
+        self._notify_services("peer_up", peer.id)
+        self._wake(peer)
+
+    def _peer_down(self, peer: _Peer, reason: str) -> None:
+        """The peer's confirmed connection is gone (or going): everything that follows."""
+        link = peer.link
+        if link is None:
+            return
+        conn = link.conn
+        peer.link = None
+        peer.conn = None
+        link.state = _L_CLOSED
+        self._up.pop(conn, None)
+        logger.info("node %s: %s is down (%s)", self.id, peer.id, reason)
+        out_monitors = peer.out_monitors
+        if out_monitors:
+            peer.out_monitors = {}
+            for ref, watcher in out_monitors.items():
+                proc = self.runtime.process(watcher)
+                if proc is not None:
+                    proc.deliver_down(ref, proc.monitor_target(ref), "noconnection")
+        in_monitors = peer.in_monitors
+        if in_monitors:
+            peer.in_monitors = {}
+            for ref, target in in_monitors.items():
+                proc = self.runtime.process(target)
+                if proc is not None:
+                    proc.remove_watcher(ref)
+        if not conn.closed:
+            conn.close(reason)
+        self._notify_services("peer_down", peer.id, reason)
+        self._notify_node_monitors(NodeDown(peer.id, reason))
+        if self._state == _RUNNING and peer.member and not peer.blocked:
+            self._schedule_reconnect(peer)
+        self._wake(peer)
+
+    def _on_close(self, conn: Connection, reason: str) -> None:
+        link = self._links.pop(conn, None)
+        if link is None:
+            return
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        peer = link.peer
+        if peer is None:
+            link.state = _L_CLOSED
+            return
+        peer.links.discard(link)
+        if peer.link is link:
+            self._peer_down(peer, reason)
+        else:
+            link.state = _L_CLOSED
+            self._wake(peer)
+        self._maybe_forget(peer)
+
+    def _notify_node_monitors(self, event: NodeUp | NodeDown) -> None:
+        for pid in list(self._node_monitors):
+            proc = self.runtime.process(pid)
+            if proc is not None:
+                proc.deliver(event)
+
+    # -- peers, reconnects ------------------------------------------------------------
+
+    def _peer(self, node_id: str) -> _Peer:
+        peer = self._peers.get(node_id)
+        if peer is None:
+            peer = self._peers[node_id] = _Peer(node_id)
+        return peer
+
+    def _maybe_forget(self, peer: _Peer) -> None:
+        """Drop the record of a peer that nothing refers to (no unbounded growth)."""
+        if (
+            peer.link is None
+            and not peer.links
+            and not peer.member
+            and not peer.blocked
+            and peer.route is None
+            and not peer.waiters
+            and (peer.reconnect is None or peer.reconnect.done())
+        ):
+            self._peers.pop(peer.id, None)
+
+    def _wake(self, peer: _Peer) -> None:
+        waiters = peer.waiters
+        if waiters:
+            peer.waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _wait_change(self, peer: _Peer, timeout: float) -> None:
+        """Wait until the peer's state changes, or `timeout` seconds (no error)."""
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        peer.waiters.append(waiter)
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _should_dial(self, peer: _Peer) -> bool:
+        return (
+            self._state == _RUNNING
+            and (peer.member or peer.gossip_tries > 0)
+            and not peer.blocked
+            and peer.link is None
+        )
+
+    def _schedule_reconnect(self, peer: _Peer, now: bool = False) -> None:
+        task = peer.reconnect
+        if task is not None and not task.done():
+            if now and peer.kick is not None:
+                peer.kick.set()
+            return
+        peer.kick = asyncio.Event()
+        assert self._loop is not None
+        peer.reconnect = self._loop.create_task(
+            self._reconnect_loop(peer, now), name=f"pgregistry {self.id} reconnect {peer.id}"
+        )
+
+    def _stop_reconnect(self, peer: _Peer) -> None:
+        task = peer.reconnect
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _reconnect_loop(self, peer: _Peer, now: bool) -> None:
+        """Dial `peer` until it is up, with capped exponential backoff and jitter."""
+        delay = self.reconnect_initial
+        kick = peer.kick
+        assert kick is not None
+        attempts = 0
+        while self._should_dial(peer):
+            if not now:
+                with contextlib.suppress(TimeoutError):  # the usual way out: the delay is over
+                    await asyncio.wait_for(kick.wait(), delay * (0.5 + 0.5 * random.random()))
+                kick.clear()
+                delay = min(delay * 2, self.reconnect_max)
+            now = False
+            if not self._should_dial(peer):
+                return
+            if peer.links:
+                # A connection with this peer is being set up already (it dialled us, or a
+                # connect() of ours): let it finish rather than race it.
+                await self._wait_change(peer, self.handshake_timeout)
+                continue
+            attempts += 1
+            if not peer.member:
+                peer.gossip_tries -= 1
+            address = peer.route or peer.id
+            try:
+                link = await self._dial(address, explicit=False, expect=peer.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log = logger.info if attempts == 1 else logger.debug
+                log("node %s: redialling %s at %s failed (attempt %d): %r", self.id, peer.id, address, attempts, exc)
+                continue
+            assert self._loop is not None
+            deadline = self._loop.time() + self.handshake_timeout
+            while link.state not in (_L_UP, _L_CLOSED) and self._loop.time() < deadline:
+                await self._wait_change(peer, deadline - self._loop.time())
+
+
+# --------------------------------------------------------------------------- benchmark
+
+async def _bench_pong() -> None:
+    """Answer ``(reply_to, t_sent)`` with ``(t_sent, t_received)`` (perf_counter_ns)."""
+    while True:
+        reply_to, t_sent = await receive()
+        send(reply_to, (t_sent, time.perf_counter_ns()))
+
+
+async def _bench_sink() -> None:
+    """Count messages; answer ``("count", reply_to, n)`` once n have arrived."""
+    seen = 0
+    while True:
+        msg = await receive()
+        if type(msg) is tuple and msg[0] == "count":
+            _, reply_to, expected = msg
+            while seen < expected:
+                await receive()
+                seen += 1
+            send(reply_to, seen)
+            seen = 0
+        else:
+            seen += 1
+
+
+class _BenchEcho(Server):
+    async def handle_call(self, request: Any, caller: Pid) -> Any:
+        return current_process().pid if request == "whoami" else request
+
+
+async def _bench_serve(cookie: str) -> None:
+    """The remote node of the benchmark (run in a child process): echo, pong and sink."""
+    done = asyncio.Event()
+
+    class StdinClosed(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            done.set()
+
+    await asyncio.get_running_loop().connect_read_pipe(StdinClosed, os.fdopen(0, "rb", buffering=0))
+    async with Node("bench-b", cookie=cookie) as node:
+        await _BenchEcho.start(node, name="echo")
+        node.register_name("pong", node.spawn(_bench_pong))
+        node.register_name("sink", node.spawn(_bench_sink))
+        print(f"READY {node.id}", flush=True)
+        await done.wait()
+
+
+def _percentiles(samples_ns: list[int]) -> str:
+    samples_ns.sort()
+    n = len(samples_ns)
+    p50, p99, mean = samples_ns[n // 2] / 1e3, samples_ns[n * 99 // 100] / 1e3, sum(samples_ns) / n / 1e3
+    return f"p50 {p50:6.1f} us  p99 {p99:6.1f} us  mean {mean:6.1f} us"
+
+
+async def _bench_run(peer: str, cookie: str, rounds: int, stream: int) -> None:
+    """Call, send and stream figures against the node `peer` (another OS process)."""
+    clock = time.perf_counter_ns
+    async with Node("bench-a", cookie=cookie) as node:
+        await node.connect(peer)
+        me = current_process().pid
+        echo = await call(("echo", peer), "whoami")
+        for i in range(2000):
+            await call(echo, i)
+        samples: list[int] = []
+        for i in range(rounds):
+            start = clock()
+            await call(echo, i)
+            samples.append(clock() - start)
+        print(f"  call to a Server there, by pid ({rounds}):     {_percentiles(samples)}")
+        samples = []
+        for i in range(rounds // 4):
+            start = clock()
+            await call(("echo", peer), i)
+            samples.append(clock() - start)
+        print(f"  call by (name, node) ({rounds // 4}):            {_percentiles(samples)}")
+        pong = ("pong", peer)
+        for _ in range(1000):
+            send(pong, (me, clock()))
+            await receive()
+        one_way: list[int] = []
+        samples = []
+        for _ in range(rounds):
+            t_sent = clock()
+            send(pong, (me, t_sent))
+            _, t_received = await receive()
+            one_way.append(t_received - t_sent)
+            samples.append(clock() - t_sent)
+        print(f"  send, one way (same-host monotonic clock):  {_percentiles(one_way)}")
+        print(f"  send, then a send back (round trip):        {_percentiles(samples)}")
+        sink = ("sink", peer)
+        conn = node._peers[peer].conn
+        assert conn is not None
+        start_bytes = conn.bytes_sent
+        start_time = time.perf_counter()
+        batch = 1000
+        for i in range(0, stream, batch):
+            for j in range(i, i + batch):
+                send(sink, ("job", j))
+            await conn.drain()
+        send(sink, ("count", me, stream))
+        assert await receive(60) == stream
+        elapsed = time.perf_counter() - start_time
+        print(
+            f"  {stream} sends, received and counted there:  {stream / elapsed:,.0f} messages/s, "
+            f"{(conn.bytes_sent - start_bytes) / stream:.0f} bytes each on the wire"
+        )
+
+
+def _bench() -> None:
+    import subprocess
+    import sys
+
+    if "--serve" in sys.argv:
+        cookie = sys.argv[sys.argv.index("--serve") + 1]
+        serve_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+        if "--uvloop" in sys.argv:
+            import uvloop
+
+            serve_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=serve_factory) as runner:
+            runner.run(_bench_serve(cookie))
+        return
+    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
+    try:
+        import uvloop
+    except ImportError:
+        print("(uvloop not installed: standard loop only)")
+    else:
+        factories.append(("uvloop", uvloop.new_event_loop))
+    if "--uvloop" in sys.argv[1:]:
+        factories = factories[1:]
+    elif "--asyncio" in sys.argv[1:]:
+        factories = factories[:1]
+    rounds, stream = 20_000, 200_000
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    for name, factory in factories:
+        cookie = secrets.token_urlsafe(16)
+        # Not "-m pgregistry.node": the package imports this module first, and runpy would
+        # then run a second copy of it.
+        args = [sys.executable, "-c", "from pgregistry.node import _bench; _bench()", "--serve", cookie]
+        if name == "uvloop":
+            args.append("--uvloop")
+        child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline().decode().split()
+            if len(line) != 2 or line[0] != "READY":
+                raise RuntimeError(f"the benchmark's remote node did not start: {line!r}")
+            print(f"{name} loop (both nodes), two nodes in two OS processes on loopback:")
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(_bench_run(line[1], cookie, rounds, stream))
+        finally:
+            child.kill()
+            child.wait()
+
+
+if __name__ == "__main__":
+    _bench()

@@ -8,10 +8,12 @@ The model, in brief:
   the per-node process table, and runs on that node's event loop.
 * The calling process is found from the running task (`current_process`), never from a
   context variable, so a plain task created by a process is *not* that process.
-* Messages are any Python objects. Local delivery appends to the mailbox and wakes the
-  waiter; `receive` pops in arrival order. A message to a pid of another node goes to the
-  runtime's ``router`` (installed by the node layer); with no router it is dropped. Two
-  runtimes in one event loop never deliver to each other directly.
+* Messages to local processes are any Python objects. Local delivery appends to the
+  mailbox and wakes the waiter; `receive` pops in arrival order. A message to a pid of
+  another node goes to the runtime's ``router`` (installed by the node layer, see
+  `Router`), which carries it as a term (a non-term raises `TypeError` at the ``send``);
+  with no router it is dropped. Two runtimes in one event loop never deliver to each
+  other directly.
 * A process **exits** once: its function returns (reason ``"normal"``), raises (the
   exception object, logged with its traceback), its task is cancelled (``"killed"``), or
   it gets an exit signal `exit(pid, reason)`. On exit, in this order: the process leaves
@@ -120,9 +122,23 @@ class Router(Protocol):
     """What the node layer installs as `Runtime.router` to reach other nodes.
 
     ``dest`` of `send_remote` is a pid of another node or a ``(name, node_id)`` tuple;
-    ``pid`` of `monitor_remote` likewise. A ``Down`` for a monitor held by a process of
-    another node is handed to `send_remote` as ``Down(ref, pid, reason)`` addressed to
-    the watcher; the receiving node must deliver it with `Process.deliver_down`.
+    ``pid`` of `monitor_remote` and `demonitor_remote` likewise.
+
+    * `send_remote` raises `TypeError` for a message that cannot cross the network (not a
+      term), whether or not the node is connected; otherwise it never raises.
+    * `monitor_remote` is called after the monitor was recorded in the watcher (so
+      `Process.monitor_target` knows it); the router later calls
+      ``Process.deliver_down(ref, target, reason)`` on the watcher, at once if the node is
+      not reachable (``"noconnection"``).
+    * `down_remote` reports the exit of a local process to a watcher on another node
+      (the remote half of a monitor set up by the peer); it is called from inside an
+      exit and must not raise.
+    * `demonitor_remote` and `exit_remote` must not raise either.
+    * `call_remote` starts a call (`pgregistry.server.call`) to `dest` on another node
+      in one step: it records the monitor `ref` in `caller` (`Process.add_monitor`) and
+      sends ``Call(ref, caller.pid, request)``; the remote node monitors `dest` for the
+      caller. A `Down` (``"noconnection"``, ``"noproc"``) is delivered as for
+      `monitor_remote`; `TypeError` if `request` is not a term.
     """
 
     def send_remote(self, dest: Any, msg: Any) -> None: ...
@@ -132,6 +148,10 @@ class Router(Protocol):
     def demonitor_remote(self, ref: Ref, pid: Any) -> None: ...
 
     def exit_remote(self, pid: Pid, reason: Any) -> None: ...
+
+    def down_remote(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None: ...
+
+    def call_remote(self, caller: "Process", ref: Ref, dest: Any, request: Any) -> None: ...
 
 
 class NamingService(Protocol):
@@ -386,6 +406,43 @@ class Process:
         pending = self._pending
         if pending:
             pending.pop(ref, None)
+
+    # -- monitors (for the node layer) ------------------------------------------------
+
+    def add_monitor(self, ref: Ref, target: Any) -> None:
+        """Record that this process monitors `target` under `ref` (its ``Down`` is expected).
+
+        Only the watcher's half: the caller arranges for the target's side to report.
+        """
+        monitors = self._monitors
+        if monitors is None:
+            monitors = self._monitors = {}
+        monitors[ref] = target
+
+    def monitor_target(self, ref: Ref) -> Any:
+        """What this process monitors under `ref` (a pid or ``(name, node_id)``), or None."""
+        monitors = self._monitors
+        return None if monitors is None else monitors.get(ref)
+
+    def add_watcher(self, ref: Ref, watcher: Pid) -> None:
+        """Record that `watcher` (usually a process of another node) monitors this process.
+
+        When this process exits, ``Runtime._notify_down`` tells the watcher (through the
+        router for a remote one). Raises `NoProcess` if the process has already exited.
+        """
+        if not self.alive:
+            raise NoProcess(f"{self.pid!r} has exited ({self.exit_reason!r})")
+        watchers = self._monitored_by
+        if watchers is None:
+            watchers = self._monitored_by = {}
+        watchers[ref] = watcher
+
+    def remove_watcher(self, ref: Ref) -> bool:
+        """Forget the monitor `ref` on this process; True if it was recorded."""
+        watchers = self._monitored_by
+        if not watchers:
+            return False
+        return watchers.pop(ref, None) is not None
 
     # -- exit hooks -----------------------------------------------------------------
 
@@ -646,6 +703,12 @@ class Runtime:
         """True if `pid` names a process of this node and incarnation (alive or not)."""
         return pid.node == self._node_id and pid.creation == self._creation
 
+    def is_remote(self, dest: Any) -> bool:
+        """True if `dest` (a pid or a ``(name, node_id)`` tuple) lives on another node."""
+        if type(dest) is Pid:
+            return dest.node != self._node_id
+        return dest[1] != self._node_id
+
     def _is_remote(self, dest: Any) -> bool:
         """True if `dest` (a pid or a ``(name, node_id)`` tuple) lives on another node."""
         if type(dest) is Pid:
@@ -904,7 +967,7 @@ class Runtime:
         if proc is not None:
             proc.deliver_down(ref, pid, reason)
         elif self.router is not None and watcher.node != self._node_id:
-            self.router.send_remote(watcher, Down(ref, pid, reason))
+            self.router.down_remote(watcher, ref, pid, reason)
 
 
 # -- the calling process ------------------------------------------------------------

@@ -19,6 +19,8 @@ How a server stops, and whether ``terminate(reason)`` runs first:
 Call protocol: the caller monitors the destination and sends ``Call(ref, caller, request)``
 with the monitor's ref; the reply or the monitor's ``Down`` resolves a future in the
 caller (see `pgregistry.process.Process.expect_reply`), so neither enters its mailbox.
+To another node, the monitor and the call travel as one message
+(`pgregistry.process.Router.call_remote`).
 """
 
 from __future__ import annotations
@@ -217,11 +219,16 @@ async def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
     fut = proc.expect_reply(ref)
     timer: asyncio.TimerHandle | None = None
     try:
-        runtime.monitor(proc, target, ref)
-        if not fut.done():
-            runtime.send(target, Call(ref, proc.pid, request))
-            if timeout is not None:
-                timer = asyncio.get_running_loop().call_later(timeout, _time_out, fut, dest, timeout)
+        router = runtime.router
+        if router is not None and runtime.is_remote(target):
+            # One message does both the monitor and the call (see Router.call_remote).
+            router.call_remote(proc, ref, target, request)
+        else:
+            runtime.monitor(proc, target, ref)
+            if not fut.done():
+                runtime.send(target, Call(ref, proc.pid, request))
+        if timeout is not None and not fut.done():
+            timer = asyncio.get_running_loop().call_later(timeout, _time_out, fut, dest, timeout)
         return await fut
     finally:
         if timer is not None:

@@ -66,8 +66,9 @@ def test_constructor_validates_every_argument(kwargs: dict[str, Any], error: typ
 
 
 def test_constructor_accepts_good_arguments() -> None:
-    context = ssl.create_default_context()
-    node = Node("n1", host="::1", port=4000, cookie="c", ssl=context, tick_interval=0.2, down_after=1)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.create_default_context()
+    node = Node("n1", host="::1", port=4000, cookie="c", ssl=server, client_ssl=client, tick_interval=0.2, down_after=1)
     assert node.id == "n1@::1:4000"
     assert Node("a").id == "a@127.0.0.1:0"
     assert node.peers() == []
@@ -130,7 +131,9 @@ async def test_each_incarnation_gets_new_pids() -> None:
     async with Node("a") as first:
         old = self_pid()
         assert old.creation == first.runtime.creation != 0
-    async with Node("a") as second:
+    # The same id (name and port) again: only the creation tells the incarnations apart.
+    async with Node("a", port=first.port) as second:
+        assert second.id == first.id
         new = self_pid()
         assert new != old
         send(old, "to the old incarnation")  # dropped, not delivered to `new`
