@@ -81,7 +81,10 @@ On a confirmed connection (FIFO; every kind shares the one connection of the pai
     ["exit", pid, reason]             exit signal (``"kill"``, any term)
     ["exit_exc", pid, type_name, message]   exit signal with an exception reason
     ["svc", name, payload]            ``peer_message(peer_id, payload)`` of the service
-                                      attached under name (dropped if there is none)
+                                      attached under name; if there is none, the payload
+                                      is dropped and ``nosvc`` answers
+    ["nosvc", name]                   no service `name` runs on the sender: calls
+                                      ``peer_absent(peer_id)`` of the local service name
     ["disconnect"]                    the sender called `Node.disconnect`: both block
     ["leave"]                         the sender is stopping: forget it (no reconnects)
 
@@ -398,6 +401,7 @@ class Node:
             "reply": self._h_reply,
             "cast": self._h_cast,
             "svc": self._h_svc,
+            "nosvc": self._h_nosvc,
             "send_t": self._h_send_t,
             "monitor": self._h_monitor,
             "demonitor": self._h_demonitor,
@@ -755,11 +759,12 @@ class Node:
     def attach_service(self, name: str, service: Any) -> None:
         """Attach `service` (e.g. a registry scope) under `name`; closed when the node stops.
 
-        The service may define ``peer_up(peer_id)``, ``peer_down(peer_id, reason)`` and
-        ``peer_message(peer_id, payload)``, called on the loop thread (exceptions are
-        logged) when a peer connection is confirmed or lost after the attach (a service
-        attached while peers are connected reads `peers` for those), and for each
-        `send_service` message a peer addressed to `name`. `AlreadyStarted` (``.pid``
+        The service may define ``peer_up(peer_id)``, ``peer_down(peer_id, reason)``,
+        ``peer_message(peer_id, payload)`` and ``peer_absent(peer_id)``, called on the
+        loop thread (exceptions are logged) when a peer connection is confirmed or lost
+        after the attach (a service attached while peers are connected reads `peers` for
+        those), for each `send_service` message a peer addressed to `name`, and when a
+        peer answers such a message with "no service of that name runs here". `AlreadyStarted` (``.pid``
         the attached service) if `name` is taken; `RuntimeError` off the loop thread or
         when the node is not running.
         """
@@ -1056,11 +1061,25 @@ class Node:
         service = self._services.get(m[1])
         handler = getattr(service, "peer_message", None) if service is not None else None
         if handler is None:
+            # Tell the sender, so a service waiting to learn who runs it (a scope's
+            # discovery) need not wait for an answer that will never come.
+            peer.conn.send(["nosvc", m[1]])
             return
         try:
             handler(peer.id, m[2])
         except Exception:
             logger.exception("node %s: service %r: peer_message from %s raised", self.id, m[1], peer.id)
+
+    def _h_nosvc(self, peer: _Peer, m: list) -> None:
+        _need(len(m) == 2 and type(m[1]) is str, "nosvc: malformed")
+        service = self._services.get(m[1])
+        handler = getattr(service, "peer_absent", None) if service is not None else None
+        if handler is None:
+            return
+        try:
+            handler(peer.id)
+        except Exception:
+            logger.exception("node %s: service %r: peer_absent from %s raised", self.id, m[1], peer.id)
 
     def _h_monitor(self, peer: _Peer, m: list) -> None:
         _need(len(m) == 4, "monitor: wrong length")

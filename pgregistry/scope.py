@@ -48,6 +48,10 @@ lists of terms:
 ``["bye"]``
     The sender's scope stops: drop its rows as if its node was lost.
 
+A node that does not run the scope answers ``discover`` at the node level ("no such
+service", `peer_absent`), so a scope knows when discovery of every connected node is
+settled; `sync` waits for that before its barrier.
+
 Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
 are ignored; so are malformed messages, and rows whose pid does not belong to the
 sending node (a peer only ever speaks for its own processes). When a peer is lost
@@ -132,13 +136,30 @@ class ScopeServer:
         self._flush_scheduled = False
         self._next_ping: Callable[[], int] = itertools.count(1).__next__
         self._barriers: dict[int, tuple[set[str], asyncio.Future[None]]] = {}
+        # Nodes sent a ``discover`` that have not yet answered (a sync, a discover, or
+        # "not running this scope"), and the `sync` calls waiting for them to answer.
+        self._discovering: set[str] = set()
+        self._discovery_waiters: list[asyncio.Future[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Announce the scope to every connected node (after `Node.attach_service`)."""
         for peer in self.node.peers():
-            self._send(peer, ["discover"])
+            self._discover(peer)
+
+    def _discover(self, peer: str) -> None:
+        self._discovering.add(peer)
+        self._send(peer, ["discover"])
+
+    def _discovered(self, peer: str) -> None:
+        """`peer` answered our discover, one way or another (or is gone)."""
+        self._discovering.discard(peer)
+        if not self._discovering and self._discovery_waiters:
+            for waiter in self._discovery_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._discovery_waiters.clear()
 
     def close(self) -> None:
         """Stop serving: tell peers, forget every row, subscription and meta."""
@@ -159,6 +180,11 @@ class ScopeServer:
         self._subs_of_pid.clear()
         self._peers.clear()
         self._outbox.clear()
+        self._discovering.clear()
+        for waiter in self._discovery_waiters:
+            if not waiter.done():
+                waiter.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
+        self._discovery_waiters.clear()
         for _waiting, future in self._barriers.values():
             if not future.done():
                 future.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
@@ -357,9 +383,7 @@ class ScopeServer:
             return
         message = ["ops", self._outbox]
         self._outbox = []
-        send = self.node.send_service
-        for peer in self._peers:
-            send(peer, self.name, message)
+        self.node.broadcast_service(self.name, message, self._peers)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:
@@ -384,11 +408,16 @@ class ScopeServer:
     def peer_up(self, peer: str) -> None:
         """A node connection came up: ask whether it runs this scope."""
         if not self.closed:
-            self._send(peer, ["discover"])
+            self._discover(peer)
 
     def peer_down(self, peer: str, reason: str) -> None:
         """A node connection was lost: its processes' rows leave."""
+        self._discovered(peer)
         self._forget_peer(peer)
+
+    def peer_absent(self, peer: str) -> None:
+        """`peer`'s node does not run this scope (answer to a message we sent it)."""
+        self._discovered(peer)
 
     def peer_message(self, peer: str, payload: Any) -> None:
         """Apply one message of the peer protocol; malformed input is logged and dropped."""
@@ -403,6 +432,8 @@ class ScopeServer:
         if type(payload) is not list or not payload or type(payload[0]) is not str:
             raise _Malformed(f"not a tagged list: {payload!r:.80}")
         kind = payload[0]
+        if kind == "discover" or kind == "sync":
+            self._discovered(peer)
         if kind == "discover":
             self._send(peer, ["sync", self._local_rows()])
             if peer not in self._peers:
@@ -573,6 +604,14 @@ class ScopeServer:
         """
         if self.closed:
             raise RuntimeError(f"registry {self.name!r} is stopped")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._discovering:
+            # A node just connected may run this scope without having said so yet;
+            # wait until every connected node has answered our discover.
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._discovery_waiters.append(waiter)
+            await asyncio.wait_for(waiter, timeout)
         peers = set(self._peers)
         if not peers:
             return
@@ -582,7 +621,7 @@ class ScopeServer:
         try:
             for peer in list(peers):
                 self._send(peer, ["ping", n])
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
         finally:
             self._barriers.pop(n, None)
 
