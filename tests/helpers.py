@@ -13,8 +13,7 @@ from typing import Any, AsyncIterator, Callable
 
 from pgregistry.events import Down
 from pgregistry.node import Node
-from pgregistry.process import current_process, receive, send
-from pgregistry.process import exit as exit_process
+from pgregistry.process import current_process, receive
 from pgregistry.registry import Registry
 from pgregistry.terms import Pid
 
@@ -30,7 +29,7 @@ async def started_registry(keys: str = "duplicate", name: str = "reg",
         yield node, reg
 
 
-async def _agent_loop() -> None:
+async def _agent_loop(inbox: list[Any] | None = None) -> None:
     while True:
         msg = await receive()
         if msg == "stop":
@@ -43,10 +42,40 @@ async def _agent_loop() -> None:
                 result.set_exception(exc)
         elif isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "raise":
             raise msg[1]
+        elif inbox is not None:
+            inbox.append(msg)
 
 
-def spawn_agent(node: Node) -> Pid:
-    return node.spawn(_agent_loop)
+# Which node each agent runs on: `run_as` hands work to an agent directly, in-process, so
+# that a test can drive processes of several nodes (the registry traffic under test
+# still goes over the nodes' connections).
+_agent_nodes: dict[Pid, Node] = {}
+
+
+def spawn_agent(node: Node, inbox: list[Any] | None = None) -> Pid:
+    """A process of `node` that runs what `run_as` sends it; other messages go to `inbox`."""
+    pid = node.spawn(_agent_loop, inbox)
+    _agent_nodes[pid] = node
+    return pid
+
+
+def _agent_process(agent: Pid) -> Any:
+    """The live process of an agent (or of any process of the caller's node)."""
+    node = _agent_nodes.get(agent)
+    runtime = node.runtime if node is not None else current_process().runtime
+    process = runtime.process(agent)
+    assert process is not None and process.task is not None, f"{agent!r} is not a live local process"
+    return process
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; `AssertionError` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        await asyncio.sleep(0.005)
 
 
 async def run_as(agent: Pid, fn: Callable[[], Any]) -> Any:
@@ -56,7 +85,7 @@ async def run_as(agent: Pid, fn: Callable[[], Any]) -> Any:
     registry sends the caller meanwhile stays there, in order, for the test to check.
     """
     result: asyncio.Future = asyncio.get_running_loop().create_future()
-    send(agent, ("run", fn, result))
+    _agent_process(agent).deliver(("run", fn, result))
     return await asyncio.wait_for(result, RECEIVE_TIMEOUT)
 
 
@@ -67,12 +96,11 @@ async def stop_agent(agent: Pid, how: str = "stop") -> Any:
 
     Returns once the exit is complete: the registry has removed the agent's entries.
     """
-    process = current_process().runtime.process(agent)
-    assert process is not None and process.task is not None, f"{agent!r} is not a live local agent"
+    process = _agent_process(agent)
     if how == "kill":
-        exit_process(agent, "kill")
+        process.runtime.exit(agent, "kill")
     else:
-        send(agent, ("raise", RuntimeError("agent crashed on purpose")) if how == "crash" else "stop")
+        process.deliver(("raise", RuntimeError("agent crashed on purpose")) if how == "crash" else "stop")
     await asyncio.wait({process.task}, timeout=RECEIVE_TIMEOUT)
     assert not process.alive, f"{agent!r} did not stop in time"
     return process.exit_reason

@@ -1,0 +1,221 @@
+"""Registries across nodes: several nodes in one event loop, talking over loopback TCP.
+
+Covers the scope peer protocol end to end: replication of joins, leaves and updates,
+remote events for subscribers and listeners, process exits, a scope or node going away,
+a link cut and restored (through a real proxy), per-node unique keys, the `sync`
+barrier, and malformed peer messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+import pytest
+
+from pgregistry.errors import NoProcess
+from pgregistry.events import Join, Leave, Registered, Unregistered, Update
+from pgregistry.node import Node
+from pgregistry.registry import Registry
+from pgregistry.server import call
+from pgregistry.testing import LinkProxy
+
+from .helpers import eventually, run_as, spawn_agent, stop_agent
+
+COOKIE = "cluster-registry-tests"
+FAST = {"tick_interval": 0.05, "down_after": 0.3}
+
+
+@contextlib.asynccontextmanager
+async def cluster(count: int, keys: str = "duplicate", listeners: tuple[str, ...] = (),
+                  **node_options: Any) -> AsyncIterator[list[tuple[Node, Registry]]]:
+    """`count` connected nodes, each running registry "r"."""
+    async with contextlib.AsyncExitStack() as stack:
+        members = []
+        for i in range(count):
+            node = await stack.enter_async_context(Node(f"n{i}", cookie=COOKIE, **node_options))
+            members.append((node, await Registry.start(node, "r", keys=keys, listeners=listeners)))
+        for node, _reg in members[1:]:
+            await node.connect(members[0][0].id)
+        for node, _reg in members:
+            await eventually(lambda node=node: len(node.peers()) == count - 1, what="full mesh")
+        for _node, reg in members:
+            await reg.sync()
+        yield members
+
+
+def view(reg: Registry) -> dict[Any, list]:
+    return {key: sorted(map(repr, reg.lookup(key))) for key in reg.which_groups()}
+
+
+async def test_joins_leaves_and_updates_replicate_in_order() -> None:
+    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: [ra.register("k", i) for i in range(3)])
+        await ra.sync()
+        assert rb.lookup("k") == rc.lookup("k") == [(worker, 0), (worker, 1), (worker, 2)]
+        await run_as(worker, lambda: ra.unregister("k"))
+        await run_as(worker, lambda: ra.register("other", "x"))
+        await ra.sync()
+        assert rb.lookup("k") == [(worker, 0), (worker, 1)]
+        assert rc.lookup("other") == [(worker, "x")]
+        other = spawn_agent(b)
+        await run_as(other, lambda: rb.register("k", "b"))
+        await rb.sync()
+        await run_as(worker, lambda: ra.update_value("k", "new"))
+        await ra.sync()
+        # updated entries move to the end of the key's order, on peers too
+        assert rb.lookup("k") == [(other, "b"), (worker, "new"), (worker, "new")]
+        assert rc.lookup("k") == [(other, "b"), (worker, "new"), (worker, "new")]
+        assert ra.count() == rb.count() == rc.count() == 4
+        assert rb.lookup_local("k") == [(other, "b")]
+
+
+async def test_remote_changes_reach_subscribers_and_listeners() -> None:
+    async with cluster(2, listeners=("audit",)) as [(a, ra), (b, rb)]:
+        inbox: list[Any] = []
+        watcher = spawn_agent(b, inbox)
+        b.register_name("audit", watcher)
+        ref, snapshot = await run_as(watcher, rb.monitor_scope)
+        assert snapshot == {}
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: (ra.register("k", 1), ra.register("j", 2)))
+        await run_as(worker, lambda: ra.update_value("k", 5))
+        await run_as(worker, lambda: ra.unregister("j"))
+        await ra.sync()
+        await eventually(lambda: len(inbox) == 7, what="seven messages on b")
+        assert inbox == [
+            Join(ref, "k", [(worker, 1)]), Registered("r", "k", worker, 1),
+            Join(ref, "j", [(worker, 2)]), Registered("r", "j", worker, 2),
+            Update(ref, "k", [(worker, 1, 5)]),
+            Leave(ref, "j", [(worker, 2)]), Unregistered("r", "j", worker),
+        ]
+
+
+async def test_process_exit_removes_its_entries_everywhere() -> None:
+    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+        inbox: list[Any] = []
+        watcher = spawn_agent(c, inbox)
+        ref, _snapshot = await run_as(watcher, rc.monitor_scope)
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: [ra.register(k, v) for k, v in (("x", 1), ("y", 2), ("x", 3))])
+        await ra.sync()
+        assert rb.count() == rc.count() == 3
+        await stop_agent(worker, "crash")
+        await ra.sync()
+        assert rb.count() == rc.count() == 0
+        leaves = [e for e in inbox if isinstance(e, Leave)]
+        assert leaves == [Leave(ref, "x", [(worker, 1), (worker, 3)]), Leave(ref, "y", [(worker, 2)])]
+
+
+async def test_stopped_scope_and_stopped_node_take_their_entries_away() -> None:
+    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+        inbox: list[Any] = []
+        watcher = spawn_agent(a, inbox)
+        ref, _snapshot = await run_as(watcher, ra.monitor_scope)
+        wb, wc = spawn_agent(b), spawn_agent(c)
+        await run_as(wb, lambda: rb.register("k", "b"))
+        await run_as(wc, lambda: rc.register("k", "c"))
+        await rb.sync()
+        await rc.sync()
+        assert sorted(map(repr, ra.lookup("k"))) == sorted(map(repr, [(wb, "b"), (wc, "c")]))
+        await rb.stop()  # the scope stops: peers drop its entries ("bye")
+        await eventually(lambda: ra.lookup("k") == [(wc, "c")], what="b's entries gone from a")
+        await c.stop()  # the whole node stops
+        await eventually(lambda: ra.lookup("k") == [], what="c's entries gone from a")
+        leaves = [e for e in inbox if isinstance(e, Leave)]
+        assert leaves == [Leave(ref, "k", [(wb, "b")]), Leave(ref, "k", [(wc, "c")])]
+        assert rc.count() == 0  # a stopped node's scope is closed and empty
+
+
+async def test_scope_started_after_connecting_catches_up() -> None:
+    async with Node("a", cookie=COOKIE) as a, Node("b", cookie=COOKIE) as b:
+        ra = await Registry.start(a, "r")
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: [ra.register(i, i) for i in range(100)])
+        await b.connect(a.id)
+        await ra.sync()  # b runs no scope "r" yet: a learns that and does not wait
+        rb = await Registry.start(b, "r")
+        await rb.sync()
+        assert rb.count() == 100 and rb.lookup(42) == [(worker, 42)]
+        mine = spawn_agent(b)
+        await run_as(mine, lambda: rb.register("from-b", 1))
+        await rb.sync()
+        assert ra.lookup("from-b") == [(mine, 1)]
+
+
+async def test_cut_link_purges_and_restore_rejoins_with_events() -> None:
+    async with Node("a", cookie=COOKIE, **FAST) as a, Node("b", cookie=COOKIE, **FAST) as b:
+        ra = await Registry.start(a, "r")
+        rb = await Registry.start(b, "r")
+        async with LinkProxy(b.id.split("@", 1)[1]) as to_b, LinkProxy(a.id.split("@", 1)[1]) as to_a:
+            a.add_route(b.id, to_b.address)
+            b.add_route(a.id, to_a.address)
+            inbox: list[Any] = []
+            watcher = spawn_agent(a, inbox)
+            ref, _snapshot = await run_as(watcher, ra.monitor_scope)
+            worker = spawn_agent(b)
+            await run_as(worker, lambda: rb.register("k", "v1"))
+            await a.connect(b.id)
+            await eventually(lambda: ra.lookup("k") == [(worker, "v1")], what="replicated")
+            to_b.cut()
+            to_a.cut()
+            await eventually(lambda: ra.lookup("k") == [], what="purged after the cut")
+            await run_as(worker, lambda: rb.update_value("k", "v2"))  # changed during the split
+            to_b.restore()
+            to_a.restore()
+            await eventually(lambda: ra.lookup("k") == [(worker, "v2")], timeout=10, what="rejoined")
+            events = [e for e in inbox if isinstance(e, (Join, Leave, Update))]
+            assert events == [Join(ref, "k", [(worker, "v1")]), Leave(ref, "k", [(worker, "v1")]),
+                              Join(ref, "k", [(worker, "v2")])]
+
+
+async def test_unique_keys_are_unique_per_node_and_via_resolves_locally() -> None:
+    async with cluster(2, keys="unique") as [(a, ra), (b, rb)]:
+        wa, wb = spawn_agent(a), spawn_agent(b)
+        await run_as(wa, lambda: ra.register("leader", "a"))
+        await run_as(wb, lambda: rb.register("leader", "b"))  # another node: allowed
+        await ra.sync()
+        await rb.sync()
+        assert sorted(map(repr, ra.lookup("leader"))) == sorted(map(repr, [(wa, "a"), (wb, "b")]))
+        assert ra.whereis_name("leader") == wa and rb.whereis_name("leader") == wb
+        await run_as(wa, lambda: ra.unregister("leader"))
+        await ra.sync()
+        assert ra.whereis_name("leader") is None  # b's holder does not count on a
+        assert rb.lookup("leader") == [(wb, "b")]
+        with pytest.raises(NoProcess):  # b holds "leader", but via names resolve on a only
+            await call(ra.via("leader"), "ping")
+
+
+async def test_sync_is_a_barrier_for_every_connected_scope() -> None:
+    async with cluster(3) as members:
+        (a, ra) = members[0]
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: [ra.register(("k", i), i) for i in range(2000)])
+        await ra.sync()
+        for _node, reg in members[1:]:
+            assert reg.count() == 2000
+        assert view(members[1][1]) == view(ra)
+
+
+async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving() -> None:
+    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+        wc = spawn_agent(c)
+        await run_as(wc, lambda: rc.register("k", "c"))
+        await rc.sync()
+        before = view(ra)
+        foreign_pid = wc  # a pid of c, forged by b below
+        for payload in (
+            "not a list", [], [1, 2], ["nonsense"], ["sync"], ["sync", "x"], ["sync", [["pid", []]]],
+            ["ops", "x"], ["ops", [["j", "k"]]], ["ops", [["l", [["k"]]]]], ["ops", [["u", [1], foreign_pid, 1]]],
+            ["ops", [["j", "k", foreign_pid, "forged", 1]]],  # b may not speak for c's processes
+            ["sync", [[foreign_pid, [["k", "forged", 9]]]]],
+            ["ping"], ["pong", "x"],
+        ):
+            assert b.send_service(a.id, "r", payload)
+        await rb.sync()
+        assert view(ra) == before
+        wb = spawn_agent(b)
+        await run_as(wb, lambda: rb.register("still", "works"))
+        await rb.sync()
+        assert ra.lookup("still") == [(wb, "works")]
