@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from typing import Any, AsyncIterator, Callable
 
 from pgregistry.events import Down
@@ -37,7 +38,10 @@ async def _agent_loop(inbox: list[Any] | None = None) -> None:
         if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "run":
             _tag, fn, result = msg
             try:
-                result.set_result(fn())
+                value = fn()
+                if inspect.isawaitable(value):  # a coroutine runs as the agent, too
+                    value = await value
+                result.set_result(value)
             except Exception as exc:  # handed back to the test, which re-raises it
                 result.set_exception(exc)
         elif isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "raise":
@@ -80,6 +84,8 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: 
 
 async def run_as(agent: Pid, fn: Callable[[], Any]) -> Any:
     """Run `fn` inside the agent process; return its result or raise its exception.
+
+    If `fn` returns an awaitable, the agent awaits it (as itself) and returns that result.
 
     The result comes back through a future, not the caller's mailbox, so whatever the
     registry sends the caller meanwhile stays there, in order, for the test to check.

@@ -17,7 +17,7 @@ from pgregistry.errors import NoProcess
 from pgregistry.events import Join, Leave, Registered, Unregistered, Update
 from pgregistry.node import Node
 from pgregistry.registry import Registry
-from pgregistry.server import call
+from pgregistry.server import Server, call
 from pgregistry.testing import LinkProxy
 
 from .helpers import eventually, run_as, spawn_agent, stop_agent
@@ -219,3 +219,19 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
         await run_as(wb, lambda: rb.register("still", "works"))
         await rb.sync()
         assert ra.lookup("still") == [(wb, "works")]
+
+
+class Echo(Server):
+    async def handle_call(self, request: Any, caller: Any) -> Any:
+        return ("echo", request)
+
+
+async def test_a_server_on_a_via_name_is_reachable_from_another_node() -> None:
+    async with cluster(2, keys="unique") as [(a, ra), (b, rb)]:
+        pid = await Echo.start(b, name=rb.via("echo", {"version": 1}))
+        await rb.sync()
+        [(found, value)] = ra.lookup("echo")  # the holder on b, replicated to a
+        assert found == pid and value == {"version": 1}
+        caller = spawn_agent(a)
+        # a process of node a calls the server on node b through the pid the registry gave
+        assert await run_as(caller, lambda: call(found, "hi")) == ("echo", "hi")
