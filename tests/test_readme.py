@@ -10,12 +10,21 @@ import sys
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_example_runs() -> None:
+def _run_block(index: int) -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "the README has no python example"
-    done = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True, timeout=60)
+    assert len(blocks) > index, "the README lost a python example"
+    done = subprocess.run([sys.executable, "-c", blocks[index]], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+def test_readme_cluster_example_runs() -> None:
+    lines = _run_block(1)
+    assert len(lines) == 1 and lines[0].startswith("[(<b@127.0.0.1:") and "{'load': 0}" in lines[0]
+
+
+def test_readme_example_runs() -> None:
+    lines = _run_block(0)
     assert len(lines) == 7
     assert all(line.startswith("Join(") for line in lines[:3])
     assert lines[6].startswith("Leave(") and "'load': 3" in lines[6]
