@@ -235,3 +235,38 @@ async def test_a_server_on_a_via_name_is_reachable_from_another_node() -> None:
         caller = spawn_agent(a)
         # a process of node a calls the server on node b through the pid the registry gave
         assert await run_as(caller, lambda: call(found, "hi")) == ("echo", "hi")
+
+
+async def test_hostile_connections_leave_the_registry_intact() -> None:
+    import asyncio
+    import struct
+
+    from pgregistry.errors import AuthenticationError
+
+    async with cluster(2) as [(a, ra), (b, rb)]:
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: [ra.register(i, {"n": i}) for i in range(50)])
+        await ra.sync()
+        before = view(ra)
+        host, port = a.id.split("@", 1)[1].rsplit(":", 1)
+        attacks = [
+            b"\x00\x01garbage that is not a frame" * 10,
+            struct.pack(">I", 100) + b"only part of the body",  # truncated, then EOF
+            struct.pack(">I", 2**31) + b"x" * 64,                # declares an oversized frame
+        ]
+        for data in attacks:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(data)
+            await writer.drain()
+            writer.close()
+        flood = [await asyncio.open_connection(host, int(port)) for _ in range(100)]
+        async with Node("intruder", cookie="wrong cookie") as intruder:
+            with pytest.raises(AuthenticationError):
+                await intruder.connect(a.id)
+        for _reader, writer in flood:
+            writer.close()
+        assert view(ra) == before and view(rb) == before
+        await run_as(worker, lambda: ra.register("after", "attacks"))
+        await ra.sync()
+        assert rb.lookup("after") == [(worker, "attacks")]
+        assert a.peers() == [b.id]
