@@ -1,130 +1,488 @@
-"""The ``pgregistry`` command.
+"""The ``pgregistry`` command: run a node, or watch a real cluster at work.
 
-``pgregistry demo`` runs a narrated tour of the registry on one node: processes
-registering, lookups, a match-spec select, a subscription receiving events, and a
-process exit removing its entries.
+``pgregistry node --name N [--host H] [--port P] [--cookie C] [--scope S ...]
+[--connect ADDR ...] [--tick-interval T] [--down-after D] [--exit-with-stdin]
+[--log-level L]`` runs one node in the foreground: it starts the registries named by
+``--scope`` (duplicate keys), connects to every ``--connect`` address (``host:port`` or
+a node id; one member is enough to join a whole cluster), prints exactly one line
+``NODE <node id>`` on stdout once ready, and serves until SIGTERM or SIGINT (then it
+stops cleanly and exits 0). The cookie defaults to ``PGREGISTRY_COOKIE``;
+``--exit-with-stdin`` also stops it when stdin reaches end of file (so a parent holding
+a pipe takes its nodes with it when it dies). Logs go to stderr. The node hosts a
+control server under the local name ``"pgregistry_control"`` that peers drive with
+``call(("pgregistry_control", node_id), request)``; its requests are listed in
+`pgregistry._control`. Exit status 2 for bad options, 1 when a ``--connect`` fails.
+
+``pgregistry demo`` starts a 3-node cluster as three ``pgregistry node`` OS processes on
+loopback, plus a narrator node in its own process that drives them through their control
+servers, and narrates: a registration seen on every node (with timings), a ``select``
+over the cluster, a subscription receiving remote ``Join``/``Leave``/``Update`` events,
+a partition through real TCP proxies and its healing, and a node killed with SIGKILL.
+It stops every process it started, also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
+import secrets
+import signal
 import sys
-from typing import Any, Callable, Sequence
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Final, Sequence
 
 from . import _table
-from .events import Join, Leave, Update
+from ._control import CONTROL_NAME, Control, NodeProcess, control
+from .errors import RegistryError
+from .events import Join, Leave, NodeDown, NodeUp, Update
 from .node import Node
-from .process import exit as exit_process
-from .process import monitor, receive, send, self as self_pid
+from .process import receive
+from .process import self as self_pid
 from .registry import Registry
-from .spec import V1, V2, V3, _
+from .spec import V1, V2, V3
+from .terms import Pid
+from .testing import Partition
 
 __all__ = ["main"]
+
+
+# --------------------------------------------------------------------------- pgregistry node
+
+class _EndOfInput(asyncio.Protocol):
+    """Sets `done` when standard input reaches end of file (``--exit-with-stdin``)."""
+
+    def __init__(self, done: asyncio.Event) -> None:
+        self.done = done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set()
+
+
+def _unique(items: Sequence[str] | None) -> list[str]:
+    """`items` without repeats, in order (an option given twice counts once)."""
+    return list(dict.fromkeys(items or ()))
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    """The ``node`` command: serve one node until SIGTERM/SIGINT; return the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.exit_with_stdin:
+        try:
+            await loop.connect_read_pipe(lambda: _EndOfInput(stop), sys.stdin)
+        except ValueError as exc:
+            return _fail(f"--exit-with-stdin needs stdin to be a pipe or terminal: {exc}", 2)
+    if args.cookie is None and not os.environ.get("PGREGISTRY_COOKIE"):
+        print("pgregistry node: no --cookie and no PGREGISTRY_COOKIE: using a random cookie, "
+              "so no other node can connect", file=sys.stderr)
+    try:
+        node = Node(args.name, host=args.host, port=args.port, cookie=args.cookie,
+                    tick_interval=args.tick_interval, down_after=args.down_after)
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc), 2)
+    async with node:
+        registries: dict[str, Registry] = {}
+        try:
+            for scope in _unique(args.scope):
+                registries[scope] = await Registry.start(node, scope, keys="duplicate")
+        except (TypeError, ValueError) as exc:
+            return _fail(f"--scope: {exc}", 2)
+        await Control.start(node, node, registries, name=CONTROL_NAME)
+        for address in _unique(args.connect):
+            try:
+                await node.connect(address)
+            except (OSError, TimeoutError, RegistryError, ValueError, TypeError) as exc:
+                return _fail(f"cannot connect to {address}: {type(exc).__name__}: {exc}", 1)
+        print(f"NODE {node.id}", flush=True)
+        await stop.wait()
+        _ignore_signals(loop)  # one signal stops the node; more must not cut the stop short
+    return 0
+
+
+def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Ignore SIGTERM/SIGINT from now on (the loop's handlers would be reset to the default)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _fail(message: str, status: int) -> int:
+    """Report a ``node`` command error on stderr; return `status` to exit with."""
+    print(f"pgregistry node: error: {message}", file=sys.stderr)
+    return status
+
+
+# --------------------------------------------------------------------------- pgregistry demo
+
+TICK: Final = 0.2
+DOWN_AFTER: Final = 1.0
+SCOPE: Final = "services"
+CHILDREN: Final = ("a", "b", "c")
+WAIT: Final = 10.0  # seconds any one step of the demo may take before it gives up
+_SELECT_ALL: Final = [((V1, V2, V3), [], [(V1, V2, V3)])]
 
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _worker(reg: Registry, role: str, load: int) -> None:
-    """A demo process: joins the "workers" group, then serves until told to stop."""
-    reg.register("workers", {"role": role, "load": load})
-    reg.register(("shard", load % 2), role)
-    while True:
-        msg = await receive()
-        if msg == "stop":
-            return
-        if isinstance(msg, tuple) and msg[0] == "load":
-            reg.update_value("workers", {"role": role, "load": msg[1]})
+def _name(node_id: str) -> str:
+    return node_id.partition("@")[0]
 
 
-async def _expect(ref: Any, count: int) -> list[Any]:
-    events = []
-    while len(events) < count:
-        msg = await receive(5)
-        if isinstance(msg, (Join, Leave, Update)) and msg.ref == ref:
-            events.append(msg)
-    return events
+def _short(pid: Pid) -> str:
+    """``a.12``: the node's name and the process serial."""
+    return f"{_name(pid.node)}.{pid.serial}"
 
 
-def _show_event(event: Any, names: dict[Any, str]) -> str:
-    kind = type(event).__name__
-    if isinstance(event, Update):
-        items = ", ".join(f"{names.get(p, p)}: {old} -> {new}" for p, old, new in event.changes)
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.1f} ms" if ns < 1e9 else f"{ns / 1e9:.2f} s"
+
+
+def _view(rows: list[Any]) -> list[Any]:
+    """Rows in a canonical order, to compare two nodes' views."""
+    return sorted(rows, key=repr)
+
+
+def _show(kind: str, key: Any, items: list[Any]) -> str:
+    if kind == "Update":
+        shown = ", ".join(f"{_short(pid)}: {old} -> {new}" for pid, old, new in items)
     else:
-        items = ", ".join(f"{names.get(p, p)}={v}" for p, v in event.entries)
-    return f"  event  {kind:<5} key={event.key!r:<14} {items}"
+        shown = ", ".join(f"{_short(pid)} {value}" for pid, value in items)
+    return f"    event  {kind:<6} {key!r:<7} {shown}"
 
 
-async def demo() -> int:
-    _say(f"pgregistry demo — one node, table implementation: {_table.IMPLEMENTATION}")
-    _say()
-    async with Node("demo") as node:
-        reg = await Registry.start(node, "services", keys="duplicate")
-        _say(f"started node {node.id} and registry {reg.name!r} (duplicate keys)")
-        ref, snapshot = reg.monitor_scope()
-        _say(f"this task subscribed to every change; snapshot: {snapshot}")
-        _say()
+class _Observer:
+    """The narrator's mailbox, sorted as it arrives.
 
-        roles = [("alpha", 3), ("beta", 8), ("gamma", 1)]
-        pids = [node.spawn(_worker, reg, role, load) for role, load in roles]
-        names = {pid: role for pid, (role, _load) in zip(pids, roles)}
-        _say("spawned three worker processes; each registers itself:")
-        for event in await _expect(ref, 6):
-            _say(_show_event(event, names))
-        _say()
+    Holds every registry event seen anywhere, as ``(node, kind, key, items, t_ns)``:
+    the narrator's own subscription (node ``"narrator"``, printed as it arrives) and the
+    reports of the subscribers the narrator started on a, b and c. Node events are kept
+    in `node_events`.
+    """
 
-        _say("lookup('workers'):")
-        for pid, value in reg.lookup("workers"):
-            _say(f"  {names[pid]:<6} {pid!r:<28} {value}")
-        _say(f"count() = {reg.count()}, which_groups() = {sorted(map(repr, reg.which_groups()))}")
-        _say()
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+        self.events: list[tuple[str, str, Any, list[Any], int]] = []
+        self.node_events: list[NodeUp | NodeDown] = []
 
-        busy = reg.select([(("workers", V1, {"role": V2, "load": V3}), [V3 > 2], [(V2, V3)])])
-        _say(f"select workers with load > 2 -> {sorted(busy)}")
-        light = reg.match("workers", {"load": V1}, [V1 <= 2])
-        _say(f"match('workers', {{'load': V1}}, [V1 <= 2]) -> {[names[p] for p, _v in light]}")
-        _say(f"count_match(('shard', 1), _) -> {reg.count_match(('shard', 1), _)}")
-        _say()
+    def _take(self, msg: Any) -> None:
+        now = time.monotonic_ns()
+        kind = type(msg)
+        if kind in (Join, Leave, Update) and msg.ref == self.ref:
+            self.events.append(("narrator", kind.__name__, msg.key, msg[2], now))
+            _say(_show(kind.__name__, msg.key, msg[2]))
+        elif kind is tuple and len(msg) == 6 and msg[0] == "event":
+            _tag, node_id, name, key, items, t_ns = msg
+            self.events.append((_name(node_id), name, key, items, t_ns))
+        elif kind in (NodeUp, NodeDown):
+            self.node_events.append(msg)
 
-        _say("beta reports a new load; the subscription sees an Update:")
-        send(pids[1], ("load", 0))
-        for event in await _expect(ref, 1):
-            _say(_show_event(event, names))
-        _say(f"  lookup now lists beta last: {[names[p] for p, _v in reg.lookup('workers')]}")
-        _say()
-
-        _say("gamma is sent an exit signal; its entries leave with the process:")
-        down = monitor(pids[2])
-        exit_process(pids[2], "shutdown")
-        for event in await _expect(ref, 2):
-            _say(_show_event(event, names))
+    async def until(self, done: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        """Take messages until `done()` is true; `TimeoutError` naming `what` after `timeout`."""
+        deadline = time.monotonic() + timeout
         while True:
-            msg = await receive(5)
-            if getattr(msg, "ref", None) == down:
-                _say(f"  monitor: gamma is down, reason {msg.reason!r}")
-                break
-        _say(f"  lookup('workers') -> {[names[p] for p, _v in reg.lookup('workers')]}")
-        _say()
+            try:
+                while True:
+                    self._take(await receive(0))
+            except TimeoutError:
+                pass
+            if done():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"demo: gave up after {timeout} s waiting for {what}")
+            try:
+                self._take(await receive(remaining))
+            except TimeoutError:
+                continue
 
-        for pid in pids[:2]:
-            send(pid, "stop")
-        await _expect(ref, 4)
-        _say(f"alpha and beta stopped; count() = {reg.count()}")
-        _say(f"this process is {self_pid()!r}; stopping the node.")
-    _say("done.")
+    def seen(self, node: str, kind: str, pids: Sequence[Pid], since: int = 0) -> int | None:
+        """When `node` had seen a `kind` event for every pid of `pids` (after `since`), or None."""
+        first: dict[Pid, int] = {}
+        for where, name, _key, items, t_ns in self.events:
+            if where == node and name == kind and t_ns >= since:
+                for item in items:
+                    first.setdefault(item[0], t_ns)
+        times = [first.get(pid) for pid in pids]
+        return None if None in times else max(times)  # type: ignore[type-var]
+
+    def everywhere(self, kind: str, pids: Sequence[Pid], nodes: Sequence[str], since: int = 0) -> Callable[[], bool]:
+        """A condition for `until`: every one of `nodes` saw `kind` for all of `pids`."""
+        return lambda: all(self.seen(node, kind, pids, since) is not None for node in nodes)
+
+    def after(self, node: str, kind: str, pids: Sequence[Pid], since: int) -> str:
+        """How long after `since` `node` had seen `kind` for every pid, as text."""
+        t_ns = self.seen(node, kind, pids, since)
+        return _ms(t_ns - since) if t_ns is not None else "not yet"
+
+    def timings(self, kind: str, pids: Sequence[Pid], nodes: Sequence[str], since: int) -> str:
+        """``"a 0.4 ms, b 0.5 ms, ..."``: `after` for each of `nodes`."""
+        return ", ".join(f"{node} {self.after(node, kind, pids, since)}" for node in nodes)
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT) -> float:
+    """Poll `check` until it returns True; return the seconds it took."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"demo: gave up after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def _start_children(cookie: str, logs: Path, children: list[NodeProcess]) -> list[NodeProcess]:
+    """Start a, b and c at once; each one goes into `children` as soon as it runs."""
+    results = await asyncio.gather(
+        *(NodeProcess.start(name, cookie=cookie, scopes=[SCOPE], tick_interval=TICK, down_after=DOWN_AFTER,
+                            log=logs / f"{name}.log") for name in CHILDREN),
+        return_exceptions=True,
+    )
+    started = [result for result in results if isinstance(result, NodeProcess)]
+    children.extend(started)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return started
+
+
+async def _route_through(part: Partition, nodes: list[NodeProcess], cookie: str) -> None:
+    """Tell each node to dial each peer through the proxy of that link.
+
+    A node that learns of a peer (``members`` gossip) dials it at once, so its routes
+    must be in place before it meets any other member: each node is configured by a
+    short-lived setup node that knows only that one node and leaves afterwards.
+    """
+    for child in nodes:
+        async with Node(f"setup-{child.name}", cookie=cookie, tick_interval=TICK, down_after=DOWN_AFTER) as setup:
+            await setup.connect(child.id)
+            for peer in nodes:
+                if peer is not child:
+                    await control(child.id, ("add_route", peer.id, part.address(child.name, peer.name)))
+
+
+async def demo(children: list[NodeProcess]) -> int:
+    """The narrated cluster tour; every node process started goes into `children`."""
+    began = time.monotonic()
+    cookie = secrets.token_urlsafe(24)
+    _say(f"pgregistry demo: a 3-node cluster, each node its own OS process on loopback "
+         f"(table: {_table.IMPLEMENTATION})")
+    _say(f"cookie generated for this run; ticks every {TICK} s, a silent peer is down after {DOWN_AFTER} s")
+    _say()
+    with tempfile.TemporaryDirectory(prefix="pgregistry-demo-") as logs:
+        try:
+            await _cluster_tour(cookie, Path(logs), children)
+        except Exception:
+            for child in children:  # the logs go with the temporary directory
+                print(f"--- log of node {child.name} ({child.state}) ---\n{child.log_tail()}", file=sys.stderr)
+            raise
+    alive = [child.name for child in children if child.popen.poll() is None]
+    _say(f"  every node process the demo started has exited: {not alive}")
+    _say(f"done in {time.monotonic() - began:.1f} s.")
     return 0
 
 
+async def _cluster_tour(cookie: str, logs: Path, children: list[NodeProcess]) -> None:
+    """Start the nodes, the proxies and the narrator; tell the story; stop the nodes."""
+    _say(f"starting: pgregistry node --name {{a,b,c}} --scope {SCOPE} "
+         f"--tick-interval {TICK} --down-after {DOWN_AFTER}")
+    nodes = await _start_children(cookie, logs, children)
+    a, b, c = nodes
+    for child in nodes:
+        _say(f"  node {child.name}: {child.id}  OS pid {child.pid}")
+    async with Partition.for_targets({child.name: child.address for child in nodes}) as part:
+        await _route_through(part, nodes, cookie)
+        _say("  6 TCP proxies (one per direction between two nodes) run in this process; each node "
+             "dials its peers through them")
+        async with Node("narrator", cookie=cookie, tick_interval=TICK, down_after=DOWN_AFTER) as narrator:
+            reg = await Registry.start(narrator, SCOPE)
+            ref, _snapshot = reg.monitor_scope()
+            narrator.monitor_nodes()
+            await _story(narrator, reg, _Observer(ref), part, nodes)
+            _say()
+            _say("shutting down:")
+            for child in (a, b):
+                child.terminate()
+            for child in (a, b):
+                _say(f"  node {child.name} stopped by SIGTERM: exit status {child.stop(5.0)}")
+            _say(f"  node {c.name} was killed: exit status {c.stop(5.0)}")
+
+
+async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition, nodes: list[NodeProcess]) -> None:
+    """Connect the narrator to a, b and c, then play the five scenes, narrating each."""
+    a, b, c = nodes
+    everyone = ["a", "b", "c", "narrator"]
+    others = {child.name: {n.id for n in nodes if n is not child} | {narrator.id} for child in nodes}
+
+    for child in nodes:
+        await narrator.connect(child.id)
+
+    async def meshed() -> bool:
+        for child in nodes:
+            if set(await control(child.id, ("peers",))) != others[child.name]:
+                return False
+        return sum(proxy.connections for proxy in part.proxies.values()) == 3
+
+    took = await _eventually(meshed, "the full mesh")
+    _say(f"the narrator node {narrator.id} (this process) connected to a, b and c; full mesh after "
+         f"{took * 1000:.0f} ms:")
+    _say("  each node has 3 peers, and the 3 links between a, b and c all run through the proxies")
+    for child in nodes:
+        await control(child.id, ("subscribe", SCOPE, self_pid()))
+    _say(f"the narrator subscribed to the whole {SCOPE!r} registry (monitor_scope), and so did one "
+         "process on each node, reporting to the narrator")
+    _say()
+
+    _say("1. a registration on one node is seen on all the others")
+    since = time.monotonic_ns()
+    web_a = await control(a.id, ("register", SCOPE, "web", {"node": "a", "load": 3}, 2))
+    await obs.until(obs.everywhere("Join", web_a, everyone), "a's entries everywhere")
+    _say(f"  a registered 2 workers under 'web'; after the request was sent, visible on: "
+         f"{obs.timings('Join', web_a, everyone, since)}")
+    since = time.monotonic_ns()
+    web_b = await control(b.id, ("register", SCOPE, "web", {"node": "b", "load": 8}, 1))
+    db_b = await control(b.id, ("register", SCOPE, "db", {"node": "b", "role": "primary"}, 1))
+    web_c = await control(c.id, ("register", SCOPE, "web", {"node": "c", "load": 1}, 1))
+    await obs.until(obs.everywhere("Join", web_b + db_b + web_c, everyone), "b's and c's entries everywhere")
+    last = max(t for node in everyone if (t := obs.seen(node, "Join", web_b + db_b + web_c, since)) is not None)
+    _say(f"  b and c registered theirs (3 requests): all visible everywhere {_ms(last - since)} after the first")
+    _say("  lookup('web') on the narrator:")
+    for pid, value in reg.lookup("web"):
+        _say(f"    {_short(pid):<6} {value}")
+    counts = [await control(child.id, ("count", SCOPE)) for child in nodes] + [reg.count()]
+    _say(f"  count() on a, b, c, narrator: {', '.join(map(str, counts))}")
+    _say()
+
+    _say("2. a select over the whole cluster, on any node")
+    spec = [(("web", V1, {"node": V2, "load": V3}), [V3 > 2], [(V2, V3)])]
+    _say("  select([(('web', V1, {'node': V2, 'load': V3}), [V3 > 2], [(V2, V3)])])")
+    _say(f"    -> {sorted(reg.select(spec))}")
+    view = _view(reg.select(_SELECT_ALL))
+    same = [_view(await control(child.id, ("select_all", SCOPE))) == view for child in nodes]
+    _say(f"  every entry (select_all) on a, b and c equals the narrator's view: {all(same)}")
+    _say()
+
+    _say("3. the narrator's subscription receives remote updates and leaves")
+    since = time.monotonic_ns()
+    await control(c.id, ("update", SCOPE, "web", {"node": "c", "load": 6}))
+    await obs.until(obs.everywhere("Update", web_c, everyone), "c's update everywhere")
+    _say(f"  c updated its 'web' value; seen on: {obs.timings('Update', web_c, everyone, since)}")
+    since = time.monotonic_ns()
+    await control(b.id, ("unregister", SCOPE, "db"))
+    await obs.until(obs.everywhere("Leave", db_b, everyone), "b's unregister everywhere")
+    _say(f"  b unregistered 'db'; seen on: {obs.timings('Leave', db_b, everyone, since)}")
+    _say()
+
+    _say("4. a partition heals")
+    since = time.monotonic_ns()
+    part.split({"a"}, {"b", "c"})
+    _say("  split {a} | {b, c}: the proxies between them now drop every byte (a silent partition)")
+    await obs.until(lambda: obs.seen("b", "Leave", web_a, since) is not None
+                    and obs.seen("c", "Leave", web_a, since) is not None
+                    and obs.seen("a", "Leave", web_b + web_c, since) is not None,
+                    "both sides to drop each other", timeout=WAIT + DOWN_AFTER)
+    _say(f"  after down_after, b and c dropped a's entries ({obs.timings('Leave', web_a, ['b', 'c'], since)}), "
+         f"a dropped b's and c's ({obs.timings('Leave', web_b + web_c, ['a'], since)})")
+    _say(f"  b's peers now: {sorted(_name(p) for p in await control(b.id, ('peers',)))}; the narrator, "
+         "linked to both sides, still sees every entry")
+    split_a = await control(a.id, ("register", SCOPE, "web", {"node": "a", "load": 9}, 1))
+    split_b = await control(b.id, ("register", SCOPE, "web", {"node": "b", "load": 4}, 1))
+    await obs.until(lambda: obs.seen("narrator", "Join", split_a + split_b) is not None
+                    and obs.seen("a", "Join", split_a) is not None
+                    and obs.seen("c", "Join", split_b) is not None, "the registrations during the split")
+    counts = [await control(child.id, ("count", SCOPE)) for child in nodes] + [reg.count()]
+    _say(f"  a and b each registered one more 'web' worker on their side; count() on a, b, c, narrator: "
+         f"{', '.join(map(str, counts))}")
+    since = time.monotonic_ns()
+    part.heal()
+    _say("  heal: the proxies forward again; the nodes redial each other and exchange their entries")
+    await obs.until(lambda: obs.seen("a", "Join", web_b + split_b + web_c, since) is not None
+                    and obs.seen("b", "Join", web_a + split_a, since) is not None
+                    and obs.seen("c", "Join", web_a + split_a, since) is not None,
+                    "the heal", timeout=WAIT + 4 * DOWN_AFTER)
+    _say(f"  the other side's entries were back on a after {obs.after('a', 'Join', web_b + split_b + web_c, since)}"
+         f", on b after {obs.after('b', 'Join', web_a + split_a, since)}"
+         f", on c after {obs.after('c', 'Join', web_a + split_a, since)}")
+    view = _view(reg.select(_SELECT_ALL))
+
+    async def converged() -> bool:
+        return all([_view(await control(child.id, ("select_all", SCOPE))) == view for child in nodes])
+
+    await _eventually(converged, "the same view on every node")
+    _say(f"  converged: select_all on a, b and c equals the narrator's {len(view)} entries")
+    _say()
+
+    _say("5. a node killed with SIGKILL")
+    on_c = [pid for pid, _value in reg.lookup("web") if pid.node == c.id]
+    since = time.monotonic_ns()
+    c.kill()
+    _say(f"  node c (OS pid {c.pid}) killed with SIGKILL; its entries leave everywhere:")
+    await obs.until(obs.everywhere("Leave", on_c, ["a", "b", "narrator"], since), "c's entries to leave")
+    _say(f"  gone on: {obs.timings('Leave', on_c, ['a', 'b', 'narrator'], since)} (the kernel closed c's "
+         f"sockets, so its peers knew at once; a node that just goes silent is dropped after {DOWN_AFTER} s, "
+         "as in the partition)")
+    await obs.until(lambda: any(type(e) is NodeDown and e.node == c.id for e in obs.node_events), "NodeDown c")
+    down = next(e for e in obs.node_events if type(e) is NodeDown and e.node == c.id)
+    _say(f"  the narrator's monitor_nodes: NodeDown({_name(down.node)!r}, {down.reason!r})")
+    counts = [await control(child.id, ("count", SCOPE)) for child in (a, b)] + [reg.count()]
+    _say(f"  count() on a, b, narrator: {', '.join(map(str, counts))}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pgregistry", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run a narrated tour of the registry")
-    args = parser.parse_args(argv)
-    handlers: dict[str, Callable[[], Any]] = {"demo": demo}
+    """Entry point of the ``pgregistry`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "node":
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return asyncio.run(run_node(args))
+        except KeyboardInterrupt:  # before the signal handlers were in place
+            return 130
+    children: list[NodeProcess] = []
     try:
-        return asyncio.run(handlers[args.command]())
+        return asyncio.run(demo(children))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        for child in children:
+            child.stop(2.0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgregistry", description="Run a pgregistry node, or watch a real cluster "
+                                     "at work (pgregistry demo).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="start a 3-node cluster in 3 OS processes and narrate it at work")
+    node = commands.add_parser("node", help="run one node in the foreground until SIGTERM/SIGINT",
+                               description="Run one node in the foreground; print 'NODE <id>' on stdout "
+                                           "when ready; stop cleanly on SIGTERM/SIGINT. Peers drive it through "
+                                           f"its control server, the local name {CONTROL_NAME!r} (requests: "
+                                           "see pgregistry._control).")
+    node.add_argument("--name", required=True, help="the node's name (its id is name@host:port)")
+    node.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    node.add_argument("--cookie", default=None,
+                      help="shared secret of the cluster (default: $PGREGISTRY_COOKIE); prefer the "
+                           "environment variable, a command line is visible to other local users")
+    node.add_argument("--scope", action="extend", nargs="+", metavar="S", help="start registry S (duplicate keys)")
+    node.add_argument("--connect", action="extend", nargs="+", metavar="ADDR",
+                      help="connect to the node at ADDR (host:port or a node id)")
+    node.add_argument("--tick-interval", type=float, default=1.0, metavar="T", help="seconds between ticks (1.0)")
+    node.add_argument("--down-after", type=float, default=5.0, metavar="D",
+                      help="seconds of silence after which a peer is down (5.0)")
+    node.add_argument("--exit-with-stdin", action="store_true",
+                      help="also stop when stdin reaches end of file (for a parent holding a pipe)")
+    node.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                      help="log level on stderr (warning)")
+    return parser
