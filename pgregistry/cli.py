@@ -435,6 +435,26 @@ async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition,
     _say(f"  count() on a, b, narrator: {', '.join(map(str, counts))}")
 
 
+def _run(coro: Any) -> Any:
+    """Run `coro` on uvloop when it is installed, else on asyncio's loop.
+
+    ``PGREGISTRY_LOOP=asyncio`` forces the standard loop (``uvloop`` requires uvloop).
+    """
+    choice = os.environ.get("PGREGISTRY_LOOP", "auto")
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise SystemExit(f"pgregistry: PGREGISTRY_LOOP must be auto, asyncio or uvloop, not {choice!r}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("pgregistry: PGREGISTRY_LOOP=uvloop but uvloop is not installed") from None
+        else:
+            return asyncio.run(coro, loop_factory=uvloop.new_event_loop) if sys.version_info >= (3, 12) \
+                else uvloop.run(coro)
+    return asyncio.run(coro)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgregistry`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -442,12 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            return asyncio.run(run_node(args))
+            return _run(run_node(args))
         except KeyboardInterrupt:  # before the signal handlers were in place
             return 130
     children: list[NodeProcess] = []
     try:
-        return asyncio.run(demo(children))
+        return _run(demo(children))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
