@@ -116,6 +116,12 @@ class Table:
         """Distinct keys of `pid`'s rows, in pid order of their first row."""
     def pid_entries(self, pid: Any) -> list[tuple[Any, Any, int]]:
         """``[(key, value, tag)]`` of `pid` in pid order."""
+    def owners(self) -> list[Any]:
+        """Distinct pids that have rows, in pid-group order: a pid's place is where its
+        first row was inserted; a pid whose last row goes away loses its place."""
+    def pid_rows_flat(self, pid: Any) -> list[Any]:
+        """``[key, value, tag, key, value, tag, ...]`` of `pid` in pid order: what
+        `pid_entries` returns, without a tuple per row (a scope sync sends this)."""
     def groups(self) -> list[Any]:
         """Distinct keys, in group order."""
     def count_key(self, key: Any) -> int: ...

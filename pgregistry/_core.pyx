@@ -2540,6 +2540,44 @@ cdef class Table:
         finally:
             _rb_free(&out)
 
+    def owners(self):
+        """Distinct pids that have rows, in pid-group order (like `groups` for keys)."""
+        cdef int32_t gi
+        cdef Rec* rec
+        cdef RecBuf out
+        _rb_init(&out)
+        try:
+            _rb_reserve(&out, self._pids.live)
+            gi = self._pids.first
+            while gi >= 0:
+                rec = _rb_push(&out)
+                rec.a = _G(&self._pids, gi).obj
+                Py_INCREF(rec.a)
+                gi = _G(&self._pids, gi).next
+            return _build_list(&out, SH_A)
+        finally:
+            _rb_free(&out)
+
+    def pid_rows_flat(self, pid):
+        """``[key, value, tag, key, value, tag, ...]`` of `pid` in pid order (no tuples)."""
+        cdef int32_t pgi = self._find_obj(&self._pids, pid)
+        cdef int32_t ri
+        cdef Py_ssize_t i = 0
+        cdef Row* r
+        cdef list out
+        if pgi < 0:
+            return []
+        out = [None] * (3 * <Py_ssize_t>_G(&self._pids, pgi).count)
+        ri = _G(&self._pids, pgi).head
+        while ri >= 0:
+            r = _R(&self._rs, ri)
+            out[i] = <object>r.key
+            out[i + 1] = <object>r.value
+            out[i + 2] = r.tag
+            i += 3
+            ri = r.pnext
+        return out
+
     def groups(self):
         """Distinct keys, in group order."""
         cdef int32_t gi

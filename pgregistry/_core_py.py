@@ -778,6 +778,22 @@ class Table:
                 return []
             return [(r.key, r.value, r.tag) for r in prows]
 
+    def owners(self) -> list[Any]:
+        """Distinct pids that have rows, in pid-group order (like `groups` for keys)."""
+        with self._lock:
+            return list(self._pids)
+
+    def pid_rows_flat(self, pid: Any) -> list[Any]:
+        """``[key, value, tag, key, value, tag, ...]`` of `pid` in pid order (no tuples)."""
+        with self._lock:
+            prows = self._pids.get(pid)
+            if prows is None:
+                return []
+            out: list[Any] = []
+            for r in prows:
+                out += (r.key, r.value, r.tag)
+            return out
+
     def groups(self) -> list[Any]:
         """Distinct keys, in group order."""
         with self._lock:

@@ -223,6 +223,22 @@ def test_pid_order_spans_keys_and_ignores_updates(table: Any) -> None:
     assert table.keys(A) == ["y", "x", "z"]  # x's first row is now the later one
 
 
+def test_owners_in_pid_group_order_and_flat_pid_rows(table: Any) -> None:
+    fill(table, [("x", A, 1), ("y", B, 2), ("z", A, 3), ("w", C, 4)])
+    assert table.owners() == [A, B, C]
+    assert table.pid_rows_flat(A) == ["x", 1, 1, "z", 3, 3]
+    assert table.pid_rows_flat(B) == ["y", 2, 2]
+    table.pop("x", A, 1)
+    assert table.owners() == [A, B, C]  # A keeps its place while it has a row
+    table.pop_pid(A)
+    assert table.owners() == [B, C] and table.pid_rows_flat(A) == []
+    table.insert("x", A, 5, 5)
+    assert table.owners() == [B, C, A]  # back at the end, like a recreated key group
+    value = ["shared"]
+    table.insert("v", A, value, 6)
+    assert table.pid_rows_flat(A)[4] is value  # values by reference, never copied
+
+
 def test_group_order_and_recreation_at_end(table: Any) -> None:
     fill(table, [("b", A, 1), ("a", A, 2), ("c", B, 3), ("a", B, 4)])
     assert table.groups() == ["b", "a", "c"]

@@ -176,6 +176,7 @@ class Model:
         self.korder: list[MRow] = []
         self.porder: list[MRow] = []
         self.groups_: list[Any] = []
+        self.owners_: list[Any] = []
 
     # -- helpers
     def _key_rows(self, key: Any) -> list[MRow]:
@@ -192,6 +193,8 @@ class Model:
         self.porder = [r for r in self.porder if r is not row]
         if not self._key_rows(row.key):
             self.groups_ = [g for g in self.groups_ if not same(g, row.key)]
+        if not self._pid_rows(row.pid):
+            self.owners_ = [p for p in self.owners_ if not same(p, row.pid)]
 
     def _to_end(self, row: MRow) -> None:
         self.korder = [r for r in self.korder if r is not row] + [row]
@@ -199,6 +202,8 @@ class Model:
     # -- writes
     def insert(self, key: Any, pid: Any, value: Any, tag: int) -> bool:
         first = not self._pid_rows(pid)
+        if first:
+            self.owners_.append(pid)
         if not self._key_rows(key):
             self.groups_.append(key)
         row = MRow(key, pid, value, tag)
@@ -287,6 +292,12 @@ class Model:
 
     def groups(self) -> list:
         return list(self.groups_)
+
+    def owners(self) -> list:
+        return list(self.owners_)
+
+    def pid_rows_flat(self, pid: Any) -> list:
+        return [x for r in self._pid_rows(pid) for x in (r.key, r.value, r.tag)]
 
     def count_key(self, key: Any) -> int:
         return len(self._key_rows(key))
@@ -704,6 +715,7 @@ class TableMachine(RuleBasedStateMachine):
         sub, ref = self.sub, self.ref
         agree(len(sub), len(ref), "len")
         agree(sub.groups(), ref.groups(), "groups")
+        agree(sub.owners(), ref.owners(), "owners")
         agree(sub.rows(), ref.rows(), "rows")
         snap_sub, snap_ref = sub.snapshot(), ref.snapshot()
         assert type(snap_sub) is dict
@@ -722,6 +734,7 @@ class TableMachine(RuleBasedStateMachine):
         for pid in PIDS:
             agree(sub.keys(pid), ref.keys(pid), f"keys {pid!r}")
             agree(sub.pid_entries(pid), ref.pid_entries(pid), f"pid_entries {pid!r}")
+            agree(sub.pid_rows_flat(pid), ref.pid_rows_flat(pid), f"pid_rows_flat {pid!r}")
             agree(sub.count_pid(pid), ref.count_pid(pid), f"count_pid {pid!r}")
         for m_sub, m_ref in self.fixed:
             agree(sub.select(m_sub), ref.select(m_ref), "select (fixed spec)")
