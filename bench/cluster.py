@@ -377,50 +377,51 @@ class _ChildServer:
         return {"seconds": time.perf_counter() - t0, "count": reg.count()}
 
     async def cmd_arm_sync_timing(self) -> None:
-        """Time the building and sending of this node's ``sync`` (holder side)."""
-        from pgregistry.wire import encode
+        """Time the sync rounds this node sends (holder side): parts, bytes, busy time."""
+        from pgregistry.wire import encode_trusted
 
         timing = self.sync_timing
-        timing["syncs"] = []  # one record per non-empty sync this node sends
+        timing["rounds"] = []  # one record per round of non-empty parts this node sends
         if "armed" in timing:
             return
         timing["armed"] = True
-        scope, node = self.scope, self.node
-        local_rows, send_service = scope._local_rows, node.send_service
+        node = self.node
+        send_service = node.send_service
 
-        def timed_rows() -> Any:
+        def timed_send(peer: str, name: str, payload: Any, **kw: Any) -> bool:
+            if not (type(payload) is list and payload and payload[0] == "sync" and len(payload) == 3):
+                return send_service(peer, name, payload, **kw)
             t0 = time.monotonic_ns()
-            rows = local_rows()
-            if rows:
-                timing["syncs"].append({"rows_at": t0, "rows_ns": time.monotonic_ns() - t0})
-            return rows
+            ok = send_service(peer, name, payload, **kw)
+            busy = time.monotonic_ns() - t0
+            rounds = timing["rounds"]
+            if not rounds or rounds[-1]["closed"]:
+                rounds.append({"first_at": t0, "parts": 0, "rows": 0, "bytes": 0, "busy_ns": 0, "closed": False})
+            record = rounds[-1]
+            record["parts"] += 1
+            record["rows"] += sum(len(flat) // 3 for _pid, flat in payload[1])
+            record["bytes"] += len(encode_trusted(["svc", name, payload]))
+            record["busy_ns"] += busy  # encode + queue (the part's rows were read just before)
+            if payload[2]:
+                record["closed"] = True
+                record["last_at"] = time.monotonic_ns()
+            return ok
 
-        def timed_send(peer: str, name: str, payload: Any) -> bool:
-            if type(payload) is list and payload and payload[0] == "sync" and payload[1]:
-                t0 = time.monotonic_ns()
-                ok = send_service(peer, name, payload)
-                record = timing["syncs"][-1] if timing["syncs"] else {}
-                record["send_ns"] = time.monotonic_ns() - t0  # encode + queue
-                record["frame_bytes"] = len(encode(["svc", name, payload]))
-                return ok
-            return send_service(peer, name, payload)
-
-        scope._local_rows = timed_rows
         node.send_service = timed_send
 
     async def cmd_sync_timing(self) -> dict:
-        return {"syncs": self.sync_timing.get("syncs", [])}
+        return {"rounds": [r for r in self.sync_timing.get("rounds", []) if r["rows"]]}
 
     async def cmd_catchup(self, address: str, expect: int, limit: float = 60.0, settle: float = 20.0) -> dict:
         scope, reg, node = self.scope, self.reg, self.node
-        applied: list[tuple[int, int]] = []  # (start, end) of applying each non-empty sync received
+        applied: list[tuple[int, int]] = []  # (start, end) of applying each non-empty sync part received
         peer_message = scope.peer_message
 
         done_at: list[int] = []
         done = asyncio.Event()
 
         def timed(peer: str, payload: Any) -> None:
-            if type(payload) is list and payload and payload[0] == "sync" and len(payload) == 2 and payload[1]:
+            if type(payload) is list and payload and payload[0] == "sync" and len(payload) == 3 and payload[1]:
                 t0 = time.monotonic_ns()
                 peer_message(peer, payload)
                 applied.append((t0, time.monotonic_ns()))
@@ -909,8 +910,8 @@ async def run_loop(loop: str, opts: argparse.Namespace, logdir: Path, res: dict[
             await cluster.close()
             cluster.nodes.clear()
             res["catchup"] = []
-            # Library defaults (tick 1 s, down_after 5 s): a big sync blocks a loop for
-            # longer than the short down_after the other phases use (see bench/README.md).
+            # The same short tick/down_after as the other phases unless told otherwise: a
+            # sync round streams in parts and blocks neither loop for long.
             (h,) = await cluster.start("H", tick=opts.catchup_tick, down_after=opts.catchup_down_after)
             held = 0
             for i, size in enumerate(opts.catchup_sizes):
@@ -1014,10 +1015,10 @@ def build_lines(results: dict[str, dict], opts: argparse.Namespace) -> list[Line
         add("  cyclic GC pauses during it: holder / new node",
             lambda r, i=i: 0, lambda v: "")
         lines[-1].values = {loop: _gc_pair(results[loop], i) for loop in loops}
-        add("  holder: syncs sent, each: build rows + encode/queue",
+        add("  holder: sync rounds sent: rows, parts, bytes, first -> last part (encode + queue)",
             lambda r, i=i: 0, lambda v: "")
         lines[-1].values = {loop: _catchup_holder(results[loop], i) for loop in loops}
-        add("  new node: connected; each sync: applied at +apply time",
+        add("  new node: connected at; sync parts applied from -> to (time applying them)",
             lambda r, i=i: 0, lambda v: "")
         lines[-1].values = {loop: _catchup_new(results[loop], i) for loop in loops}
 
@@ -1084,9 +1085,11 @@ def _pair(r: dict, phase: str, k1: str, k2: str) -> str:
 
 def _catchup_holder(r: dict, i: int) -> str:
     try:
-        syncs = r["catchup"][i]["holder"]["syncs"]
-        each = ", ".join(f"{fmt_time(x['rows_ns'] / 1e9)} + {fmt_time(x['send_ns'] / 1e9)}" for x in syncs)
-        return f"{len(syncs)} x {syncs[0]['frame_bytes'] / 1e6:.2f} MB: {each}"
+        rounds = r["catchup"][i]["holder"]["rounds"]
+        return "; ".join(
+            f"{x['rows']:,} rows in {x['parts']} parts, {x['bytes'] / 1e6:.2f} MB, "
+            f"over {fmt_time((x['last_at'] - x['first_at']) / 1e9)} (busy {fmt_time(x['busy_ns'] / 1e9)})"
+            for x in rounds)
     except (KeyError, IndexError, TypeError):
         return "-"
 
@@ -1095,8 +1098,11 @@ def _catchup_new(r: dict, i: int) -> str:
     try:
         c = r["catchup"][i]
         t0 = c["t0"]
-        each = ", ".join(f"{fmt_time((a - t0) / 1e9)} +{fmt_time((b - a) / 1e9)}" for a, b in c["applied"])
-        return f"{fmt_time((c['t_conn'] - t0) / 1e9)}; {each}"
+        parts = c["applied"]
+        busy = sum(b - a for a, b in parts)
+        return (f"{fmt_time((c['t_conn'] - t0) / 1e9)}; {len(parts)} parts applied from "
+                f"+{fmt_time((parts[0][0] - t0) / 1e9)} to +{fmt_time((parts[-1][1] - t0) / 1e9)}, "
+                f"busy {fmt_time(busy / 1e9)}")
     except (KeyError, IndexError, TypeError):
         return "-"
 
@@ -1163,9 +1169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catchup-sizes", default="100000,1000000", help="comma-separated, increasing")
     p.add_argument("--tick", type=float, default=0.2, help="tick_interval of the nodes (default 0.2 s)")
     p.add_argument("--down-after", type=float, default=1.0, help="down_after of the nodes (default 1 s)")
-    p.add_argument("--catchup-tick", type=float, default=1.0, help="tick_interval of the catch-up nodes (default 1 s)")
-    p.add_argument("--catchup-down-after", type=float, default=5.0,
-                   help="down_after of the catch-up nodes (default 5 s, the library's)")
+    p.add_argument("--catchup-tick", type=float, help="tick_interval of the catch-up nodes (default: --tick)")
+    p.add_argument("--catchup-down-after", type=float, help="down_after of the catch-up nodes (default: --down-after)")
     p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--profile", metavar="DIR", help="dump a cProfile per phase and node into DIR")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
@@ -1183,6 +1188,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(opts.only) - set(PHASES)
     if unknown:
         p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
+    if opts.catchup_tick is None:
+        opts.catchup_tick = opts.tick
+    if opts.catchup_down_after is None:
+        opts.catchup_down_after = opts.down_after
     opts.catchup_sizes = sorted(int(x) for x in opts.catchup_sizes.split(",") if x.strip())
     return opts
 

@@ -146,7 +146,7 @@ from .process import Process, Reply, Runtime, current_process, receive, send, ta
 from .server import Call, Cast, Server, call
 from .terms import Pid, Ref, check_value, is_value
 from .transport import Connection, Endpoint, parse_address
-from .wire import encode
+from .wire import encode, encode_trusted
 
 __all__ = ["Node"]
 
@@ -793,29 +793,35 @@ class Node:
         """The service attached under `name`, or None."""
         return self._services.get(name)
 
-    def send_service(self, peer: str, name: str, payload: Any) -> bool:
+    def send_service(self, peer: str, name: str, payload: Any, *, trusted: bool = False) -> bool:
         """Send `payload` (a term) to the service `name` on the connected node `peer`.
 
         Queued on the peer's connection, FIFO with every other message to it; the peer
         calls ``peer_message(this node's id, payload)`` of its service `name` (or drops
         it if there is none). Returns False, sending nothing, if `peer` is not
         connected. `TypeError` if `payload` is not a term, `ValueError` if it exceeds
-        the peer's frame limit.
+        the peer's frame limit. ``trusted=True`` skips the check that `payload` is a
+        term (`wire.encode_trusted`): for payloads built from already checked terms.
         """
         record = self._peers.get(peer)
         conn = record.conn if record is not None else None
         if conn is None:
-            check_value(payload, "send_service payload")
+            if not trusted:
+                check_value(payload, "send_service payload")
             return False
-        conn.send(["svc", name, payload])
+        if trusted:
+            conn.send_encoded(encode_trusted(["svc", name, payload]))
+        else:
+            conn.send(["svc", name, payload])
         return True
 
-    def broadcast_service(self, name: str, payload: Any, peers: Iterable[str] | None = None) -> int:
+    def broadcast_service(self, name: str, payload: Any, peers: Iterable[str] | None = None, *,
+                          trusted: bool = False) -> int:
         """`send_service` to every connected peer (or those of `peers`); encoded once.
 
         Returns how many peers it was queued to.
         """
-        data = encode(["svc", name, payload])
+        data = (encode_trusted if trusted else encode)(["svc", name, payload])
         if peers is None:
             targets = [peer.conn for peer in self._up.values()]
         else:
@@ -828,6 +834,24 @@ class Node:
             if conn is not None:
                 conn.send_encoded(data)
         return len(targets)
+
+    async def drain_peer(self, peer: str) -> bool:
+        """Wait while the connection to `peer` has more output queued than it takes.
+
+        For bulk senders: send a batch, ``await drain_peer(peer)``, repeat. Returns True
+        when the connection's buffer is below its low-water mark, False if `peer` is not
+        connected or its connection closes meanwhile (nothing raised). Cancellation
+        leaves the connection as it is.
+        """
+        record = self._peers.get(peer)
+        conn = record.conn if record is not None else None
+        if conn is None:
+            return False
+        try:
+            await conn.drain()
+        except ConnectionError:
+            return False
+        return True
 
     def _notify_services(self, method: str, *args: Any) -> None:
         for name, service in list(self._services.items()):

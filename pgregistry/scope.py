@@ -32,25 +32,44 @@ lists of terms:
 
 ``["discover"]``
     "I run this scope". Sent to every peer node when the scope starts and when a node
-    connection comes up. The receiver answers with ``sync``; if the sender was not yet a
-    scope peer it becomes one and gets a ``discover`` back.
-``["sync", [[pid, [[key, value, tag], ...]], ...]]``
-    The sender's complete set of local rows, grouped by pid. The receiver makes its view
-    of the sender equal to it: rows it no longer lists leave (``Leave``), rows whose
-    value differs are updated (``Update``), new rows join (``Join``). Idempotent.
+    connection comes up. The receiver answers with a sync round; if the sender was not
+    yet a scope peer it becomes one, and unless the receiver had itself sent a
+    ``discover`` that is still unanswered, it gets a ``discover`` back (so two nodes
+    that discover each other at once exchange one round each, not two).
+``["sync", [[pid, [key, value, tag, key, value, tag, ...]], ...], last]``
+    One part of a *sync round*: the sender's complete set of local rows, grouped by
+    pid, each pid's rows flat (no list per row) and whole in one part; ``last`` (a
+    bool) ends the round. Parts hold about `SYNC_PART_ROWS` rows; the first goes out at
+    once, the rest one per loop iteration, waiting while the connection's output is
+    above its high-water mark, so neither side's loop is blocked for long by a big
+    scope and no frame grows with the scope. The receiver applies each part as it
+    arrives: its view of each listed pid becomes what the part says (rows it no longer
+    lists leave with ``Leave``, changed values give ``Update``, new rows ``Join``); at
+    the last part, the pids of the sender it holds that the round did not mention
+    (neither in a part nor in a join op meanwhile) leave. Idempotent. ``ops`` may
+    interleave with the parts: a pid's part always carries its state at the moment
+    the part was built, after every op about it sent before.
 ``["ops", [op, ...]]``
     Changes of the sender's own rows, batched once per loop iteration, in order:
     ``["j", key, pid, value, tag]`` join, ``["l", [[key, pid, tag], ...]]`` leave (one op
     per local leave, unregister_match or process exit), ``["u", key, pid, value]``
     update of every row of pid under key.
 ``["ping", n]`` / ``["pong", n]``
-    Barrier for `sync`: the answer comes after everything the receiver got before it.
+    Barrier for `sync`: the answer comes after everything the receiver got before it,
+    and after the rest of a sync round the answering side is still sending to the
+    pinger (so a node's first `sync` returns once it holds the whole scope).
 ``["bye"]``
     The sender's scope stops: drop its rows as if its node was lost.
 
 A node that does not run the scope answers ``discover`` at the node level ("no such
 service", `peer_absent`), so a scope knows when discovery of every connected node is
 settled; `sync` waits for that before its barrier.
+
+When a peer's connection is *replaced* (it reconnected before this node noticed the old
+connection was dead, DESIGN.md §4.1), its rows stay: the round it sends on the new
+connection reconciles them, so a value changed meanwhile arrives as an ``Update``, not
+as a ``Leave`` and a ``Join``. If the new connection says the scope is not running
+there, or goes down too, the rows leave then.
 
 Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
 are ignored; so are malformed messages, and rows whose pid does not belong to the
@@ -65,7 +84,7 @@ import asyncio
 import itertools
 import logging
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Final, Iterable
 
 from . import _table
 from ._table import Matcher
@@ -75,9 +94,17 @@ from .node import Node
 from .process import Process
 from .terms import Pid, Ref
 
-__all__ = ["ScopeServer"]
+__all__ = ["ScopeServer", "SYNC_PART_ROWS"]
 
 log = logging.getLogger("pgregistry.scope")
+
+SYNC_PART_ROWS: Final = 4096
+"""Rows per part of a sync round (a part closes after the pid that reaches it)."""
+
+_REPLACED: Final = "connection replaced"  # the node's peer_down reason for a reconnect
+
+_TAG_MIN: Final = -(2**63)  # tags are int64 in the table
+_TAG_MAX: Final = 2**63 - 1
 
 _SCOPE = object()  # subscription target meaning "every key"
 _ABSENT = object()  # "no such row", where None could be a stored value
@@ -94,6 +121,19 @@ class _Subscription:
 
 class _Malformed(Exception):
     """A peer message that does not have the protocol's shape."""
+
+
+class _Round:
+    """A sync round this server is sending to one peer."""
+
+    __slots__ = ("peer", "pids", "next", "task", "held")
+
+    def __init__(self, peer: str, pids: list[Pid]) -> None:
+        self.peer = peer
+        self.pids = pids  # local pids with rows when the round started, in table order
+        self.next = 0  # index into `pids` of the next part's first pid
+        self.task: asyncio.Task[None] | None = None
+        self.held: list[list[Any]] = []  # ping/pong to send once the round is out
 
 
 def _group_by_key(pid: Pid, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list[tuple[Pid, Any]]]:
@@ -140,6 +180,10 @@ class ScopeServer:
         # "not running this scope"), and the `sync` calls waiting for them to answer.
         self._discovering: set[str] = set()
         self._discovery_waiters: list[asyncio.Future[None]] = []
+        # Sync rounds: being sent, per peer; being received, per peer: the pids the
+        # round (or a join op during it) mentioned so far.
+        self._sending: dict[str, _Round] = {}
+        self._receiving: dict[str, set[Pid]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -181,6 +225,9 @@ class ScopeServer:
         self._peers.clear()
         self._outbox.clear()
         self._discovering.clear()
+        for peer in list(self._sending):
+            self._stop_round(peer)
+        self._receiving.clear()
         for waiter in self._discovery_waiters:
             if not waiter.done():
                 waiter.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
@@ -383,25 +430,75 @@ class ScopeServer:
             return
         message = ["ops", self._outbox]
         self._outbox = []
-        self.node.broadcast_service(self.name, message, self._peers)
+        self.node.broadcast_service(self.name, message, self._peers, trusted=True)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:
             self._flush()
-        self.node.send_service(peer, self.name, message)
+        round_ = self._sending.get(peer)
+        if round_ is not None and message[0] in ("ping", "pong"):
+            round_.held.append(message)  # a barrier answers for the whole round
+            return
+        # Every payload here is built from validated terms: no second check.
+        self.node.send_service(peer, self.name, message, trusted=True)
 
-    def _local_rows(self) -> list[list[Any]]:
-        """This node's rows grouped by pid, as ``sync`` carries them."""
+    # -- gossip: sync rounds, sending --------------------------------------------------------
+
+    def _start_round(self, peer: str) -> None:
+        """Send `peer` this node's rows: the first part now, the rest from a task."""
+        self._stop_round(peer)
         is_local = self.runtime.is_local
-        by_pid: dict[Pid, list[list[Any]]] = {}
-        for key, pid, value, tag in self.table.rows():
-            if is_local(pid):
-                rows = by_pid.get(pid)
-                if rows is None:
-                    by_pid[pid] = [[key, value, tag]]
-                else:
-                    rows.append([key, value, tag])
-        return [[pid, rows] for pid, rows in by_pid.items()]
+        round_ = _Round(peer, [pid for pid in self.table.owners() if is_local(pid)])
+        self._sending[peer] = round_
+        # The first part goes out now, before any op that follows, so the receiver
+        # counts the pids of those ops as part of the round.
+        if self._send_part(round_):
+            self._end_round(round_)
+        else:
+            round_.task = asyncio.get_running_loop().create_task(
+                self._stream_round(round_), name=f"pgregistry sync {self.name} -> {peer}")
+
+    async def _stream_round(self, round_: _Round) -> None:
+        peer = round_.peer
+        while True:
+            # One part per loop iteration, and only while the peer takes them.
+            await asyncio.sleep(0)
+            if not await self.node.drain_peer(peer) or self._sending.get(peer) is not round_:
+                return
+            if self._send_part(round_):
+                self._end_round(round_)
+                return
+
+    def _send_part(self, round_: _Round) -> bool:
+        """Send the next part of `round_`; True if it was the last."""
+        pids, flat_rows, table = round_.pids, self.table.pid_rows_flat, self.table
+        groups: list[list[Any]] = []
+        rows = 0
+        i = round_.next
+        while i < len(pids) and rows < SYNC_PART_ROWS:
+            pid = pids[i]
+            i += 1
+            flat = flat_rows(pid)
+            if flat:  # a pid whose rows went since the round started: its ops said so
+                groups.append([pid, flat])
+                rows += len(flat) // 3
+        round_.next = i
+        last = i >= len(pids)
+        if self._outbox:
+            self._flush()
+        self.node.send_service(round_.peer, self.name, ["sync", groups, last], trusted=True)
+        return last
+
+    def _end_round(self, round_: _Round) -> None:
+        if self._sending.get(round_.peer) is round_:
+            del self._sending[round_.peer]
+        for message in round_.held:
+            self._send(round_.peer, message)
+
+    def _stop_round(self, peer: str) -> None:
+        round_ = self._sending.pop(peer, None)
+        if round_ is not None and round_.task is not None:
+            round_.task.cancel()
 
     # -- gossip: node callbacks -------------------------------------------------------------
 
@@ -411,13 +508,20 @@ class ScopeServer:
             self._discover(peer)
 
     def peer_down(self, peer: str, reason: str) -> None:
-        """A node connection was lost: its processes' rows leave."""
+        """A node connection was lost: its processes' rows leave (but see `_REPLACED`)."""
         self._discovered(peer)
+        if reason == _REPLACED and peer in self._peers:
+            # Keep the rows: the peer's next round, on the new connection, reconciles.
+            self._stop_round(peer)
+            self._receiving.pop(peer, None)
+            self._release_barriers(peer)
+            return
         self._forget_peer(peer)
 
     def peer_absent(self, peer: str) -> None:
         """`peer`'s node does not run this scope (answer to a message we sent it)."""
         self._discovered(peer)
+        self._forget_peer(peer)  # rows kept across a replaced connection, if any
 
     def peer_message(self, peer: str, payload: Any) -> None:
         """Apply one message of the peer protocol; malformed input is logged and dropped."""
@@ -432,19 +536,22 @@ class ScopeServer:
         if type(payload) is not list or not payload or type(payload[0]) is not str:
             raise _Malformed(f"not a tagged list: {payload!r:.80}")
         kind = payload[0]
-        if kind == "discover" or kind == "sync":
-            self._discovered(peer)
         if kind == "discover":
-            self._send(peer, ["sync", self._local_rows()])
+            asked_already = peer in self._discovering
+            self._discovered(peer)
+            self._start_round(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
-                self._send(peer, ["discover"])
+                if not asked_already:
+                    self._send(peer, ["discover"])
         elif kind == "sync":
-            if len(payload) != 2 or type(payload[1]) is not list:
-                raise _Malformed("sync needs one list of rows")
+            if len(payload) != 3 or type(payload[1]) is not list or type(payload[2]) is not bool:
+                raise _Malformed("sync needs a list of groups and a bool")
+            groups = self._parse_part(peer, payload[1])
+            self._discovered(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
-            self._apply_sync(peer, payload[1])
+            self._apply_part(peer, groups, payload[2])
         elif kind == "ping":
             self._send(peer, ["pong", payload[1] if len(payload) == 2 else None])
         elif peer not in self._peers:
@@ -500,6 +607,9 @@ class ScopeServer:
     def _remote_join(self, peer: str, key: Any, pid: Pid, value: Any, tag: int) -> None:
         self.table.insert(key, pid, value, tag)
         self._peers[peer].add(pid)
+        mentioned = self._receiving.get(peer)
+        if mentioned is not None:
+            mentioned.add(pid)
         if not self._quiet():
             self._publish_join(key, [(pid, value)])
 
@@ -527,43 +637,61 @@ class ScopeServer:
         if changed and (self._scope_subs or key in self._key_subs):
             self._publish_update(key, [(pid, old, value) for _tag, old in changed])
 
-    def _apply_sync(self, peer: str, groups: list[Any]) -> None:
-        """Make this node's view of `peer` equal to `groups` (its complete local rows)."""
-        incoming: dict[Pid, dict[int, tuple[Any, Any]]] = {}
+    def _parse_part(self, peer: str, groups: list[Any]) -> list[tuple[Pid, list[Any]]]:
+        """Check a whole sync part before any of it is applied; ``[(pid, flat rows)]``."""
+        parsed = []
         for group in groups:
             if type(group) is not list or len(group) != 2 or type(group[1]) is not list:
                 raise _Malformed(f"sync group {group!r:.60} is not [pid, rows]")
             pid = self._check_pid(peer, group[0])
-            rows = incoming.setdefault(pid, {})
-            for row in group[1]:
-                if type(row) is not list or len(row) != 3:
-                    raise _Malformed(f"sync row {row!r:.60} is not [key, value, tag]")
-                key, value, tag = row
-                rows[self._check_tag(tag)] = (self._check_key(key), value)
+            flat = group[1]
+            if len(flat) % 3:
+                raise _Malformed(f"sync rows of {pid!r} are not key, value, tag triples")
+            tags = flat[2::3]
+            if tags and not (set(map(type, tags)) == {int} and _TAG_MIN <= min(tags) and max(tags) <= _TAG_MAX):
+                raise _Malformed(f"sync rows of {pid!r} have a tag that is not an int64")
+            if len(set(tags)) != len(tags):
+                raise _Malformed(f"sync rows of {pid!r} repeat a tag")
+            try:
+                set(flat[0::3])  # hashes every key once; the table reuses str hashes
+            except TypeError:
+                raise _Malformed(f"sync rows of {pid!r} have an unhashable key") from None
+            parsed.append((pid, flat))
+        return parsed
+
+    def _apply_part(self, peer: str, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
+        """Make this node's view of each pid in `groups` what the part says (see the protocol)."""
+        mentioned = self._receiving.get(peer)
+        if mentioned is None:
+            mentioned = self._receiving[peer] = set()
         known = self._peers[peer]
+        table = self.table
+        quiet = self._quiet()
         leaves: dict[Any, list[tuple[Pid, Any]]] = {}
         updates: dict[Any, list[tuple[Pid, Any, Any]]] = {}
         joins: dict[Any, list[tuple[Pid, Any]]] = {}
-        for pid in known - incoming.keys():
-            for key, value, _tag in self.table.pop_pid(pid):
-                leaves.setdefault(key, []).append((pid, value))
-        table = self.table
-        for pid, rows in incoming.items():
-            for key, value, tag in table.pid_entries(pid):
-                now = rows.get(tag)
-                if now is None or not (now[0] is key or now[0] == key):
-                    table.pop(key, pid, tag)
+        for pid, flat in groups:
+            mentioned.add(pid)
+            if pid not in known:
+                # Nothing held of this pid: every row joins (the catch-up fast path).
+                insert = table.insert
+                for i in range(0, len(flat), 3):
+                    insert(flat[i], pid, flat[i + 1], flat[i + 2])
+                if not quiet:
+                    for i in range(0, len(flat), 3):
+                        joins.setdefault(flat[i], []).append((pid, flat[i + 1]))
+            else:
+                self._reconcile(pid, flat, leaves, updates, joins)
+            if table.count_pid(pid):
+                known.add(pid)
+            else:
+                known.discard(pid)
+        if last:
+            del self._receiving[peer]
+            for pid in known - mentioned:
+                for key, value, _tag in table.pop_pid(pid):
                     leaves.setdefault(key, []).append((pid, value))
-                elif not (now[1] is value or now[1] == value):
-                    table.update_row(key, pid, tag, now[1])
-                    updates.setdefault(key, []).append((pid, value, now[1]))
-                    del rows[tag]
-                else:
-                    del rows[tag]
-            for tag, (key, value) in rows.items():
-                table.insert(key, pid, value, tag)
-                joins.setdefault(key, []).append((pid, value))
-        self._peers[peer] = {pid for pid in incoming if table.count_pid(pid)}
+                known.discard(pid)
         for key, entries in leaves.items():
             self._publish_leave(key, entries)
         for key, changes in updates.items():
@@ -571,12 +699,37 @@ class ScopeServer:
         for key, entries in joins.items():
             self._publish_join(key, entries)
 
-    def _forget_peer(self, peer: str) -> None:
-        pids = self._peers.pop(peer, None)
+    def _reconcile(self, pid: Pid, flat: list[Any], leaves: dict[Any, list[tuple[Pid, Any]]],
+                   updates: dict[Any, list[tuple[Pid, Any, Any]]], joins: dict[Any, list[tuple[Pid, Any]]]) -> None:
+        """Diff the rows held of `pid` against its rows in a sync part."""
+        table = self.table
+        incoming = {flat[i + 2]: (flat[i], flat[i + 1]) for i in range(0, len(flat), 3)}
+        for key, value, tag in table.pid_entries(pid):
+            now = incoming.pop(tag, None)
+            if now is None or not (now[0] is key or now[0] == key):
+                table.pop(key, pid, tag)
+                leaves.setdefault(key, []).append((pid, value))
+                if now is not None:
+                    incoming[tag] = now  # same tag, other key: a new row
+            elif not (now[1] is value or now[1] == value):
+                table.update_row(key, pid, tag, now[1])
+                updates.setdefault(key, []).append((pid, value, now[1]))
+        for tag, (key, value) in incoming.items():
+            table.insert(key, pid, value, tag)
+            joins.setdefault(key, []).append((pid, value))
+
+    def _release_barriers(self, peer: str) -> None:
+        """`peer` will not answer the pings it was sent: barriers stop waiting for it."""
         for waiting, future in list(self._barriers.values()):
             waiting.discard(peer)
             if not waiting and not future.done():
                 future.set_result(None)
+
+    def _forget_peer(self, peer: str) -> None:
+        self._stop_round(peer)
+        self._receiving.pop(peer, None)
+        pids = self._peers.pop(peer, None)
+        self._release_barriers(peer)
         if not pids:
             return
         for pid in pids:

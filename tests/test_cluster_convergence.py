@@ -13,8 +13,9 @@ its node's view (DESIGN.md §4.1, §6).
   changes on both sides, heal; checks Leaves at the split and Joins at the heal exactly.
 * `test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join`: a link slowed
   (not severed) for less than ``down_after`` while a value changes: one `Update`.
-* `test_a_peer_that_reconnects_before_it_was_declared_down_gives_update` (xfail,
-  strict): the reconnect case of DESIGN.md §4.1, which gives Leave + Join today.
+* `test_a_peer_that_reconnects_before_it_was_declared_down_gives_update`: the reconnect
+  case of DESIGN.md §4.1: the connection is replaced, the rows stay, and the new
+  connection's sync round reports the changed value as one `Update`.
 * `ClusterMachine`: hypothesis stateful test, random register / unregister / update /
   exit / split / heal over 3 nodes, convergence checked after each heal and at the end.
 """
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pgregistry.events import Join, Leave, NodeDown, Update
+from pgregistry.scope import SYNC_PART_ROWS
 
 from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset
 from .helpers import run_as, spawn_agent, stop_agent
@@ -164,10 +166,6 @@ async def test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join() 
         assert A.reg.lookup("k") == [(b0, "v2")]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a reconnect before down_after replaces the connection: the node reports NodeDown "
-    "('connection replaced') and the scope purges then re-joins, so the subscriber sees "
-    "Leave + Join, not the Update of DESIGN.md 4.1 / S18 (the sync's update branch is unreachable)"))
 async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update() -> None:
     # A dialled B (through proxy A->B). That connection goes silent, and B loses it (its
     # "disconnect" and FIN are held by the blackhole): to A it is still up, as when B's
@@ -191,6 +189,75 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
         assert loop.time() - started < down_after / 2
         await cluster.wait_converged(timeout=10)
         assert A.events(mark) == [Update(A.ref, "k", [(b0, "v1", "v2")])]
+
+
+async def test_a_catch_up_streamed_in_parts_converges_with_changes_made_during_it() -> None:
+    # B joins A, which holds many sync parts' worth of rows, while A's processes keep
+    # changing them (update, exit, new rows, unregister): B must end with A's exact view,
+    # its watcher's snapshot + events must replay to it, and B's first `sync` (a barrier)
+    # must not return before the whole round is in.
+    per_agent, agents = SYNC_PART_ROWS // 4, 24  # six parts
+    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
+                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        assert cluster.partition is not None
+        cluster.partition.split({"A"}, {"B"})
+        await cluster.wait_split([{"A"}, {"B"}])
+        for i, agent in enumerate(A.agents):
+            await run_as(agent, lambda i=i: [A.reg.register(("key", i, j), j) for j in range(per_agent)])
+        total = per_agent * agents
+        assert A.reg.count() == total and B.reg.count() == 0
+
+        cluster.partition.heal()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while B.reg.count() == 0:  # the round has begun: B holds its first part
+            assert loop.time() < deadline, "no sync part reached B"
+            await asyncio.sleep(0)
+        await B.reg.sync()
+        assert B.reg.count() == A.reg.count()  # the first barrier waited for the whole round
+
+        a = A.agents
+        changes = [
+            run_as(a[-1], lambda: A.reg.update_value(("key", agents - 1, 0), "changed")),
+            stop_agent(a[-2], "crash"),
+            run_as(a[-3], lambda: [A.reg.register("new", n) for n in range(100)]),
+            run_as(a[-4], lambda: A.reg.unregister(("key", agents - 4, 1))),
+            stop_agent(a[0], "kill"),
+        ]
+        await asyncio.gather(*changes)
+        await cluster.wait_converged()
+        assert A.reg.count() == total - 2 * per_agent + 100 - 1
+
+
+async def test_a_change_racing_the_parts_of_a_round_is_not_lost() -> None:
+    # The same, with the changes fired while the round is still streaming.
+    per_agent, agents = SYNC_PART_ROWS // 2, 16  # eight parts
+    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
+                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        assert cluster.partition is not None
+        cluster.partition.split({"A"}, {"B"})
+        await cluster.wait_split([{"A"}, {"B"}])
+        for i, agent in enumerate(A.agents):
+            await run_as(agent, lambda i=i: [A.reg.register(("key", i), j) for j in range(per_agent)])
+        total = per_agent * agents
+        cluster.partition.heal()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while B.reg.count() == 0:
+            assert loop.time() < deadline, "no sync part reached B"
+            await asyncio.sleep(0)
+        a = A.agents
+        # Every agent changes: those whose part went out already and those still to come.
+        changes = [stop_agent(a[i], "kill") for i in range(0, agents, 4)]
+        changes += [run_as(a[i], lambda i=i: A.reg.update_value(("key", i), "v2")) for i in range(1, agents, 4)]
+        changes += [run_as(a[i], lambda i=i: A.reg.register(("extra", i), i)) for i in range(2, agents, 4)]
+        changes += [run_as(a[i], lambda i=i: A.reg.unregister(("key", i))) for i in range(3, agents, 4)]
+        await asyncio.gather(*changes)
+        await cluster.wait_converged()
+        # kills take every row of their agents; each unregister one row; each extra adds one
+        assert A.reg.count() == total - (agents // 4) * per_agent
 
 
 # --------------------------------------------------------------------------- stateful

@@ -205,11 +205,16 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
         await rc.sync()
         before = view(ra)
         foreign_pid = wc  # a pid of c, forged by b below
+        b_pid = spawn_agent(b)  # b's own, in malformed rows
         for payload in (
-            "not a list", [], [1, 2], ["nonsense"], ["sync"], ["sync", "x"], ["sync", [["pid", []]]],
+            "not a list", [], [1, 2], ["nonsense"], ["sync"], ["sync", "x", True], ["sync", [["pid", []]], True],
+            ["sync", [], "yes"], ["sync", [[foreign_pid, ["k", "v"]]], True],  # not triples; c's pid anyway
+            ["sync", [[b_pid, ["k", "v", 1, "k", "v", 1]]], True],  # a tag twice
+            ["sync", [[b_pid, ["k", "v", "tag"]]], True], ["sync", [[b_pid, ["k", "v", 2**63]]], True],
+            ["sync", [[b_pid, [["unhashable"], "v", 1]]], False],
             ["ops", "x"], ["ops", [["j", "k"]]], ["ops", [["l", [["k"]]]]], ["ops", [["u", [1], foreign_pid, 1]]],
             ["ops", [["j", "k", foreign_pid, "forged", 1]]],  # b may not speak for c's processes
-            ["sync", [[foreign_pid, [["k", "forged", 9]]]]],
+            ["sync", [[foreign_pid, ["k", "forged", 9]]], True],
             ["ping"], ["pong", "x"],
         ):
             assert b.send_service(a.id, "r", payload)
