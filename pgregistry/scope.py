@@ -457,6 +457,7 @@ class ScopeServer:
         else:
             round_.task = asyncio.get_running_loop().create_task(
                 self._stream_round(round_), name=f"pgregistry sync {self.name} -> {peer}")
+            round_.task.add_done_callback(self._round_done)
 
     async def _stream_round(self, round_: _Round) -> None:
         peer = round_.peer
@@ -468,6 +469,10 @@ class ScopeServer:
             if self._send_part(round_):
                 self._end_round(round_)
                 return
+
+    def _round_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scope %r: a sync round failed", self.name, exc_info=task.exception())
 
     def _send_part(self, round_: _Round) -> bool:
         """Send the next part of `round_`; True if it was the last."""

@@ -23,6 +23,7 @@ its node's view (DESIGN.md §4.1, §6).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pgregistry.events import Join, Leave, NodeDown, Update
 from pgregistry.scope import SYNC_PART_ROWS
 
-from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset
+from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset, until
 from .helpers import run_as, spawn_agent, stop_agent
 
 TICK = 0.05
@@ -169,8 +170,36 @@ async def test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join() 
 async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update() -> None:
     # A dialled B (through proxy A->B). That connection goes silent, and B loses it (its
     # "disconnect" and FIN are held by the blackhole): to A it is still up, as when B's
-    # side was reset and A never saw it. B changes a value, then dials A again through
-    # B->A, well within down_after. DESIGN.md 4.1: the changed value comes as an Update.
+    # side was reset and A never saw it. B changes its entries, then dials A again
+    # through B->A, well within down_after. DESIGN.md 4.1: the changed value comes as an
+    # Update; only what really went or came gives a Leave or a Join.
+    down_after = 1.5
+    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        b0 = B.agents[0]
+        await run_as(b0, lambda: (B.reg.register("k", "v1"), B.reg.register("gone", 1),
+                                  B.reg.register("same", 2)))
+        await B.reg.sync()
+        await cluster.flush_watchers()
+        mark = len(A.inbox)
+        assert cluster.partition is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cluster.partition.proxy("A", "B").blackhole()
+        await B.node.disconnect(A.node.id)
+        await run_as(b0, lambda: (B.reg.update_value("k", "v2"), B.reg.unregister("gone"),
+                                  B.reg.register("new", 3)))
+        await B.node.connect(A.node.id)
+        assert loop.time() - started < down_after / 2
+        await cluster.wait_converged(timeout=10)
+        assert A.events(mark) == [Leave(A.ref, "gone", [(b0, 1)]), Update(A.ref, "k", [(b0, "v1", "v2")]),
+                                  Join(A.ref, "new", [(b0, 3)])]
+
+
+async def test_rows_kept_across_a_replaced_connection_leave_if_the_scope_is_gone() -> None:
+    # As above, but B's registry stopped during the blip (its "bye" went nowhere): on
+    # the new connection B answers A's discover with "no such service", and A drops
+    # the rows it kept, with Leaves.
     down_after = 1.5
     async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
         A, B = cluster["A"], cluster["B"]
@@ -180,15 +209,14 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
         await cluster.flush_watchers()
         mark = len(A.inbox)
         assert cluster.partition is not None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         cluster.partition.proxy("A", "B").blackhole()
         await B.node.disconnect(A.node.id)
-        await run_as(b0, lambda: B.reg.update_value("k", "v2"))
+        await B.reg.stop()
         await B.node.connect(A.node.id)
-        assert loop.time() - started < down_after / 2
-        await cluster.wait_converged(timeout=10)
-        assert A.events(mark) == [Update(A.ref, "k", [(b0, "v1", "v2")])]
+        await until(lambda: A.reg.lookup("k") == [], 10, "B's rows to leave A", cluster.report)
+        assert B.node.id in A.node.peers()
+        await cluster.flush_watchers()
+        assert A.events(mark) == [Leave(A.ref, "k", [(b0, "v1")])]
 
 
 async def test_a_catch_up_streamed_in_parts_converges_with_changes_made_during_it() -> None:
@@ -258,6 +286,33 @@ async def test_a_change_racing_the_parts_of_a_round_is_not_lost() -> None:
         await cluster.wait_converged()
         # kills take every row of their agents; each unregister one row; each extra adds one
         assert A.reg.count() == total - (agents // 4) * per_agent
+
+
+async def test_a_round_cut_off_midway_is_dropped_and_the_next_one_converges(
+        caplog: pytest.LogCaptureFixture) -> None:
+    per_agent, agents = SYNC_PART_ROWS, 8  # eight parts or more
+    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
+                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        assert cluster.partition is not None
+        cluster.partition.split({"A"}, {"B"})
+        await cluster.wait_split([{"A"}, {"B"}])
+        for i, agent in enumerate(A.agents):
+            await run_as(agent, lambda i=i: [A.reg.register(("key", i), j) for j in range(per_agent)])
+        with caplog.at_level(logging.ERROR, logger="pgregistry"):
+            cluster.partition.heal()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while B.reg.count() == 0:
+                assert loop.time() < deadline, "no sync part reached B"
+                await asyncio.sleep(0)
+            cluster.partition.split({"A"}, {"B"})  # mid-round, most likely: either way B loses A's rows
+            await cluster.wait_split([{"A"}, {"B"}])
+            assert B.reg.count() == 0
+            cluster.partition.heal()
+            await cluster.wait_converged()
+        assert B.reg.count() == per_agent * agents
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # --------------------------------------------------------------------------- stateful

@@ -848,11 +848,25 @@ async def test_services_hear_of_peers_and_messages_in_order(caplog: pytest.LogCa
         await eventually(lambda: len(c_messages()) == 2, "c's messages")
         assert c_messages() == [("msg", a.id, {"all": True}), ("msg", a.id, "only c")]
 
+        # trusted: the payload is not walked first (the receiver still checks it)
+        assert a.send_service(c.id, "scope", ["trusted", (1, "x")], trusted=True)
+        assert a.broadcast_service("scope", "trusted to all", trusted=True) == 2
+        await eventually(lambda: len(c_messages()) == 4, "c's trusted messages")
+        assert c_messages()[2:] == [("msg", a.id, ["trusted", (1, "x")]), ("msg", a.id, "trusted to all")]
+        # a bulk sender paces itself with drain_peer
+        for i in range(200):
+            a.send_service(c.id, "scope", ["bulk", i, "x" * 10_000], trusted=True)
+        assert await a.drain_peer(c.id) is True
+        await eventually(lambda: len(c_messages()) == 204, "c's bulk messages")
+        assert [m[2][1] for m in c_messages()[4:]] == list(range(200))
+        assert await a.drain_peer("nobody@h:1") is False
+
         stats = a.connection_stats(b.id)
         assert stats is not None and stats["messages_sent"] >= 52 and stats["bytes_sent"] > 0
         assert a.connection_stats("nobody@h:1") is None
 
         await a.disconnect(b.id)
+        assert await a.drain_peer(b.id) is False
         assert on_a.calls[-1] == ("down", b.id, "disconnect")
         await eventually(lambda: on_b.calls[-1] == ("down", a.id, "disconnect"), "b's peer_down")
 

@@ -33,6 +33,7 @@ from pgregistry.wire import (
     WireError,
     decode,
     encode,
+    encode_trusted,
     frame,
     frame_many,
 )
@@ -167,6 +168,13 @@ def test_roundtrip_preserves_values_and_types(term: Any) -> None:
     data = encode(term)
     assert type(data) is bytes
     assert_same(decode(data), term)
+    assert encode_trusted(term) == data  # the unchecked path writes the same bytes
+
+
+@pytest.mark.parametrize("leaf", [object(), {1, 2}, 1j], ids=lambda x: type(x).__name__)
+def test_encode_trusted_still_refuses_what_it_cannot_pack(leaf: Any) -> None:
+    with pytest.raises(TypeError, match="not a term"):
+        encode_trusted(["sync", [[1, ["k", leaf, 1]]], True])
 
 
 @ROUNDTRIP
