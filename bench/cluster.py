@@ -74,13 +74,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 REGISTRY = "bench"
-PHASES = ("call", "latency", "churn", "throughput", "purge", "catchup")
+PHASES = ("rtt", "call", "latency", "churn", "throughput", "purge", "catchup")
 
 
 def now_ns() -> int:
@@ -316,6 +316,47 @@ class _ChildServer:
             return samples
 
         samples = await self._in_process(driver)
+        return summarize(samples)
+
+    # -- 0. baseline: a raw TCP round trip between two of these processes -------------------
+
+    async def cmd_echo_serve(self) -> int:
+        """Serve a bare asyncio echo protocol (no pgregistry) on loopback; return its port."""
+        loop = asyncio.get_running_loop()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = cast(asyncio.Transport, transport)
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(data)
+
+        self.echo_server = await loop.create_server(Echo, "127.0.0.1", 0)
+        return self.echo_server.sockets[0].getsockname()[1]
+
+    async def cmd_rtt_run(self, port: int, n: int, warmup: int) -> dict:
+        """Round trips of 8 bytes to an echo server, one at a time (a future per reply)."""
+        loop = asyncio.get_running_loop()
+        waiting: list[asyncio.Future[None]] = []
+
+        class Client(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                if waiting and not waiting[0].done():
+                    waiting[0].set_result(None)
+
+        transport, _protocol = await loop.create_connection(Client, "127.0.0.1", port)
+        samples = []
+        clock = time.monotonic_ns
+        try:
+            for i in range(warmup + n):
+                waiting[:] = [loop.create_future()]
+                t0 = clock()
+                transport.write(b"01234567")
+                await asyncio.wait_for(waiting[0], 5.0)
+                if i >= warmup:
+                    samples.append(clock() - t0)
+        finally:
+            transport.close()
         return summarize(samples)
 
     # -- 5. call ----------------------------------------------------------------------------
@@ -825,7 +866,7 @@ async def run_loop(loop: str, opts: argparse.Namespace, logdir: Path, res: dict[
     phases = opts.only
     cluster = Cluster(loop, opts, logdir)
     try:
-        if any(p in phases for p in ("call", "latency", "churn", "throughput", "purge")):
+        if any(p in phases for p in ("rtt", "call", "latency", "churn", "throughput", "purge")):
             a, b, c = await cluster.start("A", "B", "C")
             log(loop, f"nodes up: {a.id} {b.id} {c.id} (pids {a.pid} {b.pid} {c.pid}; table {a.info['table']}, "
                       f"loop {a.info['loop']})")
@@ -834,6 +875,11 @@ async def run_loop(loop: str, opts: argparse.Namespace, logdir: Path, res: dict[
             await asyncio.gather(*(x.cmd("wait_peers", n=2) for x in (a, b, c)))
             await settle([a, b, c], 0)
             abc = [a, b, c]
+
+            if "rtt" in phases:
+                log(loop, f"baseline: {opts.trials} bare TCP round trips A -> B")
+                port = await b.cmd("echo_serve")
+                res["rtt"] = await a.cmd("rtt_run", port=port, n=opts.trials, warmup=1000, timeout=120)
 
             if "call" in phases:
                 log(loop, f"call: {opts.trials} calls A -> B")
@@ -984,9 +1030,14 @@ def build_lines(results: dict[str, dict], opts: argparse.Namespace) -> list[Line
                 met[loop] = verdict(v, max_value, min_value)
         lines.append(Line(label, values, target, met))
 
+    add(f"0 baseline: bare asyncio TCP round trip between two of these processes, p50 ({opts.trials})",
+        lambda r: r["rtt"]["p50"], fmt_time)
+    add("  p99", lambda r: r["rtt"]["p99"], fmt_time)
     add(f"1 register on A -> Join at B's subscriber, p50 ({opts.trials} trials)",
         lambda r: r["latency"]["p50"], fmt_time, "<= 100 us", 100e-6)
     add("  p99", lambda r: r["latency"]["p99"], fmt_time, "<= 500 us", 500e-6)
+    add("  p50 / half the baseline round trip (a one-way trip)",
+        lambda r: r["latency"]["p50"] / (r["rtt"]["p50"] / 2), lambda v: "-" if v is None else f"{v:.2f}x")
     add("  mean / max", lambda r: r["latency"]["mean"], fmt_time)
     lines[-1].values = {loop: _pair(results[loop], "latency", "mean", "max") for loop in loops}
 
@@ -1040,6 +1091,8 @@ def build_lines(results: dict[str, dict], opts: argparse.Namespace) -> list[Line
     add(f"5 call to a Server on another node, p50 ({opts.trials} calls)", lambda r: r["call"]["p50"], fmt_time,
         "<= 150 us", 150e-6)
     add("  p99", lambda r: r["call"]["p99"], fmt_time)
+    add("  p50 / the baseline round trip", lambda r: r["call"]["p50"] / r["rtt"]["p50"],
+        lambda v: "-" if v is None else f"{v:.2f}x")
 
     add(f"6 churn on A: {opts.churn_rate}/s registrations + exits for {opts.churn:g} s, achieved",
         lambda r: 0, lambda v: "")
