@@ -1675,6 +1675,16 @@ cdef void _scratch_free(Scratch* s) noexcept:
 # ======================================================================================
 
 @cython.final
+cdef list _group_objects(GroupTable* gt):
+    """The object of every live group of `gt`, in creation order."""
+    cdef int32_t gi = gt.first
+    cdef list out = []
+    while gi >= 0:
+        out.append(<object>_G(gt, gi).obj)
+        gi = _G(gt, gi).next
+    return out
+
+
 cdef class Table:
     """Rows ``(key, pid, value, tag)`` indexed by key and by pid; see ``_core.pyi``."""
 
@@ -2542,21 +2552,7 @@ cdef class Table:
 
     def owners(self):
         """Distinct pids that have rows, in pid-group order (like `groups` for keys)."""
-        cdef int32_t gi
-        cdef Rec* rec
-        cdef RecBuf out
-        _rb_init(&out)
-        try:
-            _rb_reserve(&out, self._pids.live)
-            gi = self._pids.first
-            while gi >= 0:
-                rec = _rb_push(&out)
-                rec.a = _G(&self._pids, gi).obj
-                Py_INCREF(rec.a)
-                gi = _G(&self._pids, gi).next
-            return _build_list(&out, SH_A)
-        finally:
-            _rb_free(&out)
+        return _group_objects(&self._pids)
 
     def pid_rows_flat(self, pid):
         """``[key, value, tag, key, value, tag, ...]`` of `pid` in pid order (no tuples)."""
@@ -2580,21 +2576,7 @@ cdef class Table:
 
     def groups(self):
         """Distinct keys, in group order."""
-        cdef int32_t gi
-        cdef Rec* rec
-        cdef RecBuf out
-        _rb_init(&out)
-        try:
-            _rb_reserve(&out, self._keys.live)
-            gi = self._keys.first
-            while gi >= 0:
-                rec = _rb_push(&out)
-                rec.a = _G(&self._keys, gi).obj
-                Py_INCREF(rec.a)
-                gi = _G(&self._keys, gi).next
-            return _build_list(&out, SH_A)
-        finally:
-            _rb_free(&out)
+        return _group_objects(&self._keys)
 
     def count_key(self, key):
         cdef int32_t kgi = self._find_obj(&self._keys, key)

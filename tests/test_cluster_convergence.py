@@ -219,65 +219,62 @@ async def test_rows_kept_across_a_replaced_connection_leave_if_the_scope_is_gone
         assert A.events(mark) == [Leave(A.ref, "k", [(b0, "v1")])]
 
 
-async def test_a_catch_up_streamed_in_parts_converges_with_changes_made_during_it() -> None:
-    # B joins A, which holds many sync parts' worth of rows, while A's processes keep
-    # changing them (update, exit, new rows, unregister): B must end with A's exact view,
-    # its watcher's snapshot + events must replay to it, and B's first `sync` (a barrier)
-    # must not return before the whole round is in.
+def two_nodes_apart(agents: int) -> ProxiedCluster:
+    """A and B, `agents` agents each, their link cut (``split``) or restored (``heal``) at will."""
+    return ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
+                          down_after=DOWN, attributes=FAST_RECONNECT)
+
+
+async def fill_apart_then_heal(cluster: ProxiedCluster, per_agent: int) -> int:
+    """Split A from B, give each of A's agents `per_agent` rows, heal, and return once B
+    holds the first part of A's sync round (the round has begun). Returns A's row count."""
+    A, B = cluster["A"], cluster["B"]
+    assert cluster.partition is not None
+    cluster.partition.split({"A"}, {"B"})
+    await cluster.wait_split([{"A"}, {"B"}])
+    for i, agent in enumerate(A.agents):
+        await run_as(agent, lambda i=i: [A.reg.register(("key", i), j) for j in range(per_agent)])
+    assert A.reg.count() == per_agent * len(A.agents) and B.reg.count() == 0
+    cluster.partition.heal()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while B.reg.count() == 0:
+        assert loop.time() < deadline, "no sync part reached B"
+        await asyncio.sleep(0)
+    return A.reg.count()
+
+
+async def test_a_catch_up_streamed_in_parts_converges_with_changes_made_after_it() -> None:
+    # B joins A, which holds several sync parts' worth of rows. B's first `sync` (a
+    # barrier) must not return before the whole round is in; A's changes after it
+    # (update, exit, new rows, unregister) replicate, and B's watcher's snapshot +
+    # events replay to exactly B's view.
     per_agent, agents = SYNC_PART_ROWS // 4, 24  # six parts
-    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
-                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
+    async with two_nodes_apart(agents) as cluster:
         A, B = cluster["A"], cluster["B"]
-        assert cluster.partition is not None
-        cluster.partition.split({"A"}, {"B"})
-        await cluster.wait_split([{"A"}, {"B"}])
-        for i, agent in enumerate(A.agents):
-            await run_as(agent, lambda i=i: [A.reg.register(("key", i, j), j) for j in range(per_agent)])
-        total = per_agent * agents
-        assert A.reg.count() == total and B.reg.count() == 0
-
-        cluster.partition.heal()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while B.reg.count() == 0:  # the round has begun: B holds its first part
-            assert loop.time() < deadline, "no sync part reached B"
-            await asyncio.sleep(0)
+        total = await fill_apart_then_heal(cluster, per_agent)
         await B.reg.sync()
-        assert B.reg.count() == A.reg.count()  # the first barrier waited for the whole round
-
+        assert B.reg.count() == total  # the first barrier waited for the whole round
         a = A.agents
-        changes = [
-            run_as(a[-1], lambda: A.reg.update_value(("key", agents - 1, 0), "changed")),
+        await asyncio.gather(
+            run_as(a[-1], lambda: A.reg.update_value(("key", agents - 1), "changed")),
             stop_agent(a[-2], "crash"),
             run_as(a[-3], lambda: [A.reg.register("new", n) for n in range(100)]),
-            run_as(a[-4], lambda: A.reg.unregister(("key", agents - 4, 1))),
+            run_as(a[-4], lambda: A.reg.unregister(("key", agents - 4))),
             stop_agent(a[0], "kill"),
-        ]
-        await asyncio.gather(*changes)
+        )
         await cluster.wait_converged()
         assert A.reg.count() == total - 2 * per_agent + 100 - 1
 
 
 async def test_a_change_racing_the_parts_of_a_round_is_not_lost() -> None:
-    # The same, with the changes fired while the round is still streaming.
+    # The changes fire while the round is still streaming: to agents whose part went
+    # out already and to those whose part is still to come.
     per_agent, agents = SYNC_PART_ROWS // 2, 16  # eight parts
-    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
-                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
-        A, B = cluster["A"], cluster["B"]
-        assert cluster.partition is not None
-        cluster.partition.split({"A"}, {"B"})
-        await cluster.wait_split([{"A"}, {"B"}])
-        for i, agent in enumerate(A.agents):
-            await run_as(agent, lambda i=i: [A.reg.register(("key", i), j) for j in range(per_agent)])
-        total = per_agent * agents
-        cluster.partition.heal()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while B.reg.count() == 0:
-            assert loop.time() < deadline, "no sync part reached B"
-            await asyncio.sleep(0)
+    async with two_nodes_apart(agents) as cluster:
+        A = cluster["A"]
+        total = await fill_apart_then_heal(cluster, per_agent)
         a = A.agents
-        # Every agent changes: those whose part went out already and those still to come.
         changes = [stop_agent(a[i], "kill") for i in range(0, agents, 4)]
         changes += [run_as(a[i], lambda i=i: A.reg.update_value(("key", i), "v2")) for i in range(1, agents, 4)]
         changes += [run_as(a[i], lambda i=i: A.reg.register(("extra", i), i)) for i in range(2, agents, 4)]
@@ -291,27 +288,17 @@ async def test_a_change_racing_the_parts_of_a_round_is_not_lost() -> None:
 async def test_a_round_cut_off_midway_is_dropped_and_the_next_one_converges(
         caplog: pytest.LogCaptureFixture) -> None:
     per_agent, agents = SYNC_PART_ROWS, 8  # eight parts or more
-    async with ProxiedCluster(("A", "B"), mode="cut", agents_per_node=agents, tick_interval=TICK,
-                              down_after=DOWN, attributes=FAST_RECONNECT) as cluster:
-        A, B = cluster["A"], cluster["B"]
+    async with two_nodes_apart(agents) as cluster:
+        B = cluster["B"]
         assert cluster.partition is not None
-        cluster.partition.split({"A"}, {"B"})
-        await cluster.wait_split([{"A"}, {"B"}])
-        for i, agent in enumerate(A.agents):
-            await run_as(agent, lambda i=i: [A.reg.register(("key", i), j) for j in range(per_agent)])
         with caplog.at_level(logging.ERROR, logger="pgregistry"):
-            cluster.partition.heal()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 10
-            while B.reg.count() == 0:
-                assert loop.time() < deadline, "no sync part reached B"
-                await asyncio.sleep(0)
+            total = await fill_apart_then_heal(cluster, per_agent)
             cluster.partition.split({"A"}, {"B"})  # mid-round, most likely: either way B loses A's rows
             await cluster.wait_split([{"A"}, {"B"}])
             assert B.reg.count() == 0
             cluster.partition.heal()
             await cluster.wait_converged()
-        assert B.reg.count() == per_agent * agents
+        assert B.reg.count() == total
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
