@@ -51,9 +51,10 @@ lists of terms:
     the part was built, after every op about it sent before.
 ``["ops", [op, ...]]``
     Changes of the sender's own rows, batched once per loop iteration, in order:
-    ``["j", key, pid, value, tag]`` join, ``["l", [[key, pid, tag], ...]]`` leave (one op
-    per local leave, unregister_match or process exit), ``["u", key, pid, value]``
-    update of every row of pid under key.
+    ``["j", pid, [key, value, tag, key, value, tag, ...]]`` joins of one pid (consecutive
+    joins of a pid share one op, flat like a sync part), ``["l", [[key, pid, tag], ...]]``
+    leave (one op per local leave, unregister_match or process exit),
+    ``["u", key, pid, value]`` update of every row of pid under key.
 ``["ping", n]`` / ``["pong", n]``
     Barrier for `sync`: the answer comes after everything the receiver got before it,
     and after the rest of a sync round the answering side is still sending to the
@@ -267,7 +268,11 @@ class ScopeServer:
         if not self._quiet():
             self._publish_join(key, [(pid, value)])
         if self._peers:
-            self._queue(["j", key, pid, value, tag])
+            outbox = self._outbox
+            if outbox and outbox[-1][1] is pid and outbox[-1][0] == "j":
+                outbox[-1][2] += (key, value, tag)  # a burst of one process's joins: one op
+            else:
+                self._queue(["j", pid, [key, value, tag]])
 
     def leave_latest(self, key: Any, pid: Pid) -> bool:
         """Remove the most recently joined row of `pid` under `key`."""
@@ -598,9 +603,9 @@ class ScopeServer:
         if type(op) is not list or not op:
             raise _Malformed(f"op {op!r:.60} is not a tagged list")
         kind = op[0]
-        if kind == "j" and len(op) == 5:
-            _kind, key, pid, value, tag = op
-            self._remote_join(peer, self._check_key(key), self._check_pid(peer, pid), value, self._check_tag(tag))
+        if kind == "j" and len(op) == 3 and type(op[2]) is list:
+            pid = self._check_pid(peer, op[1])
+            self._remote_joins(peer, pid, self._check_rows(pid, op[2]))
         elif kind == "l" and len(op) == 2 and type(op[1]) is list:
             self._remote_leave(peer, op[1])
         elif kind == "u" and len(op) == 4:
@@ -609,14 +614,19 @@ class ScopeServer:
         else:
             raise _Malformed(f"unknown op {op!r:.60}")
 
-    def _remote_join(self, peer: str, key: Any, pid: Pid, value: Any, tag: int) -> None:
-        self.table.insert(key, pid, value, tag)
+    def _remote_joins(self, peer: str, pid: Pid, flat: list[Any]) -> None:
+        insert = self.table.insert
+        for i in range(0, len(flat), 3):
+            insert(flat[i], pid, flat[i + 1], flat[i + 2])
+        if not flat:
+            return
         self._peers[peer].add(pid)
         mentioned = self._receiving.get(peer)
         if mentioned is not None:
             mentioned.add(pid)
         if not self._quiet():
-            self._publish_join(key, [(pid, value)])
+            for i in range(0, len(flat), 3):
+                self._publish_join(flat[i], [(pid, flat[i + 1])])
 
     def _remote_leave(self, peer: str, triples: list[Any]) -> None:
         removed: dict[Any, list[tuple[Pid, Any]]] = {}
@@ -649,20 +659,24 @@ class ScopeServer:
             if type(group) is not list or len(group) != 2 or type(group[1]) is not list:
                 raise _Malformed(f"sync group {group!r:.60} is not [pid, rows]")
             pid = self._check_pid(peer, group[0])
-            flat = group[1]
-            if len(flat) % 3:
-                raise _Malformed(f"sync rows of {pid!r} are not key, value, tag triples")
-            tags = flat[2::3]
-            if tags and not (set(map(type, tags)) == {int} and _TAG_MIN <= min(tags) and max(tags) <= _TAG_MAX):
-                raise _Malformed(f"sync rows of {pid!r} have a tag that is not an int64")
-            if len(set(tags)) != len(tags):
-                raise _Malformed(f"sync rows of {pid!r} repeat a tag")
-            try:
-                set(flat[0::3])  # hashes every key once; the table reuses str hashes
-            except TypeError:
-                raise _Malformed(f"sync rows of {pid!r} have an unhashable key") from None
-            parsed.append((pid, flat))
+            parsed.append((pid, self._check_rows(pid, group[1])))
         return parsed
+
+    @staticmethod
+    def _check_rows(pid: Pid, flat: list[Any]) -> list[Any]:
+        """Check flat ``key, value, tag`` rows of `pid` (a sync part's or a join op's)."""
+        if len(flat) % 3:
+            raise _Malformed(f"rows of {pid!r} are not key, value, tag triples")
+        tags = flat[2::3]
+        if tags and not (set(map(type, tags)) == {int} and _TAG_MIN <= min(tags) and max(tags) <= _TAG_MAX):
+            raise _Malformed(f"rows of {pid!r} have a tag that is not an int64")
+        if len(set(tags)) != len(tags):
+            raise _Malformed(f"rows of {pid!r} repeat a tag")
+        try:
+            set(flat[0::3])  # hashes every key once; the table reuses str hashes
+        except TypeError:
+            raise _Malformed(f"rows of {pid!r} have an unhashable key") from None
+        return flat
 
     def _apply_part(self, peer: str, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
         """Make this node's view of each pid in `groups` what the part says (see the protocol)."""

@@ -8,6 +8,7 @@ barrier, and malformed peer messages.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any, AsyncIterator
 
@@ -69,6 +70,25 @@ async def test_joins_leaves_and_updates_replicate_in_order() -> None:
         assert rc.lookup("k") == [(other, "b"), (worker, "new"), (worker, "new")]
         assert ra.count() == rb.count() == rc.count() == 4
         assert rb.lookup_local("k") == [(other, "b")]
+
+
+async def test_interleaved_joins_of_several_processes_keep_their_order_on_peers() -> None:
+    async with cluster(2) as [(a, ra), (b, rb)]:
+        p, q = spawn_agent(a), spawn_agent(a)
+
+        async def register_in_bursts(bursts: list[list[int]]) -> None:
+            for burst in bursts:
+                for value in burst:
+                    ra.register("k", value)
+                await asyncio.sleep(0)  # the other process's burst goes in between
+
+        await asyncio.gather(run_as(p, lambda: register_in_bursts([[1, 2], [3], [4, 5, 6]])),
+                             run_as(q, lambda: register_in_bursts([[10], [11, 12], [13]])))
+        await ra.sync()
+        local = ra.lookup("k")
+        owners = [pid for pid, _value in local]
+        assert len(local) == 10 and owners != sorted(owners, key=owners.index)  # interleaved
+        assert rb.lookup("k") == local
 
 
 async def test_remote_changes_reach_subscribers_and_listeners() -> None:
@@ -213,7 +233,9 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
             ["sync", [[b_pid, ["k", "v", "tag"]]], True], ["sync", [[b_pid, ["k", "v", 2**63]]], True],
             ["sync", [[b_pid, [["unhashable"], "v", 1]]], False],
             ["ops", "x"], ["ops", [["j", "k"]]], ["ops", [["l", [["k"]]]]], ["ops", [["u", [1], foreign_pid, 1]]],
-            ["ops", [["j", "k", foreign_pid, "forged", 1]]],  # b may not speak for c's processes
+            ["ops", [["j", foreign_pid, ["k", "forged", 1]]]],  # b may not speak for c's processes
+            ["ops", [["j", b_pid, ["k", "v"]]]], ["ops", [["j", b_pid, [["unhashable"], "v", 1]]]],
+            ["ops", [["j", b_pid, ["k", "v", 1.5]]]], ["ops", [["j", "k", b_pid, "v", 1]]],  # the old shape
             ["sync", [[foreign_pid, ["k", "forged", 9]]], True],
             ["ping"], ["pong", "x"],
         ):
