@@ -85,7 +85,7 @@ import msgpack
 from msgpack import ExtType
 
 from .errors import RegistryError
-from .terms import MAX_DEPTH, Pid, Ref, check_value
+from .terms import Pid, Ref, check_value
 
 __all__ = [
     "WireError",

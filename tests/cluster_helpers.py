@@ -25,7 +25,7 @@ from pgregistry.registry import Registry
 from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkMode, Partition
 
-from .helpers import run_as, spawn_agent
+from .helpers import apply_event, run_as, spawn_agent
 
 COOKIE = "cluster-convergence-tests"
 SCOPE = "r"
@@ -57,24 +57,6 @@ def full_view(reg: Registry) -> View:
 def local_view(reg: Registry) -> View:
     """The node's own processes' entries."""
     return clean({key: multiset(reg.lookup_local(key)) for key in reg.which_groups()})
-
-
-def apply_event(view: dict[Any, list[tuple[Pid, Any]]], event: Any) -> None:
-    """Apply one subscriber event to a replayed view; `AssertionError` if it cannot apply."""
-    entries = view.setdefault(event.key, [])
-    if isinstance(event, Join):
-        entries.extend(event.entries)
-    elif isinstance(event, Leave):
-        for entry in event.entries:
-            assert entry in entries, f"{event!r} removes {entry!r}, which the subscriber never saw"
-            entries.remove(entry)
-    elif isinstance(event, Update):
-        for pid, old, new in event.changes:
-            assert (pid, old) in entries, f"{event!r} updates {(pid, old)!r}, which the subscriber never saw"
-            entries.remove((pid, old))
-            entries.append((pid, new))
-    if not entries:
-        del view[event.key]
 
 
 def describe(view: View) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from typing import Any, AsyncIterator, Callable
 
-from pgregistry.events import Down
+from pgregistry.events import Down, Join, Leave, Update
 from pgregistry.node import Node
 from pgregistry.process import current_process, receive
 from pgregistry.registry import Registry
@@ -128,3 +128,21 @@ async def drain(timeout: float = 0.0) -> list[Any]:
             out.append(await receive(timeout))
         except TimeoutError:
             return out
+
+
+def apply_event(view: dict[Any, list[tuple[Pid, Any]]], event: Any) -> None:
+    """Apply one subscriber event to a replayed view; `AssertionError` if it cannot apply."""
+    entries = view.setdefault(event.key, [])
+    if isinstance(event, Join):
+        entries.extend(event.entries)
+    elif isinstance(event, Leave):
+        for entry in event.entries:
+            assert entry in entries, f"{event!r} removes {entry!r}, which the subscriber never saw"
+            entries.remove(entry)
+    elif isinstance(event, Update):
+        for pid, old, new in event.changes:
+            assert (pid, old) in entries, f"{event!r} updates {(pid, old)!r}, which the subscriber never saw"
+            entries.remove((pid, old))
+            entries.append((pid, new))
+    if not entries:
+        del view[event.key]

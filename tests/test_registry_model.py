@@ -22,7 +22,7 @@ from pgregistry.events import Join, Leave, Update
 from pgregistry.node import Node
 from pgregistry.registry import Registry
 
-from .helpers import drain, run_as, spawn_agent, stop_agent
+from .helpers import apply_event, drain, run_as, spawn_agent, stop_agent
 
 KEYS = st.sampled_from(["a", "b", 1, 1.0, ("t", 1)])
 VALUES = st.sampled_from([None, 0, 1, "x", (1, 2), {"n": 1}])
@@ -37,21 +37,6 @@ OPS = st.one_of(
     st.tuples(st.just("unregister_name"), KEYS),
     st.tuples(st.just("exit"), AGENTS, st.sampled_from(["stop", "crash"])),
 )
-
-
-def apply(view: dict[Any, list[tuple[Any, Any]]], event: Any) -> None:
-    entries = view.setdefault(event.key, [])
-    if isinstance(event, Join):
-        entries.extend(event.entries)
-    elif isinstance(event, Leave):
-        for entry in event.entries:
-            entries.remove(entry)
-    elif isinstance(event, Update):
-        for pid, old, new in event.changes:
-            entries.remove((pid, old))
-            entries.append((pid, new))
-    if not entries:
-        del view[event.key]
 
 
 def as_multisets(view: dict[Any, list[tuple[Any, Any]]]) -> dict[Any, Counter]:
@@ -90,7 +75,7 @@ async def scenario(keys_mode: str, ops: list[tuple]) -> None:
                     assert keys_mode == "unique" and type(exc).__name__ == "AlreadyRegistered"
         for event in await drain():
             if isinstance(event, (Join, Leave, Update)):
-                apply(view if event.ref == ref else key_view, event)
+                apply_event(view if event.ref == ref else key_view, event)
         truth = {key: reg.lookup(key) for key in reg.which_groups()}
         assert as_multisets(view) == as_multisets(truth)
         assert as_multisets(key_view) == as_multisets({"a": reg.lookup("a")})
