@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pgregistry.events import Join, Leave, NodeDown, Update
+import pgregistry.scope as scope_module
 from pgregistry.scope import SYNC_PART_ROWS
 
 from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset, until
@@ -326,6 +327,8 @@ MACHINE_ATTRS = {"handshake_timeout": 0.4, "reconnect_max": 0.1}
 # well under a second even on a loaded machine; a failing example must fail, and be
 # replayed once, well within the 60 s pytest-timeout.
 MACHINE_WAIT = 6.0
+# Rows per sync part in the machine: its nodes hold a few rows each, in several parts.
+MACHINE_PART_ROWS = 2
 
 
 class ClusterMachine(RuleBasedStateMachine):
@@ -337,10 +340,14 @@ class ClusterMachine(RuleBasedStateMachine):
     anyone noticed it is a delay, which `test_a_blip_...` covers. After each heal, and at
     teardown, the cluster must converge: every view equals the union of the local
     entries. After every step each watcher's snapshot + events equals its node's view.
+    Sync rounds go in parts of `MACHINE_PART_ROWS` rows, so that every catch-up streams
+    in several parts, interleaved with the writes.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.part_rows = scope_module.SYNC_PART_ROWS
+        setattr(scope_module, "SYNC_PART_ROWS", MACHINE_PART_ROWS)
         self.loop = asyncio.new_event_loop()
         self.cluster = ProxiedCluster(NAMES, mode="cut", attributes=MACHINE_ATTRS, **MACHINE_NODE)
         self.groups: list[set[str]] | None = None
@@ -348,8 +355,11 @@ class ClusterMachine(RuleBasedStateMachine):
         try:
             self.run(self.cluster.start(), timeout=MACHINE_WAIT)
         except BaseException:
-            self.run(self.cluster.close(), timeout=MACHINE_WAIT)
-            self.loop.close()
+            try:
+                self.run(self.cluster.close(), timeout=MACHINE_WAIT)
+            finally:
+                self.loop.close()
+                setattr(scope_module, "SYNC_PART_ROWS", self.part_rows)
             raise
 
     def run(self, coro: Any, timeout: float = MACHINE_WAIT + 2) -> Any:
@@ -447,6 +457,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.run(self.cluster.close(), timeout=MACHINE_WAIT)
             finally:
                 self.loop.close()
+                setattr(scope_module, "SYNC_PART_ROWS", self.part_rows)
 
 
 # No shrink phase: a failing example costs up to MACHINE_WAIT per wait, so shrinking
