@@ -1670,11 +1670,6 @@ cdef void _scratch_free(Scratch* s) noexcept:
         s.heap = NULL
 
 
-# ======================================================================================
-# The table
-# ======================================================================================
-
-@cython.final
 cdef list _group_objects(GroupTable* gt):
     """The object of every live group of `gt`, in creation order."""
     cdef int32_t gi = gt.first
@@ -1685,6 +1680,11 @@ cdef list _group_objects(GroupTable* gt):
     return out
 
 
+# ======================================================================================
+# The table
+# ======================================================================================
+
+@cython.final
 cdef class Table:
     """Rows ``(key, pid, value, tag)`` indexed by key and by pid; see ``_core.pyi``."""
 

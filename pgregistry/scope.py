@@ -36,19 +36,21 @@ lists of terms:
     yet a scope peer it becomes one, and unless the receiver had itself sent a
     ``discover`` that is still unanswered, it gets a ``discover`` back (so two nodes
     that discover each other at once exchange one round each, not two).
-``["sync", [[pid, [key, value, tag, key, value, tag, ...]], ...], last]``
-    One part of a *sync round*: the sender's complete set of local rows, grouped by
-    pid, each pid's rows flat (no list per row) and whole in one part; ``last`` (a
-    bool) ends the round. Parts hold about `SYNC_PART_ROWS` rows; the first goes out at
-    once, the rest one per loop iteration, waiting while the connection's output is
-    above its high-water mark, so neither side's loop is blocked for long by a big
-    scope and no frame grows with the scope. The receiver applies each part as it
-    arrives: its view of each listed pid becomes what the part says (rows it no longer
-    lists leave with ``Leave``, changed values give ``Update``, new rows ``Join``); at
-    the last part, the pids of the sender it holds that the round did not mention
-    (neither in a part nor in a join op meanwhile) leave. Idempotent. ``ops`` may
-    interleave with the parts: a pid's part always carries its state at the moment
-    the part was built, after every op about it sent before.
+``["sync", n, [[pid, [key, value, tag, key, value, tag, ...]], ...], last]``
+    Part `n` (0, 1, 2, ...) of a *sync round*: the sender's complete set of local rows,
+    grouped by pid, each pid's rows flat (no list per row) and whole in one part, each
+    pid once in the round; ``last`` (a bool) ends the round. Parts hold about
+    `SYNC_PART_ROWS` rows; part 0 goes out at once, the rest one per loop iteration,
+    waiting while the connection's output is above its high-water mark, so neither
+    side's loop is blocked for long by a big scope and no frame grows with the scope.
+    The round lists the pids that had rows when it began, then those that join while
+    it runs; a pid whose rows went before its part was built is listed with none. The
+    receiver applies each part as it arrives: its view of each listed pid becomes what
+    the part says (rows it no longer lists leave with ``Leave``, changed values give
+    ``Update``, new rows ``Join``); at the last part, the sender's pids it holds that
+    the round did not list leave. A part out of sequence is malformed. Idempotent.
+    ``ops`` may interleave with the parts: a pid's part always carries its state at the
+    moment the part was built, after every op about it sent before.
 ``["ops", [op, ...]]``
     Changes of the sender's own rows, batched once per loop iteration, in order:
     ``["j", pid, [key, value, tag, key, value, tag, ...]]`` joins of one pid (consecutive
@@ -93,7 +95,7 @@ from .errors import AlreadyRegistered, NoProcess
 from .events import Join, Leave, Registered, Unregistered, Update
 from .node import Node
 from .process import Process
-from .terms import Pid, Ref
+from .terms import Pid, Ref, same_term
 
 __all__ = ["ScopeServer", "SYNC_PART_ROWS"]
 
@@ -127,14 +129,24 @@ class _Malformed(Exception):
 class _Round:
     """A sync round this server is sending to one peer."""
 
-    __slots__ = ("peer", "pids", "next", "task", "held")
+    __slots__ = ("peer", "pids", "listed", "next", "part", "task", "held")
 
-    def __init__(self, peer: str, pids: list[Pid]) -> None:
+    def __init__(self, peer: str, pids: list[Pid], held: list[list[Any]]) -> None:
         self.peer = peer
-        self.pids = pids  # local pids with rows when the round started, in table order
+        # Local pids with rows when the round began (table order), then those that join
+        # while it runs; each once.
+        self.pids = pids
+        self.listed = set(pids)
         self.next = 0  # index into `pids` of the next part's first pid
+        self.part = 0  # number of the next part
         self.task: asyncio.Task[None] | None = None
-        self.held: list[list[Any]] = []  # ping/pong to send once the round is out
+        self.held = held  # ping/pong to send once the round is out
+
+    def list_pid(self, pid: Pid) -> None:
+        """`pid` joined: make sure the round sends its state."""
+        if pid not in self.listed:
+            self.listed.add(pid)
+            self.pids.append(pid)
 
 
 def _group_by_key(pid: Pid, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list[tuple[Pid, Any]]]:
@@ -181,10 +193,10 @@ class ScopeServer:
         # "not running this scope"), and the `sync` calls waiting for them to answer.
         self._discovering: set[str] = set()
         self._discovery_waiters: list[asyncio.Future[None]] = []
-        # Sync rounds: being sent, per peer; being received, per peer: the pids the
-        # round (or a join op during it) mentioned so far.
+        # Sync rounds: being sent, per peer; being received, per peer: the number of
+        # the next part and the pids the round listed so far.
         self._sending: dict[str, _Round] = {}
-        self._receiving: dict[str, set[Pid]] = {}
+        self._receiving: dict[str, tuple[int, set[Pid]]] = {}  # next part, pids so far
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -267,6 +279,9 @@ class ScopeServer:
             self._watch(process)
         if not self._quiet():
             self._publish_join(key, [(pid, value)])
+        if self._sending:
+            for round_ in self._sending.values():
+                round_.list_pid(pid)
         if self._peers:
             outbox = self._outbox
             if outbox and outbox[-1][1] is pid and outbox[-1][0] == "j":
@@ -450,53 +465,74 @@ class ScopeServer:
     # -- gossip: sync rounds, sending --------------------------------------------------------
 
     def _start_round(self, peer: str) -> None:
-        """Send `peer` this node's rows: the first part now, the rest from a task."""
-        self._stop_round(peer)
+        """Send `peer` this node's rows: part 0 now, the rest from a task.
+
+        A round that was still running to `peer` stops; the pings and pongs it held
+        move to the new round.
+        """
+        old = self._sending.pop(peer, None)
+        if old is not None and old.task is not None:
+            old.task.cancel()
         is_local = self.runtime.is_local
-        round_ = _Round(peer, [pid for pid in self.table.owners() if is_local(pid)])
+        round_ = _Round(peer, [pid for pid in self.table.owners() if is_local(pid)],
+                        old.held if old is not None else [])
         self._sending[peer] = round_
-        # The first part goes out now, before any op that follows, so the receiver
-        # counts the pids of those ops as part of the round.
-        if self._send_part(round_):
+        # Part 0 goes out now, before any op that follows, so that the receiver sees
+        # every later op after the round began.
+        try:
+            last = self._send_part(round_)
+        except Exception:
+            log.exception("scope %r: the sync round to %s failed", self.name, peer)
+            last = True
+        if last:
             self._end_round(round_)
         else:
             round_.task = asyncio.get_running_loop().create_task(
                 self._stream_round(round_), name=f"pgregistry sync {self.name} -> {peer}")
-            round_.task.add_done_callback(self._round_done)
 
     async def _stream_round(self, round_: _Round) -> None:
-        peer = round_.peer
-        while True:
-            # One part per loop iteration, and only while the peer takes them.
-            await asyncio.sleep(0)
-            if not await self.node.drain_peer(peer) or self._sending.get(peer) is not round_:
-                return
-            if self._send_part(round_):
-                self._end_round(round_)
-                return
+        """Send the rest of `round_`, one part per loop iteration, as the peer takes them.
 
-    def _round_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("scope %r: a sync round failed", self.name, exc_info=task.exception())
+        Returns without ending the round when the peer is gone or a newer round took
+        over (whoever did that dealt with it); cancelled by `_stop_round`.
+        """
+        peer = round_.peer
+        try:
+            while True:
+                await asyncio.sleep(0)
+                if not await self.node.drain_peer(peer) or self._sending.get(peer) is not round_:
+                    return
+                if self._send_part(round_):
+                    break
+        except Exception:
+            log.exception("scope %r: the sync round to %s failed", self.name, peer)
+        self._end_round(round_)
 
     def _send_part(self, round_: _Round) -> bool:
         """Send the next part of `round_`; True if it was the last."""
-        pids, flat_rows, table = round_.pids, self.table.pid_rows_flat, self.table
+        pids, flat_rows = round_.pids, self.table.pid_rows_flat
         groups: list[list[Any]] = []
         rows = 0
         i = round_.next
         while i < len(pids) and rows < SYNC_PART_ROWS:
-            pid = pids[i]
+            flat = flat_rows(pids[i])
+            groups.append([pids[i], flat])  # empty: its rows went since the round began
+            rows += len(flat) // 3 or 1
             i += 1
-            flat = flat_rows(pid)
-            if flat:  # a pid whose rows went since the round started: its ops said so
-                groups.append([pid, flat])
-                rows += len(flat) // 3
         round_.next = i
         last = i >= len(pids)
+        n = round_.part
+        round_.part += 1
         if self._outbox:
             self._flush()
-        self.node.send_service(round_.peer, self.name, ["sync", groups, last], trusted=True)
+        try:
+            self.node.send_service(round_.peer, self.name, ["sync", n, groups, last], trusted=True)
+        except ValueError as exc:
+            # Only one process's rows can outgrow a frame (a part closes after the pid
+            # that fills it). The round goes on without them: the peer drops them.
+            log.error("scope %r: part %d of the sync round to %s not sent (%s); rows of %s missing",
+                      self.name, n, round_.peer, exc, [group[0] for group in groups])
+            self.node.send_service(round_.peer, self.name, ["sync", n, [], last], trusted=True)
         return last
 
     def _end_round(self, round_: _Round) -> None:
@@ -555,13 +591,17 @@ class ScopeServer:
                 if not asked_already:
                     self._send(peer, ["discover"])
         elif kind == "sync":
-            if len(payload) != 3 or type(payload[1]) is not list or type(payload[2]) is not bool:
-                raise _Malformed("sync needs a list of groups and a bool")
-            groups = self._parse_part(peer, payload[1])
+            if len(payload) != 4 or type(payload[1]) is not int or type(payload[2]) is not list \
+                    or type(payload[3]) is not bool:
+                raise _Malformed("sync needs a part number, a list of groups and a bool")
+            n, groups, last = payload[1], self._parse_part(peer, payload[2]), payload[3]
+            round_ = self._receiving.get(peer)
+            if n != (0 if round_ is None or n == 0 else round_[0]):
+                raise _Malformed(f"sync part {n} out of sequence")
             self._discovered(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
-            self._apply_part(peer, groups, payload[2])
+            self._apply_part(peer, n, groups, last)
         elif kind == "ping":
             self._send(peer, ["pong", payload[1] if len(payload) == 2 else None])
         elif peer not in self._peers:
@@ -621,22 +661,21 @@ class ScopeServer:
         if not flat:
             return
         self._peers[peer].add(pid)
-        mentioned = self._receiving.get(peer)
-        if mentioned is not None:
-            mentioned.add(pid)
         if not self._quiet():
             for i in range(0, len(flat), 3):
                 self._publish_join(flat[i], [(pid, flat[i + 1])])
 
     def _remote_leave(self, peer: str, triples: list[Any]) -> None:
-        removed: dict[Any, list[tuple[Pid, Any]]] = {}
-        touched: set[Pid] = set()
-        for triple in triples:
+        checked = []
+        for triple in triples:  # all checked before any row goes
             if type(triple) is not list or len(triple) != 3:
                 raise _Malformed(f"leave entry {triple!r:.60} is not [key, pid, tag]")
             key, pid, tag = triple
-            pid = self._check_pid(peer, pid)
-            value = self.table.pop(self._check_key(key), pid, self._check_tag(tag), _ABSENT)
+            checked.append((self._check_key(key), self._check_pid(peer, pid), self._check_tag(tag)))
+        removed: dict[Any, list[tuple[Pid, Any]]] = {}
+        touched: set[Pid] = set()
+        for key, pid, tag in checked:
+            value = self.table.pop(key, pid, tag, _ABSENT)
             if value is not _ABSENT:
                 removed.setdefault(key, []).append((pid, value))
                 touched.add(pid)
@@ -660,6 +699,8 @@ class ScopeServer:
                 raise _Malformed(f"sync group {group!r:.60} is not [pid, rows]")
             pid = self._check_pid(peer, group[0])
             parsed.append((pid, self._check_rows(pid, group[1])))
+        if len({pid for pid, _flat in parsed}) != len(parsed):
+            raise _Malformed("a sync part lists a pid twice")
         return parsed
 
     @staticmethod
@@ -678,11 +719,10 @@ class ScopeServer:
             raise _Malformed(f"rows of {pid!r} have an unhashable key") from None
         return flat
 
-    def _apply_part(self, peer: str, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
-        """Make this node's view of each pid in `groups` what the part says (see the protocol)."""
-        mentioned = self._receiving.get(peer)
-        if mentioned is None:
-            mentioned = self._receiving[peer] = set()
+    def _apply_part(self, peer: str, n: int, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
+        """Make this node's view of each pid in `groups` what part `n` says (see the protocol)."""
+        mentioned = set() if n == 0 else self._receiving[peer][1]
+        self._receiving[peer] = (n + 1, mentioned)
         known = self._peers[peer]
         table = self.table
         quiet = self._quiet()
@@ -730,7 +770,7 @@ class ScopeServer:
                 leaves.setdefault(key, []).append((pid, value))
                 if now is not None:
                     incoming[tag] = now  # same tag, other key: a new row
-            elif not (now[1] is value or now[1] == value):
+            elif not same_term(now[1], value):
                 table.update_row(key, pid, tag, now[1])
                 updates.setdefault(key, []).append((pid, value, now[1]))
         for tag, (key, value) in incoming.items():

@@ -17,9 +17,10 @@ pid never equals a plain tuple with the same fields.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Final
 
-__all__ = ["Pid", "Ref", "check_key", "check_value", "is_key", "is_value"]
+__all__ = ["Pid", "Ref", "check_key", "check_value", "is_key", "is_value", "same_term"]
 
 
 class _Id(tuple):
@@ -177,6 +178,27 @@ def check_value(value: Any, what: str = "value") -> Any:
     if problem is not None:
         raise TypeError(f"{what}: {problem}")
     return value
+
+
+def same_term(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are the same term: equal, with the same types throughout.
+
+    Python's ``==`` says ``1 == 1.0 == True`` and ``[1] == [True]``; a registry value
+    that changed from one to the other has changed. Floats compare by bits, so a NaN is
+    the same as itself and ``0.0`` is not ``-0.0``. Both must be terms (of any depth).
+    """
+    if a is b:
+        return True
+    t = type(a)
+    if t is not type(b):
+        return False
+    if t is float:
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b) or (a != a and b != b)
+    if t is list or t is tuple:
+        return len(a) == len(b) and all(map(same_term, a, b))
+    if t is dict:
+        return a.keys() == b.keys() and all(same_term(v, b[k]) for k, v in a.items())
+    return bool(a == b)
 
 
 def is_key(x: Any) -> bool:

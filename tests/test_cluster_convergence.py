@@ -178,8 +178,8 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
     async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
         A, B = cluster["A"], cluster["B"]
         b0 = B.agents[0]
-        await run_as(b0, lambda: (B.reg.register("k", "v1"), B.reg.register("gone", 1),
-                                  B.reg.register("same", 2)))
+        await run_as(b0, lambda: (B.reg.register("k", "v1"), B.reg.register("flag", 1),
+                                  B.reg.register("gone", 1), B.reg.register("same", 2)))
         await B.reg.sync()
         await cluster.flush_watchers()
         mark = len(A.inbox)
@@ -189,12 +189,63 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
         cluster.partition.proxy("A", "B").blackhole()
         await B.node.disconnect(A.node.id)
         await run_as(b0, lambda: (B.reg.update_value("k", "v2"), B.reg.unregister("gone"),
-                                  B.reg.register("new", 3)))
+                                  B.reg.register("new", 3),
+                                  B.reg.update_value("flag", True)))  # == 1, yet a change
         await B.node.connect(A.node.id)
         assert loop.time() - started < down_after / 2
         await cluster.wait_converged(timeout=10)
         assert A.events(mark) == [Leave(A.ref, "gone", [(b0, 1)]), Update(A.ref, "k", [(b0, "v1", "v2")]),
-                                  Join(A.ref, "new", [(b0, 3)])]
+                                  Update(A.ref, "flag", [(b0, 1, True)]), Join(A.ref, "new", [(b0, 3)])]
+        assert type(A.reg.lookup("flag")[0][1]) is bool
+
+
+async def test_a_process_that_leaves_during_a_blip_and_joins_during_the_next_round_loses_its_old_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # B's process x unregisters "old" while A cannot hear (A keeps x's rows across the
+    # replaced connection), then registers "new" while B's round to A is still
+    # streaming (parts of two rows). The join tells A about "new" only: the round must
+    # still say that "old" is gone.
+    monkeypatch.setattr(scope_module, "SYNC_PART_ROWS", 2)
+    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=1.5, agents_per_node=40) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        x = B.agents[0]
+        await run_as(x, lambda: B.reg.register("old", 1))
+        for agent in B.agents[1:]:
+            await run_as(agent, lambda: (B.reg.register("filler", 1), B.reg.register("filler", 2)))
+        await B.reg.sync()
+        assert A.reg.lookup("old") == [(x, 1)]
+        assert cluster.partition is not None
+        cluster.partition.proxy("A", "B").blackhole()
+        await B.node.disconnect(A.node.id)
+        await run_as(x, lambda: B.reg.unregister("old"))
+        await B.node.connect(A.node.id)
+        await run_as(x, lambda: B.reg.register("new", 2))  # about 40 parts: mid-round
+        await cluster.wait_converged(timeout=10)
+        assert A.reg.lookup("old") == [] and A.reg.lookup("new") == [(x, 2)]
+
+
+async def test_a_round_started_again_keeps_the_barriers_it_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A's `sync` ping to B waits behind A's round to B; B (misbehaving, or racing a
+    # scope restart) discovers again, which restarts the round: the ping must follow.
+    monkeypatch.setattr(scope_module, "SYNC_PART_ROWS", 2)
+    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=1.5, agents_per_node=60) as cluster:
+        A, B = cluster["A"], cluster["B"]
+        for agent in A.agents:
+            await run_as(agent, lambda: (A.reg.register("x", 1), A.reg.register("y", 2)))
+        await A.reg.sync()
+        assert B.node.send_service(A.node.id, "r", ["discover"])  # A sends B its rows again
+        scope = A.reg._scope  # staging the race needs to see the round running
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while B.node.id not in scope._sending:  # every iteration: the round lasts a few dozen
+            assert loop.time() < deadline, "A's round to B did not start"
+            await asyncio.sleep(0)
+        barrier = asyncio.ensure_future(A.reg.sync(5.0))
+        await asyncio.sleep(0)
+        assert B.node.id in scope._sending, "the round ended before the barrier was held"
+        assert B.node.send_service(A.node.id, "r", ["discover"])  # ... and again
+        await barrier
+        await cluster.wait_converged(timeout=10)
 
 
 async def test_rows_kept_across_a_replaced_connection_leave_if_the_scope_is_gone() -> None:

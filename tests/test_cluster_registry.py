@@ -223,20 +223,28 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
         wc = spawn_agent(c)
         await run_as(wc, lambda: rc.register("k", "c"))
         await rc.sync()
-        before = view(ra)
         foreign_pid = wc  # a pid of c, forged by b below
         b_pid = spawn_agent(b)  # b's own, in malformed rows
+        b_row_pid = spawn_agent(b)
+        await run_as(b_row_pid, lambda: rb.register("b-row", 1))  # tag 1 of b's scope
+        await rb.sync()
+        before = view(ra)
+        assert ra.lookup("b-row") == [(b_row_pid, 1)]
         for payload in (
-            "not a list", [], [1, 2], ["nonsense"], ["sync"], ["sync", "x", True], ["sync", [["pid", []]], True],
-            ["sync", [], "yes"], ["sync", [[foreign_pid, ["k", "v"]]], True],  # not triples; c's pid anyway
-            ["sync", [[b_pid, ["k", "v", 1, "k", "v", 1]]], True],  # a tag twice
-            ["sync", [[b_pid, ["k", "v", "tag"]]], True], ["sync", [[b_pid, ["k", "v", 2**63]]], True],
-            ["sync", [[b_pid, [["unhashable"], "v", 1]]], False],
+            "not a list", [], [1, 2], ["nonsense"], ["sync"], ["sync", 0, "x", True], ["sync", 0, [["pid", []]], True],
+            ["sync", 0, [], "yes"], ["sync", "0", [], True], ["sync", [], True],  # the part number is missing
+            ["sync", 1, [], True],  # out of sequence: no round is running
+            ["sync", 0, [[foreign_pid, ["k", "v"]]], True],  # not triples; c's pid anyway
+            ["sync", 0, [[b_pid, ["k", "v", 1, "k", "v", 1]]], True],  # a tag twice
+            ["sync", 0, [[b_pid, ["k", "v", 1]], [b_pid, ["k2", "v", 2]]], True],  # a pid twice
+            ["sync", 0, [[b_pid, ["k", "v", "tag"]]], True], ["sync", 0, [[b_pid, ["k", "v", 2**63]]], True],
+            ["sync", 0, [[b_pid, [["unhashable"], "v", 1]]], False],
             ["ops", "x"], ["ops", [["j", "k"]]], ["ops", [["l", [["k"]]]]], ["ops", [["u", [1], foreign_pid, 1]]],
             ["ops", [["j", foreign_pid, ["k", "forged", 1]]]],  # b may not speak for c's processes
             ["ops", [["j", b_pid, ["k", "v"]]]], ["ops", [["j", b_pid, [["unhashable"], "v", 1]]]],
             ["ops", [["j", b_pid, ["k", "v", 1.5]]]], ["ops", [["j", "k", b_pid, "v", 1]]],  # the old shape
-            ["sync", [[foreign_pid, ["k", "forged", 9]]], True],
+            ["ops", [["l", [["b-row", b_row_pid, 1], "bad"]]]],  # nothing leaves unless all is well formed
+            ["sync", 0, [[foreign_pid, ["k", "forged", 9]]], True],
             ["ping"], ["pong", "x"],
         ):
             assert b.send_service(a.id, "r", payload)

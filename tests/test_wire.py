@@ -20,7 +20,7 @@ from msgpack import ExtType
 
 from pgregistry import wire
 from pgregistry.errors import RegistryError
-from pgregistry.terms import MAX_DEPTH, Pid, Ref, check_value, is_value
+from pgregistry.terms import MAX_DEPTH, Pid, Ref, check_value, is_value, same_term
 from pgregistry.wire import (
     DEFAULT_LIMITS,
     EXT_BIGINT,
@@ -161,6 +161,28 @@ def decodes_safely(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
 
 
 # --------------------------------------------------------------------------- round trip
+
+@ROUNDTRIP
+@given(values)
+def test_a_term_is_the_same_term_as_its_round_trip(term: Any) -> None:
+    assert same_term(term, decode(encode(term)))
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    (1, True), (1, 1.0), (0, False), ([1], [True]), ((1, 2), [1, 2]), ({"a": 1}, {"a": 1.0}),
+    (0.0, -0.0), ({"a": 1}, {"a": 1, "b": 2}), ([1, [2]], [1, [2.0]]), (Pid("n", 1, 1), Pid("n", 1, 2)),
+    (Pid("n", 1, 1), Ref("n", 1, 1)), ("a", b"a"),
+], ids=repr)
+def test_equal_but_different_values_are_not_the_same_term(a: Any, b: Any) -> None:
+    assert not same_term(a, b) and not same_term(b, a)
+
+
+def test_same_term_accepts_equal_copies_and_nan() -> None:
+    nan = float("nan")
+    for a, b in [([1, {"x": (2, "y")}], [1, {"x": (2, "y")}]), (nan, float("nan")), ([nan], [nan]),
+                 (Pid("n", 1, 1), Pid("n", 1, 1)), (None, None), (2**70, 2**70)]:
+        assert same_term(a, b)
+
 
 @ROUNDTRIP
 @given(values)
