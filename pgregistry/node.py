@@ -819,11 +819,12 @@ class Node:
                           trusted: bool = False) -> int:
         """`send_service` to every connected peer (or those of `peers`); encoded once.
 
-        Returns how many peers it was queued to.
+        Returns how many peers it was queued to. `ValueError`, with nothing sent to
+        anyone, if the message exceeds the frame limit of one of them.
         """
         data = (encode_trusted if trusted else encode)(["svc", name, payload])
         if peers is None:
-            targets = [peer.conn for peer in self._up.values()]
+            targets = [peer.conn for peer in self._up.values() if peer.conn is not None]
         else:
             targets = []
             for peer_id in peers:
@@ -831,8 +832,11 @@ class Node:
                 if record is not None and record.conn is not None:
                     targets.append(record.conn)
         for conn in targets:
-            if conn is not None:
-                conn.send_encoded(data)
+            if len(data) > conn.peer_max_frame:
+                raise ValueError(f"message of {len(data)} bytes exceeds the frame limit of {conn.peer_max_frame} "
+                                 f"of a peer; sent to nobody")
+        for conn in targets:
+            conn.send_encoded(data)
         return len(targets)
 
     async def drain_peer(self, peer: str) -> bool:

@@ -448,9 +448,25 @@ class ScopeServer:
         self._flush_scheduled = False
         if not self._outbox:
             return
-        message = ["ops", self._outbox]
-        self._outbox = []
-        self.node.broadcast_service(self.name, message, self._peers, trusted=True)
+        ops, self._outbox = self._outbox, []
+        self._broadcast_ops(ops)
+
+    def _broadcast_ops(self, ops: list[list[Any]]) -> None:
+        try:
+            self.node.broadcast_service(self.name, ["ops", ops], self._peers, trusted=True)
+        except ValueError as exc:  # over a peer's frame limit (sent to nobody): halve it
+            if len(ops) > 1:
+                half = len(ops) // 2
+                self._broadcast_ops(ops[:half])
+                self._broadcast_ops(ops[half:])
+                return
+            op = ops[0]
+            if op[0] == "j" and len(op[2]) > 3:  # a burst of joins: halve the rows
+                half = len(op[2]) // 6 * 3
+                self._broadcast_ops([["j", op[1], op[2][:half]]])
+                self._broadcast_ops([["j", op[1], op[2][half:]]])
+                return
+            log.error("scope %r: an op too large for a peer was not sent (%s): %.200r", self.name, exc, op)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:
@@ -482,8 +498,8 @@ class ScopeServer:
         try:
             last = self._send_part(round_)
         except Exception:
-            log.exception("scope %r: the sync round to %s failed", self.name, peer)
-            last = True
+            self._round_failed(round_)
+            return
         if last:
             self._end_round(round_)
         else:
@@ -505,8 +521,15 @@ class ScopeServer:
                 if self._send_part(round_):
                     break
         except Exception:
-            log.exception("scope %r: the sync round to %s failed", self.name, peer)
+            self._round_failed(round_)
+            return
         self._end_round(round_)
+
+    def _round_failed(self, round_: _Round) -> None:
+        # A bug, not a peer's doing. The round stays registered, unfinished: the peer
+        # keeps what it got, and the barriers it holds time out rather than report a
+        # sync that did not happen. The peer's next discover starts a new round.
+        log.exception("scope %r: the sync round to %s failed at part %d", self.name, round_.peer, round_.part)
 
     def _send_part(self, round_: _Round) -> bool:
         """Send the next part of `round_`; True if it was the last."""
@@ -521,19 +544,26 @@ class ScopeServer:
             i += 1
         round_.next = i
         last = i >= len(pids)
-        n = round_.part
-        round_.part += 1
         if self._outbox:
             self._flush()
-        try:
-            self.node.send_service(round_.peer, self.name, ["sync", n, groups, last], trusted=True)
-        except ValueError as exc:
-            # Only one process's rows can outgrow a frame (a part closes after the pid
-            # that fills it). The round goes on without them: the peer drops them.
-            log.error("scope %r: part %d of the sync round to %s not sent (%s); rows of %s missing",
-                      self.name, n, round_.peer, exc, [group[0] for group in groups])
-            self.node.send_service(round_.peer, self.name, ["sync", n, [], last], trusted=True)
+        self._send_groups(round_, groups, last)
         return last
+
+    def _send_groups(self, round_: _Round, groups: list[list[Any]], last: bool) -> None:
+        """Send `groups` as the next part(s): one part, or one per pid if that is too big."""
+        try:
+            self.node.send_service(round_.peer, self.name, ["sync", round_.part, groups, last], trusted=True)
+        except ValueError as exc:  # over the peer's frame limit; nothing was sent
+            if len(groups) > 1:
+                for i, group in enumerate(groups):
+                    self._send_groups(round_, [group], last and i == len(groups) - 1)
+                return
+            # One process with more rows than a frame holds: the peer does without them.
+            log.error("scope %r: the rows of %r are too large for %s (%s); it will not hold them",
+                      self.name, groups[0][0], round_.peer, exc)
+            groups = []
+            self.node.send_service(round_.peer, self.name, ["sync", round_.part, groups, last], trusted=True)
+        round_.part += 1
 
     def _end_round(self, round_: _Round) -> None:
         if self._sending.get(round_.peer) is round_:
@@ -627,8 +657,8 @@ class ScopeServer:
 
     @staticmethod
     def _check_tag(tag: Any) -> int:
-        if type(tag) is not int:
-            raise _Malformed(f"tag {tag!r:.40} is not an int")
+        if type(tag) is not int or not _TAG_MIN <= tag <= _TAG_MAX:
+            raise _Malformed(f"tag {tag!r:.40} is not an int64")
         return tag
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, AsyncIterator
 
 import pytest
@@ -244,6 +245,7 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
             ["ops", [["j", b_pid, ["k", "v"]]]], ["ops", [["j", b_pid, [["unhashable"], "v", 1]]]],
             ["ops", [["j", b_pid, ["k", "v", 1.5]]]], ["ops", [["j", "k", b_pid, "v", 1]]],  # the old shape
             ["ops", [["l", [["b-row", b_row_pid, 1], "bad"]]]],  # nothing leaves unless all is well formed
+            ["ops", [["l", [["b-row", b_row_pid, 1], ["b-row", b_row_pid, 2**64 - 1]]]]],  # not an int64 tag
             ["sync", 0, [[foreign_pid, ["k", "forged", 9]]], True],
             ["ping"], ["pong", "x"],
         ):
@@ -254,6 +256,37 @@ async def test_malformed_peer_messages_are_dropped_and_the_scope_keeps_serving()
         await run_as(wb, lambda: rb.register("still", "works"))
         await rb.sync()
         assert ra.lookup("still") == [(wb, "works")]
+
+
+async def test_what_outgrows_a_peers_frame_limit_is_split_and_only_the_oversized_is_left_out(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with cluster(2) as [(a, ra), (b, rb)]:
+        small = [spawn_agent(b) for _ in range(5)]
+        big = spawn_agent(b)
+        for i, agent in enumerate(small):
+            await run_as(agent, lambda i=i: rb.register(("k", i), "x" * 3000))
+        await run_as(big, lambda: [rb.register("big", "y" * 3000) for _ in range(4)])
+        await rb.sync()
+        assert ra.count() == 9
+        # Staging: a's connection now takes frames of 10 kB at most (as if a had said
+        # so at the handshake). Each small process's rows fit alone, not all together;
+        # the big one's 12 kB fit in no frame.
+        connection = b._peers[a.id].conn
+        assert connection is not None
+        connection.peer_max_frame = 10_000
+        with caplog.at_level(logging.ERROR, logger="pgregistry.scope"):
+            assert a.send_service(b.id, "r", ["discover"])  # b sends a new round
+            await rb.sync()  # b's barrier waits for the round
+            assert [ra.lookup(("k", i)) for i in range(5)] == [[(pid, "x" * 3000)] for pid in small]
+            assert ra.lookup("big") == []  # left out of the round: no frame holds them
+            other = spawn_agent(b)
+            await run_as(other, lambda: (rb.register("ok", 1), rb.register("huge", "z" * 20_000),
+                                         rb.register("ok", 2)))  # one batch of ops, too big
+            await rb.sync()
+        assert ra.lookup("ok") == [(other, 1), (other, 2)] and ra.lookup("huge") == []
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(repr(big) in message for message in errors), errors
+        assert any("too large" in message and "huge" in message for message in errors), errors
 
 
 class Echo(Server):
