@@ -74,6 +74,11 @@ connection reconciles them, so a value changed meanwhile arrives as an ``Update`
 as a ``Leave`` and a ``Join``. If the new connection says the scope is not running
 there, or goes down too, the rows leave then.
 
+A part or an ``ops`` batch too large for the peer's frame limit is split (one part per
+pid, halves of a batch, halves of a burst of joins); a single process's rows, or one
+row, that fit in no frame are left out, with an error logged: the peer does not hold
+them.
+
 Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
 are ignored; so are malformed messages, and rows whose pid does not belong to the
 sending node (a peer only ever speaks for its own processes). When a peer is lost
