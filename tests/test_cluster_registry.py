@@ -289,6 +289,31 @@ async def test_what_outgrows_a_peers_frame_limit_is_split_and_only_the_oversized
         assert any("too large" in message and "huge" in message for message in errors), errors
 
 
+async def test_a_round_that_fails_on_a_bug_leaves_its_barriers_waiting_not_reporting_a_sync(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with cluster(2) as [(a, ra), (b, rb)]:
+        worker = spawn_agent(b)
+        await run_as(worker, lambda: rb.register("k", 1))
+        await rb.sync()
+        scope = rb._scope
+        working = scope._send_part
+
+        def broken(round_: Any) -> bool:  # stands for a bug in building a part
+            raise RuntimeError("bug")
+
+        scope._send_part = broken
+        with caplog.at_level(logging.ERROR, logger="pgregistry.scope"):
+            assert a.send_service(b.id, "r", ["discover"])  # b starts a round to a: it fails
+            await eventually(lambda: any("sync round" in r.getMessage() and r.exc_info for r in caplog.records),
+                             what="the failure logged")
+            with pytest.raises(TimeoutError):
+                await rb.sync(0.3)  # the ping waits behind the unfinished round
+        scope._send_part = working
+        assert a.send_service(b.id, "r", ["discover"])  # the next discover: a new round
+        await rb.sync(5.0)
+        assert ra.lookup("k") == [(worker, 1)]
+
+
 class Echo(Server):
     async def handle_call(self, request: Any, caller: Any) -> Any:
         return ("echo", request)
