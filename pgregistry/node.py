@@ -264,6 +264,7 @@ class _Peer:
         "route",
         "member",
         "blocked",
+        "disconnected_at",
         "gossip_tries",
         "reconnect",
         "kick",
@@ -281,6 +282,7 @@ class _Peer:
         self.route: str | None = None  # the address to dial, if not the id's host:port
         self.member = False  # remembered: redialled after a loss
         self.blocked = False  # disconnected: never dialled until an explicit connect
+        self.disconnected_at = 0  # the node's disconnect count when it last disconnected this peer
         self.gossip_tries = 0  # dials left for a node only heard of through ``members``
         self.reconnect: asyncio.Task[None] | None = None
         self.kick: asyncio.Event | None = None  # wakes the reconnect loop early
@@ -388,6 +390,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._services: dict[str, Any] = {}
         self._peers: dict[str, _Peer] = {}
+        self._disconnects = 0  # `disconnect` calls so far: a connect begun before one yields to it
         self._links: dict[Connection, _Link] = {}
         self._up: dict[Connection, _Peer] = {}  # confirmed connections, in the order they came up
         self._node_monitors: dict[Pid, None] = {}
@@ -677,6 +680,8 @@ class Node:
         record = self._peer(peer)
         record.blocked = True
         record.member = False
+        self._disconnects += 1
+        record.disconnected_at = self._disconnects
         self._stop_reconnect(record)
         closing: list[Connection] = []
         link = record.link
@@ -1223,6 +1228,7 @@ class Node:
 
     async def _dial(self, address: str, *, explicit: bool, expect: str | None) -> _Link:
         """Open a connection to `address` and say hello; the verdict comes later."""
+        disconnects_before = self._disconnects
         conn = await self._endpoint.connect(address)
         link = self._links.get(conn)
         if link is None or conn.closed:
@@ -1237,6 +1243,8 @@ class Node:
             problem = f"{address} is node {peer_id}, not {expect}"
         elif not explicit and self._peer(peer_id).blocked:
             problem = f"disconnected from {peer_id}"
+        elif self._peer(peer_id).disconnected_at > disconnects_before:
+            problem = f"disconnected from {peer_id} while connecting"  # the later call wins
         if problem is not None:
             conn.close(problem)
             raise ConnectionError(problem)
@@ -1410,10 +1418,22 @@ class Node:
             peer.kick.set()  # a reconnect loop still sleeping ends now
         self._up[conn] = peer
         logger.info("node %s: %s is up (creation %d)", self.id, peer.id, peer.creation)
-        conn.send(["members", [other.id for other in self._up.values() if other is not peer]])
+        self._send_members(conn, [other.id for other in self._up.values() if other is not peer])
         self._notify_node_monitors(NodeUp(peer.id))
         self._notify_services("peer_up", peer.id)
         self._wake(peer)
+
+    def _send_members(self, conn: Connection, members: list[str]) -> None:
+        """Tell a new peer the other members, in one message if its frame limit allows."""
+        try:
+            conn.send(["members", members])
+        except ValueError:  # the peer announced a small frame limit: one id at a time
+            for member in members:
+                try:
+                    conn.send(["members", [member]])
+                except ValueError:
+                    logger.warning("node %s: %s takes frames too small for a node id; it is not told of %s",
+                                   self.id, conn.peer_id, member)
 
     def _peer_down(self, peer: _Peer, reason: str) -> None:
         """The peer's confirmed connection is gone (or going): everything that follows."""

@@ -354,10 +354,13 @@ class _Link:
         if signal is _Signal.EOF:
             pipe.eof_delivered = True
             if usable and transport is not None:
-                if transport.can_write_eof():
-                    transport.write_eof()
-                else:
-                    transport.close()
+                try:
+                    if transport.can_write_eof():
+                        transport.write_eof()
+                    else:
+                        transport.close()
+                except OSError:  # the socket went meanwhile (ENOTCONN during a cut)
+                    transport.abort()
             if all(p.eof_delivered for p in self.pipes):
                 # Both directions ended: nothing more can cross, release the sockets.
                 for other in self.transports:

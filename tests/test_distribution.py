@@ -426,6 +426,39 @@ async def test_a_disconnect_while_apart_is_learnt_on_the_next_redial() -> None:
             await connected(a, b)
 
 
+async def test_a_disconnect_made_while_a_connect_is_under_way_wins() -> None:
+    async with started(make_node("a"), make_node("b")) as (a, b):
+        await a.connect(b.id)
+        await connected(a, b)
+        await a.disconnect(b.id)
+        connecting = asyncio.ensure_future(a.connect(b.id))
+        await asyncio.sleep(0)  # the connect waits for the transport handshake
+        await a.disconnect(b.id)  # called later: it is the one that holds
+        with pytest.raises(ConnectionError, match="disconnected"):
+            await connecting
+        await asyncio.sleep(3 * a.reconnect_max)  # observation window: longer than any backoff
+        assert not a.peers() and not b.peers()
+        assert await a.connect(b.id) == b.id
+        await connected(a, b)
+
+
+async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -> None:
+    # z announces a 256-byte frame limit at its transport handshake (staged on its
+    # endpoint): the member list a sends it does not fit in one message.
+    others = [make_node("x" * 60 + str(i)) for i in range(6)]
+    async with started(make_node("a"), *others, make_node("z")) as (a, *rest, z):
+        z._endpoint.max_frame = 256
+        for other in rest:
+            await a.connect(other.id)
+        await connected(a, *rest)
+        events = await node_watcher(a)
+        assert await z.connect(a.id) == a.id
+        await connected(a, z, *rest)
+        assert await asyncio.wait_for(events.get(), T) == NodeUp(z.id)
+        await asyncio.sleep(0.2)
+        assert events.empty()  # no NodeDown: the connection stayed up
+
+
 async def test_cut_link_gives_noconnection_then_reconnects_with_backoff() -> None:
     async with started(make_node("a"), make_node("b")) as (a, b):
         async with proxied(a, b) as part:
