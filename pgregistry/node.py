@@ -1510,7 +1510,7 @@ class Node:
             and not peer.blocked
             and peer.route is None
             and not peer.waiters
-            and (peer.reconnect is None or peer.reconnect.done())
+            and (peer.reconnect is None or peer.reconnect.done() or peer.reconnect is asyncio.current_task())
         ):
             self._peers.pop(peer.id, None)
 
@@ -1572,7 +1572,7 @@ class Node:
                 delay = min(delay * 2, self.reconnect_max)
             now = False
             if not self._should_dial(peer):
-                return
+                break
             if peer.links:
                 # A connection with this peer is being set up already (it dialled us, or a
                 # connect() of ours): let it finish rather than race it.
@@ -1594,6 +1594,8 @@ class Node:
             deadline = self._loop.time() + self.handshake_timeout
             while link.state not in (_L_UP, _L_CLOSED) and self._loop.time() < deadline:
                 await self._wait_change(peer, deadline - self._loop.time())
+        # Given up (a node only heard of through gossip that never answered): forget it.
+        self._maybe_forget(peer)
 
 
 # --------------------------------------------------------------------------- benchmark

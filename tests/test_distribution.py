@@ -295,6 +295,7 @@ async def test_a_node_only_heard_of_through_gossip_is_dialled_a_bounded_number_o
         assert record.gossip_tries == 0 and not record.member
         assert a.peers() == [b.id]
         assert GOSSIP_ATTEMPTS >= 1
+        assert ghost not in a._peers  # given up: nothing of it is kept
 
 
 async def test_add_route_checks_its_arguments() -> None:
