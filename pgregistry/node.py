@@ -130,6 +130,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -236,10 +237,11 @@ def _need(ok: bool, what: str) -> None:
 class _Link:
     """One transport connection as the node sees it (pending until confirmed)."""
 
-    __slots__ = ("conn", "peer", "token", "state", "address", "refusal", "timer")
+    __slots__ = ("conn", "peer", "token", "state", "address", "refusal", "timer", "seq")
 
-    def __init__(self, conn: Connection, state: str) -> None:
+    def __init__(self, conn: Connection, state: str, seq: int) -> None:
         self.conn = conn
+        self.seq = seq  # order in which this node's connections were established
         self.peer: _Peer | None = None
         self.token = 0
         self.state = state
@@ -392,6 +394,7 @@ class Node:
         self._peers: dict[str, _Peer] = {}
         self._disconnects = 0  # `disconnect` calls so far: a connect begun before one yields to it
         self._links: dict[Connection, _Link] = {}
+        self._next_link_seq: Callable[[], int] = itertools.count(1).__next__
         self._up: dict[Connection, _Peer] = {}  # confirmed connections, in the order they came up
         self._node_monitors: dict[Pid, None] = {}
         self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
@@ -1215,7 +1218,7 @@ class Node:
         if self._state != _RUNNING:
             conn.close("node not running")
             return
-        link = _Link(conn, _L_DIALED if conn.initiated else _L_AWAIT_HELLO)
+        link = _Link(conn, _L_DIALED if conn.initiated else _L_AWAIT_HELLO, self._next_link_seq())
         self._links[conn] = link
         assert self._loop is not None
         link.timer = self._loop.call_later(self.handshake_timeout, self._setup_timed_out, link)
@@ -1255,7 +1258,8 @@ class Node:
         link.address = address
         link.token = secrets.randbits(62)
         peer.links.add(link)
-        self._check_incarnation(peer, conn.peer_creation)
+        if not self._check_incarnation(peer, link):
+            raise ConnectionError(f"{address} answered as an older incarnation of {peer_id}")
         link.state = _L_HELLO_SENT
         conn.send(["hello", link.token, explicit])
         return link
@@ -1287,7 +1291,8 @@ class Node:
         link.peer = peer
         link.token = token
         peer.links.add(link)
-        self._check_incarnation(peer, conn.peer_creation)
+        if not self._check_incarnation(peer, link):
+            return
         if peer.blocked:
             if not explicit:
                 self._refuse(link, "disconnected")
@@ -1389,13 +1394,27 @@ class Node:
             peer.links.discard(link)
             self._wake(peer)
 
-    def _check_incarnation(self, peer: _Peer, creation: int) -> None:
-        """A connection from `creation` of `peer`: an older incarnation is gone for good."""
+    def _check_incarnation(self, peer: _Peer, link: _Link) -> bool:
+        """`link` comes from one incarnation of `peer`: keep only the newest incarnation's links.
+
+        Incarnations of a node follow one another, so between connections of two
+        incarnations the one established later here is the newer one's (a hello can
+        arrive late: a dead incarnation's must not take the live one down). Returns
+        False, having refused `link`, when it is the older one.
+        """
+        creation = link.conn.peer_creation
+        others = [other for other in peer.links if other is not link]
+        if peer.link is not None:
+            others.append(peer.link)
+        if any(other.conn.peer_creation != creation and other.seq > link.seq for other in others):
+            self._refuse(link, "an older incarnation")
+            return False
         if peer.link is not None and peer.creation != creation:
             self._peer_down(peer, "restarted")
         for other in list(peer.links):
             if other.conn.peer_creation != creation:
                 other.conn.close("a newer incarnation of the peer connected")
+        return True
 
     def _confirm(self, link: _Link) -> None:
         """`link` is now the pair's connection: the peer is up."""

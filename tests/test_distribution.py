@@ -19,11 +19,11 @@ import pytest
 
 from pgregistry.errors import AuthenticationError, CallTimeout, NoProcess, NotLocal, RemoteError
 from pgregistry.events import Down, Join, NodeDown, NodeUp
-from pgregistry.node import Node
+from pgregistry.node import _L_HELLO_SENT, Node
 from pgregistry.process import demonitor, exit, monitor, receive, self as self_pid, send
 from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
-from pgregistry.testing import Partition
+from pgregistry.testing import LinkProxy, Partition
 from pgregistry.transport import Endpoint
 
 COOKIE = "distribution-test-cookie"
@@ -458,6 +458,35 @@ async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -
         assert await asyncio.wait_for(events.get(), T) == NodeUp(z.id)
         await asyncio.sleep(0.2)
         assert events.empty()  # no NodeDown: the connection stayed up
+
+
+async def test_a_late_hello_from_a_dead_incarnation_does_not_take_the_new_one_down() -> None:
+    # x dials y through a slow link and stops right after sending its hello; x restarts
+    # on the same port and connects directly, well before the old hello arrives at y.
+    slow = {"tick_interval": 0.5, "down_after": 5.0}
+    async with started(make_node("y", **slow)) as (y,):
+        events = await node_watcher(y)
+        x_old = make_node("x", **slow)
+        await run_on(y, x_old.start)
+        async with LinkProxy(address(y)) as proxy:
+            proxy.delay(0.4)
+            dialling = asyncio.ensure_future(run_on(x_old, x_old.connect, proxy.address))
+            # staging: wait until x_old's hello is on its way
+            await eventually(lambda: any(link.state == _L_HELLO_SENT for peer in x_old._peers.values()
+                                         for link in peer.links), "x_old's hello to be sent")
+            await run_on(y, x_old.stop)
+            x_new = make_node("x", port=x_old.port, **slow)
+            await run_on(y, x_new.start)
+            try:
+                assert await run_on(x_new, x_new.connect, address(y)) == y.id
+                assert await asyncio.wait_for(events.get(), T) == NodeUp(x_new.id)
+                await eventually(lambda: proxy.connections == 0, "the old connection to end")
+                with contextlib.suppress(Exception):
+                    await dialling
+                assert events.empty(), [events.get_nowait() for _ in range(events.qsize())]
+                assert y.peers() == [x_new.id]
+            finally:
+                await run_on(y, x_new.stop)
 
 
 async def test_cut_link_gives_noconnection_then_reconnects_with_backoff() -> None:
