@@ -149,7 +149,11 @@ from .terms import Pid, Ref, check_value, is_value
 from .transport import Connection, Endpoint, parse_address
 from .wire import encode, encode_trusted
 
-__all__ = ["Node"]
+__all__ = ["Node", "REPLACED"]
+
+REPLACED: Final = "connection replaced"
+"""The ``peer_down``/``NodeDown`` reason when a peer reconnected before its old connection
+was seen to fail: the peer itself never went away."""
 
 logger = logging.getLogger("pgregistry.node")
 
@@ -1342,7 +1346,7 @@ class Node:
             self._refuse(link, "duplicate")
         else:
             # The peer lost the old connection before we noticed: it is down for us too.
-            self._peer_down(peer, "connection replaced")
+            self._peer_down(peer, REPLACED)
             self._welcome(link)
 
     def _hs_reject(self, link: _Link, m: list) -> None:
@@ -1421,7 +1425,7 @@ class Node:
         peer = link.peer
         assert peer is not None
         if peer.link is not None and peer.link is not link:
-            self._peer_down(peer, "connection replaced")
+            self._peer_down(peer, REPLACED)
         if link.timer is not None:
             link.timer.cancel()
             link.timer = None

@@ -98,7 +98,7 @@ from . import _table
 from ._table import Matcher
 from .errors import AlreadyRegistered, NoProcess
 from .events import Join, Leave, Registered, Unregistered, Update
-from .node import Node
+from .node import REPLACED, Node
 from .process import Process
 from .terms import Pid, Ref, same_term
 
@@ -108,8 +108,6 @@ log = logging.getLogger("pgregistry.scope")
 
 SYNC_PART_ROWS: Final = 4096
 """Rows per part of a sync round (a part closes after the pid that reaches it)."""
-
-_REPLACED: Final = "connection replaced"  # the node's peer_down reason for a reconnect
 
 _TAG_MIN: Final = -(2**63)  # tags are int64 in the table
 _TAG_MAX: Final = 2**63 - 1
@@ -566,8 +564,7 @@ class ScopeServer:
             # One process with more rows than a frame holds: the peer does without them.
             log.error("scope %r: the rows of %r are too large for %s (%s); it will not hold them",
                       self.name, groups[0][0], round_.peer, exc)
-            groups = []
-            self.node.send_service(round_.peer, self.name, ["sync", round_.part, groups, last], trusted=True)
+            self.node.send_service(round_.peer, self.name, ["sync", round_.part, [], last], trusted=True)
         round_.part += 1
 
     def _end_round(self, round_: _Round) -> None:
@@ -589,9 +586,9 @@ class ScopeServer:
             self._discover(peer)
 
     def peer_down(self, peer: str, reason: str) -> None:
-        """A node connection was lost: its processes' rows leave (but see `_REPLACED`)."""
+        """A node connection was lost: its processes' rows leave (not when it was `REPLACED`)."""
         self._discovered(peer)
-        if reason == _REPLACED and peer in self._peers:
+        if reason == REPLACED and peer in self._peers:
             # Keep the rows: the peer's next round, on the new connection, reconciles.
             self._stop_round(peer)
             self._receiving.pop(peer, None)
@@ -689,10 +686,16 @@ class ScopeServer:
         else:
             raise _Malformed(f"unknown op {op!r:.60}")
 
-    def _remote_joins(self, peer: str, pid: Pid, flat: list[Any]) -> None:
+    def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
+        """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
         insert = self.table.insert
         for i in range(0, len(flat), 3):
             insert(flat[i], pid, flat[i + 1], flat[i + 2])
+            if joins is not None:
+                joins.setdefault(flat[i], []).append((pid, flat[i + 1]))
+
+    def _remote_joins(self, peer: str, pid: Pid, flat: list[Any]) -> None:
+        self._insert_rows(pid, flat, None)
         if not flat:
             return
         self._peers[peer].add(pid)
@@ -766,14 +769,8 @@ class ScopeServer:
         joins: dict[Any, list[tuple[Pid, Any]]] = {}
         for pid, flat in groups:
             mentioned.add(pid)
-            if pid not in known:
-                # Nothing held of this pid: every row joins (the catch-up fast path).
-                insert = table.insert
-                for i in range(0, len(flat), 3):
-                    insert(flat[i], pid, flat[i + 1], flat[i + 2])
-                if not quiet:
-                    for i in range(0, len(flat), 3):
-                        joins.setdefault(flat[i], []).append((pid, flat[i + 1]))
+            if pid not in known:  # nothing held of this pid: every row joins (catch-up)
+                self._insert_rows(pid, flat, None if quiet else joins)
             else:
                 self._reconcile(pid, flat, leaves, updates, joins)
             if table.count_pid(pid):
