@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from pgregistry.events import Join, Leave, Update
 from pgregistry.node import Node
@@ -25,7 +25,7 @@ from pgregistry.registry import Registry
 from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkMode, Partition
 
-from .helpers import apply_event, run_as, spawn_agent
+from .helpers import apply_event, eventually, run_as, spawn_agent
 
 COOKIE = "cluster-convergence-tests"
 SCOPE = "r"
@@ -172,7 +172,7 @@ class ProxiedCluster:
         return True
 
     async def wait_mesh(self, timeout: float = 10.0) -> None:
-        await until(lambda: self.groups_connected([self.names]), timeout, "a full mesh through the proxies")
+        await eventually(lambda: self.groups_connected([self.names]), timeout, "a full mesh through the proxies")
 
     async def sync_all(self, timeout: float = 5.0) -> None:
         for member in self.members.values():
@@ -191,8 +191,8 @@ class ProxiedCluster:
 
     async def wait_split(self, groups: list[set[str]], timeout: float = 10.0) -> None:
         """Wait until the split is observed: links down between groups, views per group."""
-        await until(lambda: self.groups_connected(groups) and self.groups_see_their_own(groups),
-                    timeout, f"the split {groups} to be detected", self.report)
+        await eventually(lambda: self.groups_connected(groups) and self.groups_see_their_own(groups),
+                         timeout, f"the split {groups} to be detected", self.report)
 
     async def flush_watchers(self) -> None:
         """Return once every watcher has taken every message delivered to it so far."""
@@ -205,8 +205,8 @@ class ProxiedCluster:
         deadline = loop.time() + timeout
         await self.wait_mesh(timeout)
         await self.sync_all(max(0.5, deadline - loop.time()))
-        await until(lambda: self.groups_see_their_own([self.names]), max(0.5, deadline - loop.time()),
-                    "every view to equal the union of the local entries", self.report)
+        await eventually(lambda: self.groups_see_their_own([self.names]), max(0.5, deadline - loop.time()),
+                         "every view to equal the union of the local entries", self.report)
         await self.sync_all(max(0.5, deadline - loop.time()))
         await self.flush_watchers()
         self.check_views([self.names])
@@ -237,15 +237,3 @@ class ProxiedCluster:
             lines.append(f"    view:  {describe(full_view(member.reg))}")
             lines.append(f"    local: {describe(local_view(member.reg))}")
         return "\n".join(lines)
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str,
-                report: Callable[[], str] | None = None) -> None:
-    """Poll `predicate` until it holds; `AssertionError` (with `report()`) after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            detail = f"\n{report()}" if report is not None else ""
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}{detail}")
-        await asyncio.sleep(0.005)

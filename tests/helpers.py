@@ -72,13 +72,18 @@ def _agent_process(agent: Pid) -> Any:
     return process
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll `predicate` until it holds; `AssertionError` after `timeout` seconds."""
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition",
+                     report: Callable[[], str] | None = None) -> None:
+    """Poll `predicate` until it holds; `AssertionError` after `timeout` seconds.
+
+    `report`, if given, is called on failure and its text added to the error.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
+            detail = f"\n{report()}" if report is not None else ""
+            raise AssertionError(f"{what} did not hold within {timeout:.1f} s{detail}")
         await asyncio.sleep(0.005)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
@@ -36,8 +36,8 @@ from pgregistry.events import Join, Leave, NodeDown, Update
 import pgregistry.scope as scope_module
 from pgregistry.scope import SYNC_PART_ROWS
 
-from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset, until
-from .helpers import run_as, spawn_agent, stop_agent
+from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset
+from .helpers import eventually, run_as, spawn_agent, stop_agent
 
 TICK = 0.05
 DOWN = 0.3
@@ -131,13 +131,39 @@ async def test_split_register_heal_converges_with_every_event_accounted_for(mode
         assert union["only-a"] == multiset([(a2, "a2")]) and union["only-bc"] == multiset([(c1, "c1")])
 
 
+# Long enough for a blip or a reconnect to stay well inside it.
+BLIP_DOWN_AFTER = 1.5
+
+
+def pair_for_blips(**options: Any) -> ProxiedCluster:
+    """A and B, every link through a proxy, with a `down_after` no blip reaches."""
+    return ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=BLIP_DOWN_AFTER, **options)
+
+
+async def replace_bs_connection(cluster: ProxiedCluster, meanwhile: Callable[[], Awaitable[Any]]) -> float:
+    """B drops its connection to A unseen by A, runs `meanwhile`, and dials A again.
+
+    B's "disconnect" and FIN are held by a blackhole on A->B, so to A the old connection
+    is still up when B's new one arrives: A's node reports it *replaced*. Returns the
+    seconds this took (a test checks it stayed within a blip).
+    """
+    A, B = cluster["A"], cluster["B"]
+    assert cluster.partition is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    cluster.partition.proxy("A", "B").blackhole()
+    await B.node.disconnect(A.node.id)
+    await meanwhile()
+    await B.node.connect(A.node.id)
+    return loop.time() - started
+
+
 async def test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join() -> None:
     # The blip is a delay, not a blackhole: over TCP a short silent partition delays the
     # bytes (retransmission), it never drops them from a connection that survives;
     # LinkProxy.blackhole drops them, so a blackhole shorter than down_after would lose
     # the update for good, which no real network does.
-    down_after = 1.5
-    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
+    async with pair_for_blips() as cluster:
         A, B = cluster["A"], cluster["B"]
         b0 = B.agents[0]
         await run_as(b0, lambda: B.reg.register("k", "v1"))
@@ -160,7 +186,7 @@ async def test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join() 
         await asyncio.sleep(0.2)  # the blip itself: the link is bad for this long
         for proxy in links:
             proxy.restore()
-        assert loop.time() - started < down_after / 2, "the blip lasted too long to be a blip"
+        assert loop.time() - started < BLIP_DOWN_AFTER / 2, "the blip lasted too long to be a blip"
         await cluster.wait_converged(timeout=10)
         await run_as(monitor, lambda: None)
         assert not [e for e in node_events if isinstance(e, NodeDown)], node_events
@@ -174,8 +200,7 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
     # side was reset and A never saw it. B changes its entries, then dials A again
     # through B->A, well within down_after. DESIGN.md 4.1: the changed value comes as an
     # Update; only what really went or came gives a Leave or a Join.
-    down_after = 1.5
-    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
+    async with pair_for_blips() as cluster:
         A, B = cluster["A"], cluster["B"]
         b0 = B.agents[0]
         await run_as(b0, lambda: (B.reg.register("k", "v1"), B.reg.register("flag", 1),
@@ -183,16 +208,10 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
         await B.reg.sync()
         await cluster.flush_watchers()
         mark = len(A.inbox)
-        assert cluster.partition is not None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        cluster.partition.proxy("A", "B").blackhole()
-        await B.node.disconnect(A.node.id)
-        await run_as(b0, lambda: (B.reg.update_value("k", "v2"), B.reg.unregister("gone"),
-                                  B.reg.register("new", 3),
-                                  B.reg.update_value("flag", True)))  # == 1, yet a change
-        await B.node.connect(A.node.id)
-        assert loop.time() - started < down_after / 2
+        took = await replace_bs_connection(cluster, lambda: run_as(b0, lambda: (
+            B.reg.update_value("k", "v2"), B.reg.unregister("gone"), B.reg.register("new", 3),
+            B.reg.update_value("flag", True))))  # == 1, yet a change
+        assert took < BLIP_DOWN_AFTER / 2
         await cluster.wait_converged(timeout=10)
         assert A.events(mark) == [Leave(A.ref, "gone", [(b0, 1)]), Update(A.ref, "k", [(b0, "v1", "v2")]),
                                   Update(A.ref, "flag", [(b0, 1, True)]), Join(A.ref, "new", [(b0, 3)])]
@@ -206,7 +225,7 @@ async def test_a_process_that_leaves_during_a_blip_and_joins_during_the_next_rou
     # streaming (parts of two rows). The join tells A about "new" only: the round must
     # still say that "old" is gone.
     monkeypatch.setattr(scope_module, "SYNC_PART_ROWS", 2)
-    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=1.5, agents_per_node=40) as cluster:
+    async with pair_for_blips(agents_per_node=40) as cluster:
         A, B = cluster["A"], cluster["B"]
         x = B.agents[0]
         await run_as(x, lambda: B.reg.register("old", 1))
@@ -214,11 +233,7 @@ async def test_a_process_that_leaves_during_a_blip_and_joins_during_the_next_rou
             await run_as(agent, lambda: (B.reg.register("filler", 1), B.reg.register("filler", 2)))
         await B.reg.sync()
         assert A.reg.lookup("old") == [(x, 1)]
-        assert cluster.partition is not None
-        cluster.partition.proxy("A", "B").blackhole()
-        await B.node.disconnect(A.node.id)
-        await run_as(x, lambda: B.reg.unregister("old"))
-        await B.node.connect(A.node.id)
+        await replace_bs_connection(cluster, lambda: run_as(x, lambda: B.reg.unregister("old")))
         await run_as(x, lambda: B.reg.register("new", 2))  # about 40 parts: mid-round
         await cluster.wait_converged(timeout=10)
         assert A.reg.lookup("old") == [] and A.reg.lookup("new") == [(x, 2)]
@@ -228,7 +243,7 @@ async def test_a_round_started_again_keeps_the_barriers_it_held(monkeypatch: pyt
     # A's `sync` ping to B waits behind A's round to B; B (misbehaving, or racing a
     # scope restart) discovers again, which restarts the round: the ping must follow.
     monkeypatch.setattr(scope_module, "SYNC_PART_ROWS", 2)
-    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=1.5, agents_per_node=60) as cluster:
+    async with pair_for_blips(agents_per_node=60) as cluster:
         A, B = cluster["A"], cluster["B"]
         for agent in A.agents:
             await run_as(agent, lambda: (A.reg.register("x", 1), A.reg.register("y", 2)))
@@ -252,20 +267,15 @@ async def test_rows_kept_across_a_replaced_connection_leave_if_the_scope_is_gone
     # As above, but B's registry stopped during the blip (its "bye" went nowhere): on
     # the new connection B answers A's discover with "no such service", and A drops
     # the rows it kept, with Leaves.
-    down_after = 1.5
-    async with ProxiedCluster(("A", "B"), tick_interval=TICK, down_after=down_after) as cluster:
+    async with pair_for_blips() as cluster:
         A, B = cluster["A"], cluster["B"]
         b0 = B.agents[0]
         await run_as(b0, lambda: B.reg.register("k", "v1"))
         await B.reg.sync()
         await cluster.flush_watchers()
         mark = len(A.inbox)
-        assert cluster.partition is not None
-        cluster.partition.proxy("A", "B").blackhole()
-        await B.node.disconnect(A.node.id)
-        await B.reg.stop()
-        await B.node.connect(A.node.id)
-        await until(lambda: A.reg.lookup("k") == [], 10, "B's rows to leave A", cluster.report)
+        await replace_bs_connection(cluster, B.reg.stop)
+        await eventually(lambda: A.reg.lookup("k") == [], 10, "B's rows to leave A", cluster.report)
         assert B.node.id in A.node.peers()
         await cluster.flush_watchers()
         assert A.events(mark) == [Leave(A.ref, "k", [(b0, "v1")])]

@@ -434,10 +434,12 @@ async def test_a_disconnect_made_while_a_connect_is_under_way_wins() -> None:
         await a.disconnect(b.id)
         connecting = asyncio.ensure_future(a.connect(b.id))
         await asyncio.sleep(0)  # the connect waits for the transport handshake
+        events = await node_watcher(a)
         await a.disconnect(b.id)  # called later: it is the one that holds
         with pytest.raises(ConnectionError, match="disconnected"):
             await connecting
-        await asyncio.sleep(3 * a.reconnect_max)  # observation window: longer than any backoff
+        with pytest.raises(TimeoutError):  # no NodeUp within any backoff: they stay apart
+            await asyncio.wait_for(events.get(), 3 * a.reconnect_max)
         assert not a.peers() and not b.peers()
         assert await a.connect(b.id) == b.id
         await connected(a, b)
@@ -456,8 +458,8 @@ async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -
         assert await z.connect(a.id) == a.id
         await connected(a, z, *rest)
         assert await asyncio.wait_for(events.get(), T) == NodeUp(z.id)
-        await asyncio.sleep(0.2)
-        assert events.empty()  # no NodeDown: the connection stayed up
+        with pytest.raises(TimeoutError):  # no NodeDown: the connection stayed up
+            await asyncio.wait_for(events.get(), 0.2)
 
 
 async def test_a_late_hello_from_a_dead_incarnation_does_not_take_the_new_one_down() -> None:
