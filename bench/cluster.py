@@ -208,8 +208,9 @@ class _ChildServer:
                 return
             if not fut.done():
                 fut.set_result(result)
-            while keep and await receive() != "stop":
-                pass
+            message = None
+            while keep and message != "stop":  # other messages are not for this holder
+                message = await receive()
 
         pid = self.node.spawn(body)
         if keep:
@@ -507,7 +508,8 @@ class _ChildServer:
 
         scope, reg, node = self.scope, self.reg, self.node
         record: dict[str, Any] = {}
-        self.purge[victim] = record
+        noticed = asyncio.Event()  # set at the NodeDown, which follows the purge
+        self.purge[victim] = (record, noticed)
         peer_down = scope.peer_down
 
         def timed(peer: str, reason: str) -> None:
@@ -532,18 +534,20 @@ class _ChildServer:
                 if type(msg) is NodeDown and msg.node == victim:
                     record["nodedown"] = time.monotonic_ns()
                     record["count_at_nodedown"] = reg.count()
+                    noticed.set()
                     return
 
         node.spawn(watcher)
         await ready
 
     async def cmd_purge_result(self, victim: str, timeout: float = 30.0) -> dict:
-        record = self.purge[victim]
-        deadline = time.monotonic() + timeout
-        while "nodedown" not in record or "end" not in record:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.node.id}: {victim} not declared down within {timeout} s: {record}")
-            await asyncio.sleep(0.005)
+        record, noticed = self.purge[victim]
+        try:
+            await asyncio.wait_for(noticed.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{self.node.id}: {victim} not declared down within {timeout} s: {record}") from None
+        if "end" not in record:
+            raise ChildError(f"{self.node.id}: NodeDown for {victim} came without the scope's purge: {record}")
         return record
 
     # -- 6. churn ---------------------------------------------------------------------------
@@ -688,7 +692,7 @@ def _kill_leftovers() -> None:
 
 
 class ChildError(RuntimeError):
-    pass
+    """A child node failed a command, did not answer in time, or is gone."""
 
 
 class ChildNode:
