@@ -20,7 +20,20 @@ import itertools
 import math
 from typing import Any, Final
 
-__all__ = ["Pid", "Ref", "check_key", "check_value", "is_key", "is_value", "same_term"]
+__all__ = [
+    "ENVELOPE_DEPTH",
+    "MAX_DEPTH",
+    "MAX_TERM_DEPTH",
+    "Pid",
+    "Ref",
+    "check_key",
+    "check_message",
+    "check_value",
+    "is_key",
+    "is_value",
+    "same_term",
+    "short_repr",
+]
 
 
 class _Id(tuple):
@@ -111,9 +124,20 @@ class Ref(_Id):
 
 
 _SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes, Pid, Ref})
+SCALAR_TYPES: Final = _SCALARS
+"""The types of the terms that hold no other term (nothing in them can be mutated)."""
 
-# Guards recursion on hostile nesting; the wire decoder applies the same limit.
+# One depth budget for everything that travels. A decoded message may nest `MAX_DEPTH`
+# containers (the decoder refuses deeper input, so hostile nesting cannot exhaust the
+# stack). Every protocol message wraps the terms it carries in at most `ENVELOPE_DEPTH`
+# containers of its own (a sync part: the service envelope, the payload, the part's
+# groups, one group, its flat rows), so a stored key or value may nest at most
+# `MAX_TERM_DEPTH`: whatever `register` accepts fits every message it travels in.
 MAX_DEPTH: Final = 64
+ENVELOPE_DEPTH: Final = 8
+MAX_TERM_DEPTH: Final = MAX_DEPTH - ENVELOPE_DEPTH
+
+_TOO_DEEP: Final = "too deep"  # a problem the checks word with the limit that applies
 
 
 def _key_problem(x: Any, depth: int) -> str | None:
@@ -122,7 +146,7 @@ def _key_problem(x: Any, depth: int) -> str | None:
         return None
     if t is tuple:
         if depth >= MAX_DEPTH:
-            return f"nested deeper than {MAX_DEPTH}"
+            return _TOO_DEEP
         for item in x:
             if type(item) not in _SCALARS:
                 problem = _key_problem(item, depth + 1)
@@ -137,7 +161,7 @@ def _value_problem(x: Any, depth: int) -> str | None:
     if t in _SCALARS:
         return None
     if depth >= MAX_DEPTH:
-        return f"nested deeper than {MAX_DEPTH}"
+        return _TOO_DEEP
     if t is tuple or t is list:
         for item in x:
             if type(item) not in _SCALARS:
@@ -160,24 +184,46 @@ def _value_problem(x: Any, depth: int) -> str | None:
     )
 
 
+def _raise(what: str, problem: str, limit: int) -> Any:
+    if problem is _TOO_DEEP:
+        problem = f"nested deeper than {limit} levels (containers within containers)"
+    raise TypeError(f"{what}: {problem}")
+
+
 def check_key(key: Any, what: str = "key") -> Any:
-    """Return `key` unchanged if it is a key term, else raise `TypeError` saying why."""
+    """Return `key` unchanged if it is a key term, else raise `TypeError` saying why.
+
+    A key may nest `MAX_TERM_DEPTH` tuples (the outermost is level 1).
+    """
     if type(key) in _SCALARS:
         return key
-    problem = _key_problem(key, 0)
+    problem = _key_problem(key, ENVELOPE_DEPTH)
     if problem is not None:
-        raise TypeError(f"{what}: {problem}")
+        _raise(what, problem, MAX_TERM_DEPTH)
     return key
 
 
 def check_value(value: Any, what: str = "value") -> Any:
-    """Return `value` unchanged if it is a value term, else raise `TypeError` saying why."""
+    """Return `value` unchanged if it is a value term, else raise `TypeError` saying why.
+
+    A value may nest `MAX_TERM_DEPTH` containers (the outermost is level 1).
+    """
     if type(value) in _SCALARS:
         return value
-    problem = _value_problem(value, 0)
+    problem = _value_problem(value, ENVELOPE_DEPTH)
     if problem is not None:
-        raise TypeError(f"{what}: {problem}")
+        _raise(what, problem, MAX_TERM_DEPTH)
     return value
+
+
+def check_message(message: Any, what: str = "message") -> Any:
+    """`check_value` for a whole protocol message: it may nest `MAX_DEPTH` containers."""
+    if type(message) in _SCALARS:
+        return message
+    problem = _value_problem(message, 0)
+    if problem is not None:
+        _raise(what, problem, MAX_DEPTH)
+    return message
 
 
 def same_term(a: Any, b: Any) -> bool:
@@ -202,11 +248,11 @@ def same_term(a: Any, b: Any) -> bool:
 
 
 def is_key(x: Any) -> bool:
-    return type(x) in _SCALARS or _key_problem(x, 0) is None
+    return type(x) in _SCALARS or _key_problem(x, ENVELOPE_DEPTH) is None
 
 
 def is_value(x: Any) -> bool:
-    return type(x) in _SCALARS or _value_problem(x, 0) is None
+    return type(x) in _SCALARS or _value_problem(x, ENVELOPE_DEPTH) is None
 
 
 class Counter:
@@ -216,3 +262,45 @@ class Counter:
 
     def __init__(self, start: int = 1) -> None:
         self.next = itertools.count(start).__next__
+
+
+def short_repr(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` cut to about `limit` characters; never raises, whatever `x` holds.
+
+    For error messages and logs about terms a caller or a peer supplied: an int too long
+    for Python's int-to-str conversion is shown by its size, deep nesting is cut off.
+    """
+    try:
+        text = _bounded_repr(x, limit, 0)
+    except Exception:  # a broken __repr__ of something that is not a term
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded_repr(x: Any, limit: int, depth: int) -> str:
+    t = type(x)
+    if t is int and x.bit_length() > 64 * 8:
+        return f"<int of {x.bit_length()} bits>"
+    if t is tuple or t is list or t is dict:
+        if depth >= 8:
+            return "..."
+        opener, closer = {tuple: "()", list: "[]", dict: "{}"}[t]
+        parts: list[str] = []
+        size = 0
+        items = x.items() if t is dict else x
+        for item in items:
+            if size > limit:
+                parts.append("...")
+                break
+            if t is dict:
+                part = f"{_bounded_repr(item[0], limit, depth + 1)}: {_bounded_repr(item[1], limit, depth + 1)}"
+            else:
+                part = _bounded_repr(item, limit, depth + 1)
+            parts.append(part)
+            size += len(part) + 2
+        inner = ", ".join(parts)
+        if t is tuple and len(parts) == 1 and len(x) == 1:
+            inner += ","
+        return opener + inner + closer
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "..."

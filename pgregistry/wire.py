@@ -85,7 +85,7 @@ import msgpack
 from msgpack import ExtType
 
 from .errors import RegistryError
-from .terms import Pid, Ref, check_value
+from .terms import Pid, Ref, check_message
 
 __all__ = [
     "WireError",
@@ -229,7 +229,7 @@ def encode(term: Any) -> bytes:
 
     Raises `TypeError`, naming the offending part, if `term` is not a value term.
     """
-    check_value(term, "cannot encode term")
+    check_message(term, "cannot encode term")
     return _pack(term)
 
 
@@ -379,7 +379,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     """Decode exactly one term from `data`.
 
     Raises `WireError`, and nothing else, when `data` is not the encoding of one valid
-    term within `limits`; the result is always a value term (see `terms.check_value`).
+    term within `limits`; the result is always a value term (see `terms.check_message`).
     A `TypeError` means `data` is not a bytes-like object at all.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -394,7 +394,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     except Exception as exc:  # msgpack raises ValueError, TypeError, UnicodeDecodeError, ...
         raise WireError(f"malformed term: {type(exc).__name__}: {exc}"[:300]) from exc
     try:
-        check_value(term, "decoded term")
+        check_message(term, "decoded term")
     except TypeError as exc:
         raise WireError(f"invalid term: {exc}"[:300]) from None
     except RecursionError as exc:  # repr of a hostile key in the message; not expected
