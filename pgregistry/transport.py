@@ -87,12 +87,16 @@ Liveness, batching, backpressure
 
 Failure handling
 ================
-Malformed input of any kind (a bad length prefix, an oversized or truncated frame, a
-payload that is not a term, an unexpected handshake message), a peer that fails the
-cookie challenge, or an exception raised by the ``on_message`` or ``on_connection``
-callback closes *that* connection with a reason logged on the ``pgregistry.transport``
-logger, and nothing else (messages that arrived in the same read as a bad frame may be
-lost with the connection). Nothing received is ever executed (no pickle). More than
+Malformed input that leaves the stream unusable (a bad length prefix, an oversized or
+truncated frame, an unexpected handshake message), a peer that fails the cookie
+challenge, or an exception raised by the ``on_message`` or ``on_connection`` callback
+closes *that* connection with a reason logged on the ``pgregistry.transport`` logger,
+and nothing else (messages that arrived in the same read as a bad frame may be lost
+with the connection). A well-framed payload that is not a term (invalid msgpack, an
+unknown ext type, nesting beyond the limit) is dropped alone with a rate-limited
+warning and counted in ``messages_dropped``; the connection stays up, so one message a
+receiver cannot read never costs the sender its place in the cluster, nor starts a
+loop of reconnects that resend it. Nothing received is ever executed (no pickle). More than
 ``max_pending_handshakes`` inbound connections still in their handshake make the endpoint
 drop the oldest of them (a legitimate handshake takes one round trip; an idle flood
 connection is what lingers), so a flood of idle connections costs bounded memory and
@@ -132,6 +136,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from .errors import AuthenticationError
+from .logbudget import LogBudget
 from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
 
 __all__ = [
@@ -293,7 +298,9 @@ class Connection(asyncio.Protocol):
     ``close_reason`` (None while open), and the counters ``bytes_sent``,
     ``bytes_received``, ``messages_sent``, ``messages_received`` (ticks and the
     handshake count as bytes, not messages; bytes are counted when handed to, or
-    received from, the socket).
+    received from, the socket) and ``messages_dropped`` (well-framed messages that did
+    not decode: each is dropped alone, with a rate-limited warning, and the connection
+    stays up).
     """
 
     __slots__ = (
@@ -309,6 +316,7 @@ class Connection(asyncio.Protocol):
         "bytes_received",
         "messages_sent",
         "messages_received",
+        "messages_dropped",
         "_transport",
         "_state",
         "_buf",
@@ -347,6 +355,7 @@ class Connection(asyncio.Protocol):
         self.bytes_received = 0
         self.messages_sent = 0
         self.messages_received = 0
+        self.messages_dropped = 0
         self._transport: asyncio.Transport | None = None
         self._state = _NEW
         self._buf = bytearray()  # handshake input not yet parsed
@@ -571,8 +580,12 @@ class Connection(asyncio.Protocol):
             try:
                 term = decode(payload, limits)
             except WireError as exc:
-                self._fail(f"malformed message: {exc}")
-                return
+                # The framing is intact, so the stream is still usable: this message
+                # alone is dropped. Closing instead would cost the peer every entry it
+                # holds here, and its next sync round would resend the same payload.
+                self.messages_dropped += 1
+                self._endpoint._input_log.warning("connection %r: dropped a malformed message: %s", self, exc)
+                continue
             self.messages_received += 1
             try:
                 on_message(self, term)
@@ -960,6 +973,7 @@ class Endpoint:
         self._on_message: OnMessage = on_message or _noop_message
         self._on_close: OnClose = on_close or _noop_close
         self._node_id: str | None = None
+        self._input_log = LogBudget(logger, f"endpoint {name}")
         self._creation = 0
         self.creation = creation
         # The transport's write buffer pauses the producer (drain) above this; the

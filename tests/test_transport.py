@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 
 from pgregistry.errors import AuthenticationError
-from pgregistry.terms import Pid, Ref
+from pgregistry.logbudget import DEFAULT_BUDGET
+from pgregistry.terms import MAX_DEPTH, Pid, Ref
 from pgregistry.transport import (
     HANDSHAKE_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -586,13 +587,11 @@ async def test_oversized_and_truncated_handshake_frames(cluster: Cluster) -> Non
     await still_serving(server, good, grec, conn, 1)
 
 
-async def test_malformed_input_after_handshake(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+async def test_input_that_breaks_the_stream_closes_that_connection(cluster: Cluster,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     server, srec, good, grec, conn = await good_pair(cluster, max_frame=4096)
     cases = {
         "oversized": struct.pack(">I", 4097) + b"z" * 100,
-        "undecodable": framed(b"\xc1"),
-        "trailing bytes": framed(encode(1) + b"\x00"),
-        "unknown ext": framed(b"\xd4\x09\x00"),
         "truncated": struct.pack(">I", 100) + b"0123456789",  # then EOF
     }
     for i, (name, data) in enumerate(cases.items()):
@@ -611,6 +610,43 @@ async def test_malformed_input_after_handshake(cluster: Cluster, caplog: pytest.
         assert warnings_about(caplog, reason)
         await peer.wait_eof()
     await still_serving(server, good, grec, conn, 1)
+
+
+async def test_a_well_framed_message_that_does_not_decode_is_dropped_alone(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    # One message a receiver cannot read must not close the connection: the sender
+    # would lose every entry it holds there, and resend the same payload on reconnect.
+    server, srec, good, grec, conn = await good_pair(cluster, max_frame=4096)
+    cases = {
+        "undecodable": framed(b"\xc1"),
+        "trailing bytes": framed(encode(1) + b"\x00"),
+        "unknown ext": framed(b"\xd4\x09\x00"),
+        "too deep": framed(b"\x91" * (MAX_DEPTH + 1) + b"\xc0"),
+    }
+    peer = await RawPeer.connect(server)
+    await peer.handshake(node_id="raw@127.0.0.1:1")
+    await srec.wait_for(lambda: len(srec.connections) == 2)
+    victim = srec.connections[-1]
+    for i, (name, data) in enumerate(cases.items()):
+        peer.write(data + framed(encode(("after", name))))
+        await srec.wait_for(lambda name=name: ("after", name) in srec.received(victim))
+        assert victim.messages_dropped == i + 1, name
+    assert srec.reasons(victim) == [] and not victim.closed
+    assert len(warnings_about(caplog, "dropped a malformed message")) == len(cases)
+    await still_serving(server, good, grec, conn, 1)
+
+
+async def test_warnings_about_dropped_messages_are_rate_limited(cluster: Cluster,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    server, srec, good, grec, conn = await good_pair(cluster)
+    peer = await RawPeer.connect(server)
+    await peer.handshake(node_id="raw@127.0.0.1:1")
+    await srec.wait_for(lambda: len(srec.connections) == 2)
+    victim = srec.connections[-1]
+    peer.write(framed(b"\xc1") * 2000 + framed(encode("last")))
+    await srec.wait_for(lambda: "last" in srec.received(victim))
+    assert victim.messages_dropped == 2000 and not victim.closed
+    assert len(warnings_about(caplog, "dropped a malformed message")) <= DEFAULT_BUDGET
 
 
 async def test_on_message_exception_closes_only_that_connection(cluster: Cluster,
@@ -832,7 +868,8 @@ _UVLOOP_CASES = [
     test_protocol_version_mismatch,
     test_garbage_bytes_close_only_that_connection,
     test_oversized_and_truncated_handshake_frames,
-    test_malformed_input_after_handshake,
+    test_input_that_breaks_the_stream_closes_that_connection,
+    test_a_well_framed_message_that_does_not_decode_is_dropped_alone,
     test_on_message_exception_closes_only_that_connection,
     test_connection_flood_does_not_lock_out_a_good_peer,
     test_ticks_keep_an_idle_connection_alive,
