@@ -18,6 +18,7 @@ __all__ = [
     "CallTimeout",
     "AuthenticationError",
     "RemoteError",
+    "NotReplicated",
 ]
 
 
@@ -62,6 +63,24 @@ class CallTimeout(RegistryError, TimeoutError):
 
 class AuthenticationError(RegistryError):
     """A peer failed the cookie challenge, or this node failed the peer's."""
+
+
+class NotReplicated(RegistryError):
+    """`Registry.sync` found entries that this node could not send to its peers.
+
+    ``.entries`` lists them as ``(key, pid, why)``: a value that stopped being a term
+    after it was registered (it was mutated), or rows too large for a peer's frame
+    limit. Everything else was sent and applied; the peers do not hold these.
+    """
+
+    def __init__(self, scope: str, entries: list[tuple[Any, Any, str]], more: int = 0) -> None:
+        self.scope = scope
+        self.entries = entries
+        self.more = more
+        shown = "; ".join(f"key {key!r:.60} of {pid!r}: {why}" for key, pid, why in entries[:5])
+        rest = len(entries) - 5 + more
+        super().__init__(f"registry {scope!r}: {len(entries) + more} entries were not sent to peers: {shown}"
+                         + (f"; and {rest} more" if rest > 0 else ""))
 
 
 class RemoteError(RegistryError):

@@ -828,25 +828,32 @@ class Node:
         return True
 
     def broadcast_service(self, name: str, payload: Any, peers: Iterable[str] | None = None, *,
-                          trusted: bool = False) -> int:
+                          trusted: bool = False, too_big: list[str] | None = None) -> int:
         """`send_service` to every connected peer (or those of `peers`); encoded once.
 
-        Returns how many peers it was queued to. `ValueError`, with nothing sent to
-        anyone, if the message exceeds the frame limit of one of them.
+        Returns how many peers it was queued to. A peer whose frame limit the message
+        exceeds does not stop the others: with a `too_big` list its id is appended there
+        (for the caller to split the message for it alone) and the rest get the message;
+        without one, `ValueError` and nothing is sent to anyone.
         """
         data = (encode_trusted if trusted else encode)(["svc", name, payload])
         if peers is None:
-            targets = [peer.conn for peer in self._up.values() if peer.conn is not None]
+            records: Iterable[_Peer] = self._up.values()
         else:
-            targets = []
-            for peer_id in peers:
-                record = self._peers.get(peer_id)
-                if record is not None and record.conn is not None:
-                    targets.append(record.conn)
-        for conn in targets:
-            if len(data) > conn.peer_max_frame:
-                raise ValueError(f"message of {len(data)} bytes exceeds the frame limit of {conn.peer_max_frame} "
-                                 f"of a peer; sent to nobody")
+            records = [record for record in map(self._peers.get, peers) if record is not None]
+        size = len(data)
+        targets = []
+        for record in records:
+            conn = record.conn
+            if conn is None:
+                continue
+            if size <= conn.peer_max_frame:
+                targets.append(conn)
+            elif too_big is not None:
+                too_big.append(record.id)
+            else:
+                raise ValueError(f"message of {size} bytes exceeds the frame limit of {conn.peer_max_frame} "
+                                 f"of {record.id}; sent to nobody")
         for conn in targets:
             conn.send_encoded(data)
         return len(targets)

@@ -352,7 +352,11 @@ class Registry:
         """Return once every connected peer has applied what this node sent before the call.
 
         With no connected peer there is nothing to wait for and it returns at once.
-        Raises `TimeoutError` if the peers do not confirm within `timeout` seconds.
+        Raises `TimeoutError` if the peers do not confirm within `timeout` seconds, and
+        `errors.NotReplicated`, once everything else is applied, naming the entries this
+        node could not send since the last such report: a value mutated after it was
+        registered into something that is not a term, or rows larger than a peer's
+        frame limit. Peers do not hold those entries; the others were not held up.
         """
         if type(timeout) not in (int, float) or timeout < 0:
             raise ValueError(f"timeout must be a non-negative number, got {timeout!r:.60}")

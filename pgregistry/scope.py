@@ -74,10 +74,18 @@ connection reconciles them, so a value changed meanwhile arrives as an ``Update`
 as a ``Leave`` and a ``Join``. If the new connection says the scope is not running
 there, or goes down too, the rows leave then.
 
-A part or an ``ops`` batch too large for the peer's frame limit is split (one part per
-pid, halves of a batch, halves of a burst of joins); a single process's rows, or one
-row, that fit in no frame are left out, with an error logged: the peer does not hold
-them.
+An ``ops`` batch goes to every peer whose frame limit it fits, encoded once; a peer
+whose limit it exceeds gets it split for itself alone (halves of the batch, halves of
+a burst of joins), so one peer's small limit never holds up the others. A sync part too
+large for its peer is split into one part per pid. What fits in no frame of that peer
+(one row, or one process's rows in a round) is left out for that peer only.
+
+Values are stored by reference: a value mutated after it was registered may no longer
+be a term. Before anything is sent, rows whose values are containers are checked
+again (scalar values cannot change, so the common case costs one type check per
+row); a row that fails is left out, alone, from that batch or round. Every row left
+out is logged with its key and pid and reported by the next `sync` as
+`errors.NotReplicated`: a `sync` never reports as applied what was not sent.
 
 Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
 are ignored; so are malformed messages, and rows whose pid does not belong to the
@@ -91,18 +99,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from types import ModuleType
 from typing import Any, Callable, Final, Iterable
 
 from . import _table
 from ._table import Matcher
-from .errors import AlreadyRegistered, NoProcess
+from .errors import AlreadyRegistered, NoProcess, NotReplicated
 from .events import Join, Leave, Registered, Unregistered, Update
+from .logbudget import LogBudget
 from .node import REPLACED, Node
 from .process import Process
-from .terms import Pid, Ref, same_term
+from .terms import SCALAR_TYPES as _SCALARS
+from .terms import Pid, Ref, is_value, same_term, short_repr
 
-__all__ = ["ScopeServer", "SYNC_PART_ROWS"]
+__all__ = ["FAN_OUT_STALL", "ScopeServer", "SYNC_PART_ROWS"]
 
 log = logging.getLogger("pgregistry.scope")
 
@@ -112,17 +123,24 @@ SYNC_PART_ROWS: Final = 4096
 _TAG_MIN: Final = -(2**63)  # tags are int64 in the table
 _TAG_MAX: Final = 2**63 - 1
 
+FAN_OUT_STALL: Final = 0.05
+"""Seconds a single event's fan-out may hold the loop before it is logged."""
+_FAN_OUT_TIMED: Final = 10_000  # fan-outs to fewer subscribers are not timed (they cannot stall)
+
+_UNSENT_KEPT: Final = 100  # entries left out of replication that `sync` names; the rest are counted
+
 _SCOPE = object()  # subscription target meaning "every key"
 _ABSENT = object()  # "no such row", where None could be a stored value
 
 
 class _Subscription:
-    __slots__ = ("ref", "target", "process")
+    __slots__ = ("ref", "target", "process", "deliver")
 
     def __init__(self, ref: Ref, target: Any, process: Process) -> None:
         self.ref = ref
         self.target = target
         self.process = process
+        self.deliver = process.deliver  # bound once: fan-out calls it per event
 
 
 class _Malformed(Exception):
@@ -200,6 +218,11 @@ class ScopeServer:
         # the next part and the pids the round listed so far.
         self._sending: dict[str, _Round] = {}
         self._receiving: dict[str, tuple[int, set[Pid]]] = {}  # next part, pids so far
+        # Entries that could not be sent since the last `sync` (which reports them).
+        self._unsent: list[tuple[Any, Pid, str]] = []
+        self._unsent_more = 0
+        self._input_log = LogBudget(log, f"scope {name!r}")
+        self._stall_log = LogBudget(log, f"scope {name!r}", budget=1, window=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -390,37 +413,54 @@ class ScopeServer:
 
     # -- fan-out -------------------------------------------------------------------------
 
-    def _subscribers(self, key: Any) -> Iterable[_Subscription]:
-        yield from self._scope_subs.values()
-        subs = self._key_subs.get(key)
-        if subs:
-            yield from reversed(subs.values())
-
     def _quiet(self) -> bool:
         """Nobody to tell: no subscriber and no listener (the common, fast case)."""
         return not (self._scope_subs or self._key_subs or self.listeners)
 
+    def _fan_out(self, event_type: type, key: Any, payload: list[Any]) -> None:
+        """One `event_type` event to every subscriber of `key`: scope-wide ones, then the key's.
+
+        Every event shares `payload` (no copy per subscriber) and is built with
+        ``tuple.__new__`` (the named tuple's own constructor is a Python-level call), so
+        the cost per subscriber is one small tuple and one mailbox append. A fan-out
+        that holds the loop for more than `FAN_OUT_STALL` seconds is logged.
+        """
+        scope_subs = self._scope_subs
+        key_subs = self._key_subs.get(key)
+        count = len(scope_subs) + (len(key_subs) if key_subs else 0)
+        timed = count >= _FAN_OUT_TIMED
+        if timed:
+            started = time.perf_counter()
+        new = tuple.__new__
+        for sub in scope_subs.values():
+            sub.deliver(new(event_type, (sub.ref, key, payload)))
+        if key_subs:
+            for sub in reversed(key_subs.values()):
+                sub.deliver(new(event_type, (sub.ref, key, payload)))
+        if timed:
+            took = time.perf_counter() - started
+            if took > FAN_OUT_STALL:
+                self._stall_log.warning("scope %r: a %s event to %d subscribers held the loop for %.0f ms",
+                                        self.name, event_type.__name__, count, took * 1e3)
+
     def _publish_join(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
         if self._quiet():
             return
-        for sub in self._subscribers(key):
-            sub.process.deliver(Join(sub.ref, key, entries))
+        self._fan_out(Join, key, entries)
         if self.listeners:
             self._tell_listeners([Registered(self.name, key, pid, value) for pid, value in entries])
 
     def _publish_leave(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
         if self._quiet():
             return
-        for sub in self._subscribers(key):
-            sub.process.deliver(Leave(sub.ref, key, entries))
+        self._fan_out(Leave, key, entries)
         if self.listeners:
             self._tell_listeners([Unregistered(self.name, key, pid) for pid, _value in entries])
 
     def _publish_update(self, key: Any, changes: list[tuple[Pid, Any, Any]]) -> None:
         if not (self._scope_subs or key in self._key_subs):
             return  # listeners never see updates
-        for sub in self._subscribers(key):
-            sub.process.deliver(Update(sub.ref, key, changes))
+        self._fan_out(Update, key, changes)
 
     def _publish_leaves(self, pid: Pid, rows: list[tuple[Any, Any, int]]) -> None:
         """One `Leave` per key for the rows a process lost (in its join order)."""
@@ -452,24 +492,90 @@ class ScopeServer:
         if not self._outbox:
             return
         ops, self._outbox = self._outbox, []
-        self._broadcast_ops(ops)
+        self._broadcast_ops(self._sendable_ops(ops))
+
+    def _sendable_ops(self, ops: list[list[Any]]) -> list[list[Any]]:
+        """`ops` without the rows whose value stopped being a term since it was registered.
+
+        Values are stored by reference, so a caller that mutates one can make it
+        unencodable (or too deep for any peer); only that row is left out, recorded for
+        `sync` to report, and every other op goes.
+        """
+        values = []
+        for op in ops:
+            if op[0] == "j":
+                values += op[2][1::3]
+            elif op[0] == "u":
+                values.append(op[3])
+        if _SCALARS.issuperset(map(type, values)):
+            return ops  # the common case: nothing that can have been mutated
+        kept = []
+        for op in ops:
+            if op[0] == "j":
+                flat = self._sendable_rows(op[1], op[2])
+                if flat:
+                    kept.append(["j", op[1], flat])
+            elif op[0] == "u" and not is_value(op[3]):
+                self._left_out(op[1], op[2], "its value is no longer a term (mutated after it was registered?)")
+            else:
+                kept.append(op)
+        return kept
+
+    def _sendable_rows(self, pid: Pid, flat: list[Any]) -> list[Any]:
+        """`pid`'s flat rows without those whose value is no longer a term (see `_sendable_ops`)."""
+        if _SCALARS.issuperset(map(type, flat[1::3])):
+            return flat
+        kept = []
+        for i in range(0, len(flat), 3):
+            if is_value(flat[i + 1]):
+                kept += flat[i:i + 3]
+            else:
+                self._left_out(flat[i], pid, "its value is no longer a term (mutated after it was registered?)")
+        return kept
+
+    def _left_out(self, key: Any, pid: Pid, why: str) -> None:
+        """Record an entry that could not be sent: logged, and reported by the next `sync`."""
+        log.error("scope %r: the entry under key %s of %r was not sent to peers: %s",
+                  self.name, short_repr(key), pid, why)
+        if len(self._unsent) < _UNSENT_KEPT:
+            self._unsent.append((key, pid, why))
+        else:
+            self._unsent_more += 1
 
     def _broadcast_ops(self, ops: list[list[Any]]) -> None:
+        """Send `ops` to every scope peer; split them for a peer whose frame limit they exceed."""
+        if not ops:
+            return
+        too_big: list[str] = []
+        self.node.broadcast_service(self.name, ["ops", ops], self._peers, trusted=True, too_big=too_big)
+        for peer in too_big:
+            self._send_ops(peer, ops)
+
+    def _send_ops(self, peer: str, ops: list[list[Any]]) -> None:
+        """Send `ops` to `peer` alone, in halves (and halves of a burst of joins) until they fit."""
         try:
-            self.node.broadcast_service(self.name, ["ops", ops], self._peers, trusted=True)
-        except ValueError as exc:  # over a peer's frame limit (sent to nobody): halve it
-            if len(ops) > 1:
-                half = len(ops) // 2
-                self._broadcast_ops(ops[:half])
-                self._broadcast_ops(ops[half:])
-                return
-            op = ops[0]
-            if op[0] == "j" and len(op[2]) > 3:  # a burst of joins: halve the rows
-                half = len(op[2]) // 6 * 3
-                self._broadcast_ops([["j", op[1], op[2][:half]]])
-                self._broadcast_ops([["j", op[1], op[2][half:]]])
-                return
-            log.error("scope %r: an op too large for a peer was not sent (%s): %.200r", self.name, exc, op)
+            self.node.send_service(peer, self.name, ["ops", ops], trusted=True)
+            return
+        except ValueError:  # over this peer's frame limit: nothing was sent
+            pass
+        if len(ops) > 1:
+            half = len(ops) // 2
+            self._send_ops(peer, ops[:half])
+            self._send_ops(peer, ops[half:])
+            return
+        op = ops[0]
+        if op[0] == "j" and len(op[2]) > 3:
+            half = len(op[2]) // 6 * 3
+            self._send_ops(peer, [["j", op[1], op[2][:half]]])
+            self._send_ops(peer, [["j", op[1], op[2][half:]]])
+            return
+        # One row or one update larger than this peer takes; the others have it.
+        if op[0] == "j":
+            self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
+        elif op[0] == "u":
+            self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")
+        else:
+            log.error("scope %r: a leave of %d rows is too large for %s", self.name, len(op[1]), peer)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:
@@ -541,7 +647,7 @@ class ScopeServer:
         rows = 0
         i = round_.next
         while i < len(pids) and rows < SYNC_PART_ROWS:
-            flat = flat_rows(pids[i])
+            flat = self._sendable_rows(pids[i], flat_rows(pids[i]))
             groups.append([pids[i], flat])  # empty: its rows went since the round began
             rows += len(flat) // 3 or 1
             i += 1
@@ -556,14 +662,15 @@ class ScopeServer:
         """Send `groups` as the next part(s): one part, or one per pid if that is too big."""
         try:
             self.node.send_service(round_.peer, self.name, ["sync", round_.part, groups, last], trusted=True)
-        except ValueError as exc:  # over the peer's frame limit; nothing was sent
+        except ValueError:  # over the peer's frame limit; nothing was sent
             if len(groups) > 1:
                 for i, group in enumerate(groups):
                     self._send_groups(round_, [group], last and i == len(groups) - 1)
                 return
             # One process with more rows than a frame holds: the peer does without them.
-            log.error("scope %r: the rows of %r are too large for %s (%s); it will not hold them",
-                      self.name, groups[0][0], round_.peer, exc)
+            pid, flat = groups[0]
+            for i in range(0, len(flat), 3):
+                self._left_out(flat[i], pid, f"its process's rows are too large for the frame limit of {round_.peer}")
             self.node.send_service(round_.peer, self.name, ["sync", round_.part, [], last], trusted=True)
         round_.part += 1
 
@@ -608,11 +715,11 @@ class ScopeServer:
         try:
             self._dispatch(peer, payload)
         except _Malformed as exc:
-            log.warning("scope %r: dropped a malformed message from %s: %s", self.name, peer, exc)
+            self._input_log.warning("scope %r: dropped a malformed message from %s: %s", self.name, peer, exc)
 
     def _dispatch(self, peer: str, payload: Any) -> None:
         if type(payload) is not list or not payload or type(payload[0]) is not str:
-            raise _Malformed(f"not a tagged list: {payload!r:.80}")
+            raise _Malformed(f"not a tagged list: {short_repr(payload)}")
         kind = payload[0]
         if kind == "discover":
             asked_already = peer in self._discovering
@@ -648,19 +755,19 @@ class ScopeServer:
         elif kind == "bye":
             self._forget_peer(peer)
         else:
-            raise _Malformed(f"unknown message kind {kind!r:.40}")
+            raise _Malformed(f"unknown message kind {short_repr(kind)}")
 
     # -- gossip: applying a peer's changes ------------------------------------------------
 
     def _check_pid(self, peer: str, pid: Any) -> Pid:
         if type(pid) is not Pid or pid.node != peer:
-            raise _Malformed(f"{pid!r:.80} is not a pid of {peer}")
+            raise _Malformed(f"{short_repr(pid)} is not a pid of {peer}")
         return pid
 
     @staticmethod
     def _check_tag(tag: Any) -> int:
         if type(tag) is not int or not _TAG_MIN <= tag <= _TAG_MAX:
-            raise _Malformed(f"tag {tag!r:.40} is not an int64")
+            raise _Malformed(f"tag {short_repr(tag)} is not an int64")
         return tag
 
     @staticmethod
@@ -668,12 +775,12 @@ class ScopeServer:
         try:
             hash(key)
         except TypeError:
-            raise _Malformed(f"key {key!r:.60} is not hashable") from None
+            raise _Malformed(f"key {short_repr(key)} is not hashable") from None
         return key
 
     def _apply_op(self, peer: str, op: Any) -> None:
         if type(op) is not list or not op:
-            raise _Malformed(f"op {op!r:.60} is not a tagged list")
+            raise _Malformed(f"op {short_repr(op)} is not a tagged list")
         kind = op[0]
         if kind == "j" and len(op) == 3 and type(op[2]) is list:
             pid = self._check_pid(peer, op[1])
@@ -684,7 +791,7 @@ class ScopeServer:
             _kind, key, pid, value = op
             self._remote_update(self._check_key(key), self._check_pid(peer, pid), value)
         else:
-            raise _Malformed(f"unknown op {op!r:.60}")
+            raise _Malformed(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
         """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
@@ -707,7 +814,7 @@ class ScopeServer:
         checked = []
         for triple in triples:  # all checked before any row goes
             if type(triple) is not list or len(triple) != 3:
-                raise _Malformed(f"leave entry {triple!r:.60} is not [key, pid, tag]")
+                raise _Malformed(f"leave entry {short_repr(triple)} is not [key, pid, tag]")
             key, pid, tag = triple
             checked.append((self._check_key(key), self._check_pid(peer, pid), self._check_tag(tag)))
         removed: dict[Any, list[tuple[Pid, Any]]] = {}
@@ -734,7 +841,7 @@ class ScopeServer:
         parsed = []
         for group in groups:
             if type(group) is not list or len(group) != 2 or type(group[1]) is not list:
-                raise _Malformed(f"sync group {group!r:.60} is not [pid, rows]")
+                raise _Malformed(f"sync group {short_repr(group)} is not [pid, rows]")
             pid = self._check_pid(peer, group[0])
             parsed.append((pid, self._check_rows(pid, group[1])))
         if len({pid for pid, _flat in parsed}) != len(parsed):
@@ -845,6 +952,9 @@ class ScopeServer:
         A ``ping`` goes to every scope peer after the queued changes; each answers after
         applying everything before it. A peer lost meanwhile no longer counts.
         `TimeoutError` if some peer does not answer within `timeout` seconds.
+        `NotReplicated` (after the barrier) if entries were left out of what this server
+        sent since the previous report: values mutated into non-terms, rows too large
+        for a peer; each is reported once.
         """
         if self.closed:
             raise RuntimeError(f"registry {self.name!r} is stopped")
@@ -858,6 +968,7 @@ class ScopeServer:
             await asyncio.wait_for(waiter, timeout)
         peers = set(self._peers)
         if not peers:
+            self._raise_unsent()
             return
         n = self._next_ping()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -868,6 +979,14 @@ class ScopeServer:
             await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
         finally:
             self._barriers.pop(n, None)
+        self._raise_unsent()
+
+    def _raise_unsent(self) -> None:
+        """`NotReplicated` for the entries left out since the last report, if any."""
+        if self._unsent or self._unsent_more:
+            entries, more = self._unsent, self._unsent_more
+            self._unsent, self._unsent_more = [], 0
+            raise NotReplicated(self.name, entries, more)
 
     # -- helpers for the façade ------------------------------------------------------------
 

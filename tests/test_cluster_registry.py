@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from pgregistry.errors import NoProcess
+from pgregistry.errors import NoProcess, NotReplicated
 from pgregistry.events import Join, Leave, Registered, Unregistered, Update
 from pgregistry.node import Node
 from pgregistry.registry import Registry
@@ -276,13 +276,17 @@ async def test_what_outgrows_a_peers_frame_limit_is_split_and_only_the_oversized
         connection.peer_max_frame = 10_000
         with caplog.at_level(logging.ERROR, logger="pgregistry.scope"):
             assert a.send_service(b.id, "r", ["discover"])  # b sends a new round
-            await rb.sync()  # b's barrier waits for the round
+            with pytest.raises(NotReplicated) as left_out:
+                await rb.sync()  # b's barrier waits for the round, then names what was left out
+            assert [(key, pid) for key, pid, _why in left_out.value.entries] == [("big", big)] * 4
             assert [ra.lookup(("k", i)) for i in range(5)] == [[(pid, "x" * 3000)] for pid in small]
             assert ra.lookup("big") == []  # left out of the round: no frame holds them
             other = spawn_agent(b)
             await run_as(other, lambda: (rb.register("ok", 1), rb.register("huge", "z" * 20_000),
                                          rb.register("ok", 2)))  # one batch of ops, too big
-            await rb.sync()
+            with pytest.raises(NotReplicated) as left_out:
+                await rb.sync()
+            assert [(key, pid) for key, pid, _why in left_out.value.entries] == [("huge", other)]
         assert ra.lookup("ok") == [(other, 1), (other, 2)] and ra.lookup("huge") == []
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert any(repr(big) in message for message in errors), errors
