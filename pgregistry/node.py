@@ -146,8 +146,8 @@ from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistere
 from .process import Process, Reply, Runtime, current_process, receive, send, task_process
 from .server import Call, Cast, Server, call
 from .terms import Pid, Ref, check_value, is_value
-from .transport import Connection, Endpoint, parse_address
-from .wire import encode, encode_trusted
+from .transport import Connection, Endpoint, check_max_frame, parse_address
+from .wire import MAX_FRAME, encode, encode_trusted
 
 __all__ = ["Node", "REPLACED"]
 
@@ -300,7 +300,8 @@ class _Peer:
 class Node:
     """A node: an id, its processes and local names, its peers, and attached services.
 
-    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=)``:
+    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=,
+    max_frame=)``:
     every argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
     value, each naming the argument). ``cookie=None`` takes ``PGREGISTRY_COOKIE`` from
     the environment, else a random cookie (then nobody can connect). ``port=0`` binds an
@@ -317,6 +318,11 @@ class Node:
     ``tick_interval``. ``handshake_timeout`` (``max(1, down_after)``), ``reconnect_initial``
     (``tick_interval``) and ``reconnect_max`` (``max(2 * down_after, tick_interval)``) are
     attributes that may be changed before `start`.
+
+    ``max_frame``: the largest message (encoded, in bytes) this node accepts from a peer,
+    announced to each peer at the handshake (`pgregistry.wire.MAX_FRAME` by default); at
+    least `pgregistry.transport.MIN_MAX_FRAME` (64 KiB), which is also the smallest limit
+    a peer may announce.
     """
 
     runtime: Runtime
@@ -332,6 +338,7 @@ class Node:
         client_ssl: _ssl.SSLContext | None = None,
         tick_interval: float = 1.0,
         down_after: float = 5.0,
+        max_frame: int = MAX_FRAME,
     ) -> None:
         self.name = _check_text("name", name, _FORBIDDEN_IN_NAME)
         self.host = _check_text("host", host, frozenset("@/ \t\r\n"))
@@ -372,6 +379,7 @@ class Node:
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}), "
                 "or idle but healthy peers would be declared down"
             )
+        self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = max(1.0, self.down_after)
         self.reconnect_initial = self.tick_interval
         self.reconnect_max = max(2 * self.down_after, self.tick_interval)
@@ -385,6 +393,7 @@ class Node:
             client_ssl=client_ssl,
             tick_interval=self.tick_interval,
             down_after=self.down_after,
+            max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
             on_connection=self._on_connection,
             on_message=self._on_message,

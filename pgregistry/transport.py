@@ -23,7 +23,9 @@ payload bytes. There are three kinds of frame:
 * **message**: after the handshake, every non-empty frame's payload is one encoded term,
   handed to ``on_message``. The payload is at most the receiver's ``max_frame`` bytes
   (each side announces its own in the handshake and `Connection.send` refuses larger
-  payloads with `ValueError`, so a valid sender never trips the limit).
+  payloads with `ValueError`, so a valid sender never trips the limit). A frame limit
+  below `MIN_MAX_FRAME` (64 KiB) is refused in the handshake (``"protocol"``, saying so):
+  a peer must take ordinary messages whole.
 
 Handshake (protocol version 1)
 ==============================
@@ -137,6 +139,7 @@ from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
 __all__ = [
     "PROTOCOL_VERSION",
     "HANDSHAKE_MAX_FRAME",
+    "MIN_MAX_FRAME",
     "REASON_TIMEOUT",
     "REASON_OVERLOADED",
     "REASON_PEER_CLOSED",
@@ -144,6 +147,7 @@ __all__ = [
     "HandshakeError",
     "Connection",
     "Endpoint",
+    "check_max_frame",
     "parse_address",
 ]
 
@@ -156,7 +160,13 @@ HANDSHAKE_MAX_FRAME: Final = 4096
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
 MAX_NODE_ID_LEN: Final = 1024
-MIN_MAX_FRAME: Final = 256
+MIN_MAX_FRAME: Final = 64 * 1024
+"""The smallest frame limit a peer may announce, or an endpoint be configured with.
+
+Below it, ordinary messages (a member list, a registry sync part) would have to be split
+into ever smaller pieces, or could not be sent at all; a node id (at most
+`MAX_NODE_ID_LEN` characters) always fits many times over.
+"""
 
 REASON_TIMEOUT: Final = "timeout"
 REASON_OVERLOADED: Final = "overloaded"
@@ -251,8 +261,13 @@ def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
         raise _Refusal("protocol", f"{kind}: bad node id {node_id!r:.80}")
     if type(creation) is not int or not 0 <= creation < 2**64:
         raise _Refusal("protocol", f"{kind}: bad creation {creation!r:.40}")
-    if type(max_frame) is not int or not MIN_MAX_FRAME <= max_frame <= 0xFFFFFFFF:
+    if type(max_frame) is not int or not 0 <= max_frame <= 0xFFFFFFFF:
         raise _Refusal("protocol", f"{kind}: bad max_frame {max_frame!r:.40}")
+    if max_frame < MIN_MAX_FRAME:
+        raise _Refusal(
+            "protocol",
+            f"{kind}: the peer announces a frame limit of {max_frame} bytes, below the floor of {MIN_MAX_FRAME}",
+        )
     if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
         raise _Refusal("protocol", f"{kind}: the nonce is not {NONCE_SIZE} bytes")
     return node_id, creation, max_frame, nonce
@@ -883,6 +898,18 @@ def _check_int(what: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def check_max_frame(value: Any) -> int:
+    """`value` as a frame limit an endpoint may announce: an int within `MIN_MAX_FRAME`..2**32-1."""
+    if type(value) is not int:
+        raise TypeError(f"max_frame must be an int, got {value!r}")
+    if not MIN_MAX_FRAME <= value <= 0xFFFFFFFF:
+        raise ValueError(
+            f"max_frame must be within {MIN_MAX_FRAME} (64 KiB, the floor peers accept) and {0xFFFFFFFF} bytes, "
+            f"got {value}"
+        )
+    return value
+
+
 class Endpoint:
     """A node's listener and its connections to peers.
 
@@ -949,7 +976,7 @@ class Endpoint:
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}),"
                 " or idle but healthy connections would be declared down"
             )
-        self.max_frame = _check_int("max_frame", max_frame, MIN_MAX_FRAME, 0xFFFFFFFF)
+        self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = _check_seconds("handshake_timeout", handshake_timeout)
         self.max_pending_handshakes = _check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
         self.send_buffer_limit = _check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)

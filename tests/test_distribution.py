@@ -25,6 +25,7 @@ from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkProxy, Partition
 from pgregistry.transport import Endpoint
+from pgregistry.wire import encode
 
 COOKIE = "distribution-test-cookie"
 TICK = 0.05
@@ -446,11 +447,12 @@ async def test_a_disconnect_made_while_a_connect_is_under_way_wins() -> None:
 
 
 async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -> None:
-    # z announces a 256-byte frame limit at its transport handshake (staged on its
-    # endpoint): the member list a sends it does not fit in one message.
-    others = [make_node("x" * 60 + str(i)) for i in range(6)]
-    async with started(make_node("a"), *others, make_node("z")) as (a, *rest, z):
-        z._endpoint.max_frame = 256
+    # z takes frames of 64 KiB at most (the smallest limit a node may announce), and a's
+    # other members have ids of almost 4 kB (950 four-byte characters): the member list
+    # a sends z does not fit in one message.
+    others = [make_node("\U0001d535" * 950 + str(i)) for i in range(18)]
+    async with started(make_node("a"), *others, make_node("z", max_frame=64 * 1024)) as (a, *rest, z):
+        assert len(encode(["members", [other.id for other in rest]])) > z.max_frame
         for other in rest:
             await a.connect(other.id)
         await connected(a, *rest)

@@ -394,3 +394,12 @@ async def test_exit_to_another_nodes_pid_does_not_reach_it() -> None:
         exit(on_a, "kill")  # the main task is b's process: no route to a
         assert a.runtime.process(on_a) is not None
         assert b.runtime.process(on_a) is None
+
+
+@pytest.mark.parametrize("bad", [0, 256, 64 * 1024 - 1, 2**32])
+def test_a_frame_limit_outside_its_range_is_refused_naming_the_option(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        Node("a", max_frame=bad)
+    with pytest.raises(TypeError, match="max_frame"):
+        Node("a", max_frame=65536.0)  # type: ignore[arg-type]
+    assert Node("a", max_frame=64 * 1024).max_frame == 64 * 1024

@@ -296,6 +296,9 @@ def test_endpoint_arguments_are_checked() -> None:
         Endpoint("a", COOKIE, max_frame=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Endpoint("a", COOKIE, max_frame=10)
+    with pytest.raises(ValueError, match="max_frame"):
+        Endpoint("a", COOKIE, max_frame=64 * 1024 - 1)  # below the 64 KiB floor
+    assert Endpoint("a", COOKIE, max_frame=64 * 1024).max_frame == 64 * 1024
     with pytest.raises(TypeError):
         Endpoint("a", COOKIE, on_message=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -406,13 +409,13 @@ async def test_order_and_batching_in_one_iteration(cluster: Cluster) -> None:
 
 async def test_send_checks_and_closed_connection(cluster: Cluster) -> None:
     a, arec = await cluster.endpoint("a")
-    b, brec = await cluster.endpoint("b", max_frame=1024)
+    b, brec = await cluster.endpoint("b", max_frame=64 * 1024)  # the smallest limit allowed
     conn = await a.connect(addr(b))
-    assert conn.peer_max_frame == 1024
+    assert conn.peer_max_frame == 64 * 1024
     with pytest.raises(TypeError):
         conn.send({1, 2})
     with pytest.raises(ValueError, match="frame limit"):
-        conn.send(b"x" * 2000)
+        conn.send(b"x" * 70_000)
     payload = encode(("pre", "encoded"))
     conn.send_encoded(payload)
     await brec.wait_for(lambda: brec.received() == [("pre", "encoded")])
@@ -559,6 +562,41 @@ async def test_protocol_version_mismatch(cluster: Cluster, caplog: pytest.LogCap
     await still_serving(server, good, grec, conn, 1)
 
 
+async def test_a_frame_limit_below_the_floor_is_refused_with_a_reason(cluster: Cluster,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    server, srec, good, grec, conn = await good_pair(cluster)
+    # A client announcing one byte less than 64 KiB: refused, saying why, and logged.
+    peer = await RawPeer.connect(server)
+    peer.write(hs("hello", "tiny@127.0.0.1:1", 1, 65535, secrets.token_bytes(32)))
+    refusal = await peer.read_term()
+    assert refusal[2:4] == ("refuse", "protocol")
+    assert "frame limit of 65535" in refusal[4] and "65536" in refusal[4], refusal
+    await peer.wait_eof()
+    assert warnings_about(caplog, "frame limit of 65535")
+    # Exactly the floor is accepted.
+    peer = await RawPeer.connect(server)
+    await peer.handshake(node_id="floor@127.0.0.1:1", max_frame=65536)
+    await srec.wait_for(lambda: any(c.peer_id == "floor@127.0.0.1:1" for c in srec.connections))
+
+    # A server announcing 4 KiB: the connecting side refuses it and connect says why.
+    answers: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def tiny_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        p = RawPeer(reader, writer)
+        await p.read_frame()
+        p.write(hs("challenge", "tiny@127.0.0.1:9", 1, 4096, secrets.token_bytes(32)))
+        answers.put_nowait(await p.read_term())
+
+    async with raw_server(tiny_server) as address:
+        with pytest.raises(HandshakeError, match="frame limit of 4096") as info:
+            await good.connect(address)
+        assert info.value.kind == "protocol"
+        answer = await asyncio.wait_for(answers.get(), WAIT)
+    assert answer[2:4] == ("refuse", "protocol")
+    await still_serving(server, good, grec, conn, 1)
+
+
 # --------------------------------------------------------------------------- hostile input
 
 async def test_garbage_bytes_close_only_that_connection(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
@@ -587,9 +625,9 @@ async def test_oversized_and_truncated_handshake_frames(cluster: Cluster) -> Non
 
 
 async def test_malformed_input_after_handshake(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
-    server, srec, good, grec, conn = await good_pair(cluster, max_frame=4096)
+    server, srec, good, grec, conn = await good_pair(cluster, max_frame=64 * 1024)
     cases = {
-        "oversized": struct.pack(">I", 4097) + b"z" * 100,
+        "oversized": struct.pack(">I", 64 * 1024 + 1) + b"z" * 100,
         "undecodable": framed(b"\xc1"),
         "trailing bytes": framed(encode(1) + b"\x00"),
         "unknown ext": framed(b"\xd4\x09\x00"),
