@@ -403,3 +403,30 @@ def test_a_frame_limit_outside_its_range_is_refused_naming_the_option(bad: int) 
     with pytest.raises(TypeError, match="max_frame"):
         Node("a", max_frame=65536.0)  # type: ignore[arg-type]
     assert Node("a", max_frame=64 * 1024).max_frame == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("option", "bad", "error"),
+    [
+        ("max_members_per_message", "1024", TypeError),
+        ("max_members_per_message", True, TypeError),
+        ("max_members_per_message", 255, ValueError),  # below what one peer lists in a message
+        ("max_members_per_message", 10**7, ValueError),
+        ("max_gossip_peers", 1.5, TypeError),
+        ("max_gossip_peers", 0, ValueError),
+        ("max_gossip_peers", -1, ValueError),
+        ("max_gossip_dials", None, TypeError),
+        ("max_gossip_dials", 0, ValueError),
+        ("max_gossip_dials", 10**6, ValueError),
+    ],
+)
+def test_gossip_caps_are_checked_naming_the_option(option: str, bad: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"{option} must be"):
+        Node("a", **{option: bad})
+
+
+def test_gossip_caps_have_defaults_and_take_good_values() -> None:
+    node = Node("a")
+    assert (node.max_members_per_message, node.max_gossip_peers, node.max_gossip_dials) == (1024, 1024, 32)
+    node = Node("a", max_members_per_message=256, max_gossip_peers=1, max_gossip_dials=1)
+    assert (node.max_members_per_message, node.max_gossip_peers, node.max_gossip_dials) == (256, 1, 1)
