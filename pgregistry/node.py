@@ -330,6 +330,17 @@ class Node:
     and CA loaded). A client-only ``ssl`` or a server-only context left to dial with
     raises `ValueError` here.
 
+    Trust model. With the cookie alone, node ids are asserted, not proven (as in
+    Erlang): any holder of the cookie may connect under any node id, even a live node's
+    with a new creation (which then looks like a restart of that node). With TLS that
+    verifies certificates, a peer's id must be proven by its certificate, or the
+    connection is refused: one of the certificate's subjectAltName DNS names or subject
+    commonNames must equal the node's name (the part of its id before ``"@"``) or its
+    whole id, exactly. Give each node a certificate naming it, and each node of a
+    cluster its own name; use mutual TLS (a server context with ``verify_mode =
+    ssl.CERT_REQUIRED``) so that the ids of diallers are proven too. See "Trust model"
+    in `pgregistry.transport`.
+
     ``tick_interval`` / ``down_after``: a peer from which nothing (not even a tick) was
     heard for ``down_after`` seconds is down; ``down_after`` must be at least twice
     ``tick_interval``. ``handshake_timeout`` (``max(1, down_after)``), ``reconnect_initial``

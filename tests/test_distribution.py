@@ -26,6 +26,7 @@ from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkProxy, Partition
 from pgregistry.transport import Endpoint
 from pgregistry.wire import encode
+from tests.tls_certs import TestCA
 
 COOKIE = "distribution-test-cookie"
 TICK = 0.05
@@ -1007,13 +1008,8 @@ async def test_a_peer_that_breaks_the_set_up_protocol_is_closed(caplog: pytest.L
 
 
 async def test_tls_between_nodes(tmp_path: Path) -> None:
-    from tests.test_transport import _make_cert, _tls_contexts
-
-    cert, key = _make_cert(tmp_path)
-    server_ctx, client_ctx = _tls_contexts(cert, key)
-    async with started(
-        make_node("a", ssl=server_ctx, client_ssl=client_ctx), make_node("b", ssl=server_ctx, client_ssl=client_ctx)
-    ) as (a, b):
+    ca = TestCA(tmp_path)
+    async with started(make_node("a", **ca.node("a")), make_node("b", **ca.node("b"))) as (a, b):
         assert await a.connect(address(b)) == b.id
         conn = a._peers[b.id].conn
         assert conn is not None and conn._transport is not None

@@ -1,4 +1,4 @@
-"""An authenticated but hostile peer against the mesh: floods of ``members`` gossip.
+"""An authenticated but hostile peer against the mesh: floods of ``members`` gossip, stolen ids.
 
 Real nodes on 127.0.0.1. The hostile peer is a real node whose confirmed connection
 carries forged ``members`` messages (any cookie holder can send them). The fake ids
@@ -16,12 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 from typing import Any, AsyncIterator
+
+import pytest
 
 from pgregistry.events import NodeDown
 from pgregistry.node import GOSSIP_ATTEMPTS, Node
+from pgregistry.transport import Endpoint, HandshakeError
 from tests.helpers import eventually
-from tests.test_distribution import connected, make_node, node_watcher, started
+from tests.test_distribution import COOKIE, address, connected, make_node, node_watcher, run_on, started
+from tests.tls_certs import TestCA
 
 # The caps a node has when none is given (documented on `Node`).
 DEFAULT_MAX_GOSSIP_PEERS = 1024
@@ -231,3 +236,38 @@ def drain_queue(queue: asyncio.Queue[Any]) -> list[Any]:
     while not queue.empty():
         out.append(queue.get_nowait())
     return out
+
+
+async def test_with_tls_a_peer_cannot_connect_under_another_nodes_id(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    async with started(make_node("a", **ca.node("a")), make_node("b", **ca.node("b"))) as (a, b):
+        await b.connect(a.id)
+        await connected(a, b)
+        events = await node_watcher(a)
+        # Mallory holds the cookie and a certificate of the cluster's CA, for its own name,
+        # and claims to be a new incarnation of b.
+        mallory = Endpoint("mallory", COOKIE, **ca.node("mallory"))
+        await mallory.start()
+        try:
+            mallory.node_id, mallory.creation = b.id, b.creation + 1
+            with pytest.raises(HandshakeError, match="does not prove node id"):
+                await mallory.connect(address(a))
+        finally:
+            await mallory.close()
+        # A whole node given a's certificate under another name gets nowhere either.
+        impostor = make_node("c", **ca.node("a"))
+        await run_on(a, impostor.start)
+        try:
+            with pytest.raises(HandshakeError, match="does not prove node id"):
+                await impostor.connect(a.id)
+        finally:
+            await impostor.stop()
+        # b was never taken down, and a node whose certificate names it joins.
+        assert a.peers() == [b.id] and events.empty(), drain_queue(events)
+        c = make_node("c", **ca.node("c"))
+        await run_on(a, c.start)
+        try:
+            assert await c.connect(a.id) == a.id
+            await connected(a, b, c)
+        finally:
+            await c.stop()

@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import importlib.util
 import logging
 import secrets
-import shutil
 import ssl
 import struct
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +39,7 @@ from pgregistry.transport import (
     parse_address,
 )
 from pgregistry.wire import decode, encode
+from tests.tls_certs import TestCA
 
 COOKIE = "test-cookie"
 TICK = 0.05
@@ -771,64 +769,10 @@ async def test_peer_that_does_not_read_is_closed_overloaded(cluster: Cluster) ->
 
 # --------------------------------------------------------------------------- TLS
 
-def _make_cert(tmp: Path) -> tuple[Path, Path]:
-    if importlib.util.find_spec("cryptography") is not None:
-        return _make_cert_cryptography(tmp)
-    if shutil.which("openssl") is None:
-        pytest.skip("neither the cryptography package nor the openssl command is available to make a test certificate")
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=pgregistry-test",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
-def _make_cert_cryptography(tmp: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pgregistry-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-def _tls_contexts(cert: Path, key: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    server.load_verify_locations(cert)
-    server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: peers present the node certificate
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_cert_chain(cert, key)
-    client.load_verify_locations(cert)
-    return server, client
-
-
 async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
-    cert, key = _make_cert(tmp_path)
-    server_ctx, client_ctx = _tls_contexts(cert, key)
-    a, arec = await cluster.endpoint("a", ssl=server_ctx, client_ssl=client_ctx)
-    b, brec = await cluster.endpoint("b", ssl=server_ctx, client_ssl=client_ctx)
+    ca = TestCA(tmp_path)
+    a, arec = await cluster.endpoint("a", **ca.node("a"))
+    b, brec = await cluster.endpoint("b", **ca.node("b"))
     conn = await a.connect(addr(b))
     assert conn._transport is not None and conn._transport.get_extra_info("ssl_object") is not None
     for i in range(100):
@@ -840,8 +784,8 @@ async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         both = ssl.SSLContext(ssl.PROTOCOL_TLS)
-    both.load_cert_chain(cert, key)
-    both.load_verify_locations(cert)
+    both.load_cert_chain(*ca.issue("c", ("c",)))
+    both.load_verify_locations(ca.cert)
     both.verify_mode = ssl.CERT_REQUIRED
     both.check_hostname = True
     c, crec = await cluster.endpoint("c", ssl=both)
@@ -855,6 +799,45 @@ async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
     with pytest.raises(ssl.SSLError):
         await untrusting.connect(addr(b))
     await ping(conn, arec, 3)
+
+
+async def test_with_tls_a_node_id_must_be_proven_by_the_certificate(cluster: Cluster, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    ca = TestCA(tmp_path)
+    a, arec = await cluster.endpoint("a", **ca.node("a"))
+    b, brec = await cluster.endpoint("b", **ca.node("b"))
+    conn = await b.connect(addr(a))  # each certificate names its node: fine
+    await ping(conn, brec, 1)
+    # A dialler whose certificate names b, claiming to be x: refused, saying why, by a.
+    x, xrec = await cluster.endpoint("x", **ca.node("b"))
+    with pytest.raises(HandshakeError, match="does not prove node id") as info:
+        await x.connect(addr(a))
+    assert info.value.kind == "identity" and x.node_id in str(info.value)
+    assert warnings_about(caplog, f"does not prove node id {x.node_id!r}")
+    # An acceptor whose certificate names a, claiming to be y: refused by the dialler.
+    y, yrec = await cluster.endpoint("y", **ca.node("a"))
+    with pytest.raises(HandshakeError, match="does not prove node id") as info:
+        await b.connect(addr(y))
+    assert info.value.kind == "identity" and y.node_id in str(info.value)
+    assert xrec.connections == [] and yrec.connections == []
+    assert [c.peer_id for c in arec.connections] == [b.node_id]
+    # The whole id as the certificate's commonName (no DNS name at all) proves it too.
+    cert, key = ca.issue("zed@10.0.0.1:4370")
+    z, zrec = await cluster.endpoint("z", **dict(zip(("ssl", "client_ssl"), ca.contexts(cert, key))))
+    z.node_id = "zed@10.0.0.1:4370"
+    await ping(await z.connect(addr(a)), zrec, 2)
+    # A server that verifies client certificates only if offered still needs one to prove an id.
+    server_ctx, _ = ca.contexts(*ca.issue("opt", ("opt",)))
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL
+    optional, _ = await cluster.endpoint("opt", ssl=server_ctx, client_ssl=ssl.create_default_context())
+    anonymous_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous_ctx.load_verify_locations(ca.cert)
+    anonymous, _ = await cluster.endpoint("anonymous", client_ssl=anonymous_ctx)
+    with pytest.raises(HandshakeError, match="no certificate") as info:
+        await anonymous.connect(addr(optional))
+    assert info.value.kind == "identity"
+    await ping(conn, brec, 3)
 
 
 # --------------------------------------------------------------------------- uvloop
@@ -878,6 +861,7 @@ _UVLOOP_CASES = [
     test_silent_peer_is_closed_with_timeout,
     test_peer_that_does_not_read_is_closed_overloaded,
     test_tls,
+    test_with_tls_a_node_id_must_be_proven_by_the_certificate,
 ]
 
 
