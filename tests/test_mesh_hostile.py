@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from pgregistry.events import NodeDown
-from pgregistry.node import GOSSIP_ATTEMPTS, Node
+from pgregistry.node import GOSSIP_ATTEMPTS, MEMBERS_PER_MESSAGE, Node
 from pgregistry.transport import Endpoint, HandshakeError
 from tests.helpers import eventually
 from tests.test_distribution import COOKIE, address, connected, make_node, node_watcher, run_on, started
@@ -213,6 +213,28 @@ async def test_ids_beyond_max_members_per_message_are_ignored() -> None:
         await eventually(lambda: peak.sample() > 0, 5.0, "the victim to read the ids")
         await eventually(peak.forgotten, 9.0, "every fake id to be given up and forgotten", report=peak.report)
         assert peak.records == 300, peak.report()
+
+
+async def test_a_member_list_goes_out_in_messages_every_peer_takes_whole() -> None:
+    # What a node puts on the wire when it tells a new peer of many members: no message
+    # lists more ids than the smallest per-message cap a node may have.
+    received: list[Any] = []
+    async with started(make_node("a")) as (a,):
+        listener = Endpoint("listener", COOKIE, on_message=lambda conn, term: received.append(term))
+        await listener.start()
+        try:
+            await listener.connect(address(a))
+            [conn] = [c for c in a._endpoint.connections if c.peer_id == listener.node_id]
+            ids = [f"member{i}@127.0.0.1:{1000 + i}" for i in range(600)]
+            a._send_members(conn, ids)
+            a._send_members(conn, [])
+            await eventually(lambda: sum(len(term[1]) for term in received) == 600 and received[-1] == ["members", []],
+                             5.0, "every member list to arrive")
+        finally:
+            await listener.close()
+    assert all(term[0] == "members" and len(term[1]) <= MEMBERS_PER_MESSAGE for term in received), \
+        [len(term[1]) for term in received]
+    assert [node_id for term in received for node_id in term[1]] == ids
 
 
 async def test_re_gossip_does_not_give_an_unreached_id_more_dials() -> None:
