@@ -313,12 +313,15 @@ def certificate_names(cert: dict[str, Any]) -> list[str]:
 
 
 def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
-    """True if `cert` names `node_id` whole, or its name part (before the first ``"@"``).
+    """True if `cert` names `node_id` whole, or its name part.
 
-    Names are compared exactly: case-sensitive, no wildcards.
+    The name part of ``name@host:port`` is what comes before the last ``"@"`` (as in
+    `parse_address`; a node's name has no ``"@"``), the whole id if it has none. Names
+    are compared exactly: case-sensitive, no wildcards.
     """
     names = certificate_names(cert)
-    return node_id in names or node_id.partition("@")[0] in names
+    name, at, _address = node_id.rpartition("@")
+    return node_id in names or (name if at else node_id) in names
 
 
 def _check_mac_message(msg: tuple, kind: str) -> bytes:

@@ -9,6 +9,9 @@ point only at loopback addresses, of four kinds:
 * a listener that accepts and closes at once (counts every dial that reaches it),
 * a listener that accepts and says nothing (a dial holds its socket until the
   handshake times out; counts how many are open at the same time).
+
+With TLS, the hostile peer holds the cookie and a certificate of the cluster's CA, but
+for its own name, and claims another node's id.
 """
 
 from __future__ import annotations
@@ -175,10 +178,14 @@ async def test_a_flood_of_fake_member_ids_leaves_the_node_up_with_its_peers_and_
         assert set(b.peers()) == {a.id, m.id} and set(m.peers()) == {a.id, b.id}
         assert not any(isinstance(event, NodeDown) for event in drain_queue(events)), "a peer went down"
         # And it still takes gossip about real nodes once the flood is over.
-        async with started(make_node("late")) as (late,):
+        late = make_node("late")
+        await run_on(a, late.start)
+        try:
             await m.connect(late.id)
             gossip(m, a, [late.id])
             await connected(a, late)
+        finally:
+            await late.stop()
 
 
 async def test_gossip_dials_and_gossiped_ids_stay_within_the_configured_caps() -> None:
