@@ -58,10 +58,12 @@ within ``handshake_timeout`` is closed.
 
 On a confirmed connection (FIFO; every kind shares the one connection of the pair)::
 
-    ["members", [id, ...]]            first message from each side: its other connected
-                                      peers; the receiver connects to those it does not
-                                      know (full mesh) and hurries its reconnects to the
-                                      known ones, except the ones it is disconnected from
+    ["members", [id, ...]]            first message(s) from each side: its other connected
+                                      peers, at most `MEMBERS_PER_MESSAGE` ids a message;
+                                      the receiver connects to those it does not know
+                                      (full mesh, within its gossip caps) and hurries its
+                                      reconnects to the known ones, except the ones it is
+                                      disconnected from
     ["send", to, msg]                 deliver msg (a term); to an unknown pid or name:
                                       dropped, as are pids of another creation
     ["send_t", to, type, [field...]]  deliver a pgregistry message named tuple (`Down`,
@@ -100,7 +102,10 @@ Membership
   its connected peers (``members``) and the receiver connects to the unknown ones.
 * A node remembers every member it was connected to (a node it only heard of through
   ``members`` is dialled at most `GOSSIP_ATTEMPTS` times, so a node that stopped just as
-  it was gossiped about is not redialled forever). When a connection is lost, *both*
+  it was gossiped about is not redialled forever, then forgotten). Gossip is bounded by
+  the node's ``max_members_per_message``, ``max_gossip_peers`` and ``max_gossip_dials``
+  (see `Node`): a peer that lists thousands of made-up ids costs a bounded number of
+  records and dials, all released once they are given up. When a connection is lost, *both*
   sides redial with exponential backoff (first delay ``reconnect_initial``, doubling up
   to ``reconnect_max``, each drawn uniformly from ``[d/2, d]``), at the address they
   have for the peer: the one given to `connect` or `add_route`, else the host:port of its
@@ -146,8 +151,8 @@ from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistere
 from .process import Process, Reply, Runtime, current_process, receive, send, task_process
 from .server import Call, Cast, Server, call
 from .terms import Pid, Ref, check_value, is_value
-from .transport import Connection, Endpoint, parse_address
-from .wire import encode, encode_trusted
+from .transport import MAX_NODE_ID_LEN, Connection, Endpoint, check_max_frame, parse_address
+from .wire import MAX_FRAME, encode, encode_trusted
 
 __all__ = ["Node", "REPLACED"]
 
@@ -166,6 +171,10 @@ MAX_ERROR_TEXT: Final = 2000
 #: Dials to a node known only from ``members`` gossip before giving up on it (a node
 #: that was ever connected is redialled until it leaves or is disconnected).
 GOSSIP_ATTEMPTS: Final = 5
+
+#: Most ids a node lists in one ``members`` message it sends (more go in several
+#: messages), and so the smallest ``max_members_per_message`` a node may be given.
+MEMBERS_PER_MESSAGE: Final = 256
 
 _NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = "new", "starting", "running", "stopping", "stopped"
 
@@ -206,6 +215,14 @@ def _check_seconds(what: str, value: Any) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number of seconds, got {value!r}")
     return float(value)
+
+
+def _check_cap(what: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int:
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be within {low}..{high}, got {value}")
+    return value
 
 
 def _new_creation() -> int:
@@ -300,7 +317,8 @@ class _Peer:
 class Node:
     """A node: an id, its processes and local names, its peers, and attached services.
 
-    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=)``:
+    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=,
+    max_frame=)``:
     every argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
     value, each naming the argument). ``cookie=None`` takes ``PGREGISTRY_COOKIE`` from
     the environment, else a random cookie (then nobody can connect). ``port=0`` binds an
@@ -312,11 +330,43 @@ class Node:
     and CA loaded). A client-only ``ssl`` or a server-only context left to dial with
     raises `ValueError` here.
 
+    Trust model. With the cookie alone, node ids are asserted, not proven (as in
+    Erlang): any holder of the cookie may connect under any node id, even a live node's
+    with a new creation (which then looks like a restart of that node). With TLS that
+    verifies certificates, a peer's id must be proven by its certificate, or the
+    connection is refused: one of the certificate's subjectAltName DNS names or subject
+    commonNames must equal the node's name (the part of its id before ``"@"``) or its
+    whole id, exactly. Give each node a certificate naming it, and each node of a
+    cluster its own name; use mutual TLS (a server context with ``verify_mode =
+    ssl.CERT_REQUIRED``) so that the ids of diallers are proven too. See "Trust model"
+    in `pgregistry.transport`.
+
     ``tick_interval`` / ``down_after``: a peer from which nothing (not even a tick) was
     heard for ``down_after`` seconds is down; ``down_after`` must be at least twice
     ``tick_interval``. ``handshake_timeout`` (``max(1, down_after)``), ``reconnect_initial``
     (``tick_interval``) and ``reconnect_max`` (``max(2 * down_after, tick_interval)``) are
     attributes that may be changed before `start`.
+
+    ``max_frame``: the largest message (encoded, in bytes) this node accepts from a peer,
+    announced to each peer at the handshake (`pgregistry.wire.MAX_FRAME` by default); at
+    least `pgregistry.transport.MIN_MAX_FRAME` (64 KiB), which is also the smallest limit
+    a peer may announce.
+
+    Membership gossip is bounded. ``max_members_per_message`` (1024; at least
+    `MEMBERS_PER_MESSAGE`, the most a node lists in one message): ids beyond it in one
+    ``members`` message are ignored. ``max_gossip_peers`` (1024): most nodes known only
+    through gossip and not reached yet, held at once; ids gossiped while that many are
+    held are ignored (the nodes behind them dial this one when they join anyway).
+    ``max_gossip_dials`` (32): most dials to such nodes under way at once, each holding
+    its slot until its connection is confirmed or has failed. Each such node is dialled
+    at most `GOSSIP_ATTEMPTS` times, however often it is gossiped again meanwhile, and
+    then forgotten. Nodes this node was ever connected to are not subject to these caps.
+
+    Peers are trusted: any holder of the cookie can tell this node to dial whatever
+    host and port a node id in its ``members`` names (as in Erlang). The caps above
+    bound how many such dials there are and how many records they leave; with TLS and
+    certificate verification, a dialled address must also prove the node id it was
+    dialled for, so gossip cannot make this node talk to anything but a cluster member.
     """
 
     runtime: Runtime
@@ -332,6 +382,10 @@ class Node:
         client_ssl: _ssl.SSLContext | None = None,
         tick_interval: float = 1.0,
         down_after: float = 5.0,
+        max_frame: int = MAX_FRAME,
+        max_members_per_message: int = 1024,
+        max_gossip_peers: int = 1024,
+        max_gossip_dials: int = 32,
     ) -> None:
         self.name = _check_text("name", name, _FORBIDDEN_IN_NAME)
         self.host = _check_text("host", host, frozenset("@/ \t\r\n"))
@@ -372,6 +426,12 @@ class Node:
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}), "
                 "or idle but healthy peers would be declared down"
             )
+        self.max_frame = check_max_frame(max_frame)
+        self.max_members_per_message = _check_cap(
+            "max_members_per_message", max_members_per_message, MEMBERS_PER_MESSAGE, 1_000_000
+        )
+        self.max_gossip_peers = _check_cap("max_gossip_peers", max_gossip_peers, 1, 1_000_000)
+        self.max_gossip_dials = _check_cap("max_gossip_dials", max_gossip_dials, 1, 65_536)
         self.handshake_timeout = max(1.0, self.down_after)
         self.reconnect_initial = self.tick_interval
         self.reconnect_max = max(2 * self.down_after, self.tick_interval)
@@ -385,6 +445,7 @@ class Node:
             client_ssl=client_ssl,
             tick_interval=self.tick_interval,
             down_after=self.down_after,
+            max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
             on_connection=self._on_connection,
             on_message=self._on_message,
@@ -396,6 +457,10 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._services: dict[str, Any] = {}
         self._peers: dict[str, _Peer] = {}
+        # Nodes known only through gossip and still being dialled: at most max_gossip_peers.
+        self._gossiped: set[_Peer] = set()
+        # Held by a gossip dial from its first byte to its verdict.
+        self._gossip_dials = asyncio.Semaphore(self.max_gossip_dials)
         self._disconnects = 0  # `disconnect` calls so far: a connect begun before one yields to it
         self._links: dict[Connection, _Link] = {}
         self._next_link_seq: Callable[[], int] = itertools.count(1).__next__
@@ -1181,21 +1246,50 @@ class Node:
 
     def _h_members(self, peer: _Peer, m: list) -> None:
         _need(len(m) == 2 and type(m[1]) is list, "members: malformed")
-        for node_id in m[1]:
-            if type(node_id) is not str or node_id == self.id or "@" not in node_id:
+        ids: list = m[1]
+        if len(ids) > self.max_members_per_message:
+            self._log_limited("node %s: %s listed %d members in one message; only the first %d "
+                              "(max_members_per_message) are taken", self.id, peer.id, len(ids),
+                              self.max_members_per_message)
+            ids = ids[: self.max_members_per_message]
+        over_cap = 0
+        for node_id in ids:
+            if (
+                type(node_id) is not str
+                or node_id == self.id
+                or "@" not in node_id
+                or len(node_id) > MAX_NODE_ID_LEN  # no such node could complete a handshake
+                or not node_id.isprintable()
+            ):
                 continue
             try:
                 parse_address(node_id)
             except ValueError:
                 continue
             other = self._peers.get(node_id)
+            if other is not None:
+                if other.blocked or other.link is not None or other in self._gossiped:
+                    continue  # gossiped again while being dialled: no more dials than the first time
+                if other.member:
+                    self._schedule_reconnect(other, now=True)  # a lost member: hurry its redial
+                    continue
+            if len(self._gossiped) >= self.max_gossip_peers:
+                over_cap += 1
+                continue
             if other is None:
                 other = self._peer(node_id)
-            elif other.blocked or other.link is not None:
-                continue
-            if not other.member:
-                other.gossip_tries = GOSSIP_ATTEMPTS
+            other.gossip_tries = GOSSIP_ATTEMPTS
+            self._gossiped.add(other)
             self._schedule_reconnect(other, now=True)
+        if over_cap:
+            self._log_limited("node %s: %d members gossiped by %s ignored: %d nodes known only through "
+                              "gossip are being dialled already (max_gossip_peers)", self.id, over_cap, peer.id,
+                              len(self._gossiped))
+
+    def _end_gossip(self, peer: _Peer) -> None:
+        """`peer` is no longer dialled because of gossip (reached, given up, blocked or gone)."""
+        peer.gossip_tries = 0
+        self._gossiped.discard(peer)
 
     def _h_disconnect(self, peer: _Peer, m: list) -> None:
         peer.blocked = True
@@ -1209,17 +1303,21 @@ class Node:
         self._peer_down(peer, "leave")
 
     def _log_malformed(self, peer_id: str, what: str, term: Any) -> None:
-        """A warning about a bad message from `peer_id`, at most `_LOG_BUDGET` per second."""
+        self._log_limited("node %s: dropped a malformed message from %s (%s): %.200r", self.id, peer_id, what, term)
+
+    def _log_limited(self, msg: str, *args: Any) -> None:
+        """A warning about what a peer sent, at most `_LOG_BUDGET` per second (peers may flood)."""
         now = time.monotonic()
         if now - self._log_window_start >= _LOG_WINDOW:
             if self._log_suppressed:
-                logger.warning("node %s: %d more malformed messages not logged", self.id, self._log_suppressed)
+                logger.warning("node %s: %d more warnings about peers' messages not logged", self.id,
+                               self._log_suppressed)
             self._log_window_start = now
             self._log_count = 0
             self._log_suppressed = 0
         if self._log_count < _LOG_BUDGET:
             self._log_count += 1
-            logger.warning("node %s: dropped a malformed message from %s (%s): %.200r", self.id, peer_id, what, term)
+            logger.warning(msg, *args)
         else:
             self._log_suppressed += 1
 
@@ -1443,6 +1541,7 @@ class Node:
         peer.conn = conn
         peer.creation = conn.peer_creation
         peer.member = True
+        self._end_gossip(peer)
         peer.blocked = False
         if peer.kick is not None:
             peer.kick.set()  # a reconnect loop still sleeping ends now
@@ -1454,16 +1553,27 @@ class Node:
         self._wake(peer)
 
     def _send_members(self, conn: Connection, members: list[str]) -> None:
-        """Tell a new peer the other members, in one message if its frame limit allows."""
-        try:
-            conn.send(["members", members])
-        except ValueError:  # the peer announced a small frame limit: one id at a time
-            for member in members:
-                try:
-                    conn.send(["members", [member]])
-                except ValueError:
-                    logger.warning("node %s: %s takes frames too small for a node id; it is not told of %s",
-                                   self.id, conn.peer_id, member)
+        """Tell a new peer the other members: `MEMBERS_PER_MESSAGE` ids at most per message.
+
+        An empty list is sent too: every confirmed connection starts with ``members``.
+        """
+        step = MEMBERS_PER_MESSAGE
+        for start in range(0, max(1, len(members)), step):
+            self._send_member_list(conn, members[start:start + step])
+
+    def _send_member_list(self, conn: Connection, members: list[str]) -> None:
+        """One ``members`` message, halved until it fits the peer's frame limit.
+
+        One id always fits: an id is at most `MAX_NODE_ID_LEN` characters and every
+        peer takes frames of `pgregistry.transport.MIN_MAX_FRAME` bytes.
+        """
+        data = encode(["members", members])
+        if len(data) <= conn.peer_max_frame or len(members) <= 1:
+            conn.send_encoded(data)
+            return
+        half = len(members) // 2
+        self._send_member_list(conn, members[:half])
+        self._send_member_list(conn, members[half:])
 
     def _peer_down(self, peer: _Peer, reason: str) -> None:
         """The peer's confirmed connection is gone (or going): everything that follows."""
@@ -1542,6 +1652,7 @@ class Node:
             and not peer.waiters
             and (peer.reconnect is None or peer.reconnect.done() or peer.reconnect is asyncio.current_task())
         ):
+            self._end_gossip(peer)
             self._peers.pop(peer.id, None)
 
     def _wake(self, peer: _Peer) -> None:
@@ -1584,6 +1695,7 @@ class Node:
         )
 
     def _stop_reconnect(self, peer: _Peer) -> None:
+        self._end_gossip(peer)  # a task cancelled before it ran would not end its gossip itself
         task = peer.reconnect
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -1594,38 +1706,52 @@ class Node:
         kick = peer.kick
         assert kick is not None
         attempts = 0
-        while self._should_dial(peer):
-            if not now:
-                with contextlib.suppress(TimeoutError):  # the usual way out: the delay is over
-                    await asyncio.wait_for(kick.wait(), delay * (0.5 + 0.5 * random.random()))
-                kick.clear()
-                delay = min(delay * 2, self.reconnect_max)
-            now = False
-            if not self._should_dial(peer):
-                break
-            if peer.links:
-                # A connection with this peer is being set up already (it dialled us, or a
-                # connect() of ours): let it finish rather than race it.
-                await self._wait_change(peer, self.handshake_timeout)
-                continue
-            attempts += 1
+        try:
+            while self._should_dial(peer):
+                if not now:
+                    with contextlib.suppress(TimeoutError):  # the usual way out: the delay is over
+                        await asyncio.wait_for(kick.wait(), delay * (0.5 + 0.5 * random.random()))
+                    kick.clear()
+                    delay = min(delay * 2, self.reconnect_max)
+                now = False
+                if not self._should_dial(peer):
+                    break
+                if peer.links:
+                    # A connection with this peer is being set up already (it dialled us, or a
+                    # connect() of ours): let it finish rather than race it.
+                    await self._wait_change(peer, self.handshake_timeout)
+                    continue
+                if peer.member:
+                    attempts += 1
+                    await self._redial(peer, attempts)
+                    continue
+                async with self._gossip_dials:
+                    # The wait for a slot may have been long: the peer may have dialled us meanwhile.
+                    if self._should_dial(peer) and not peer.member and not peer.links:
+                        attempts += 1
+                        peer.gossip_tries -= 1
+                        await self._redial(peer, attempts)
+        finally:
             if not peer.member:
-                peer.gossip_tries -= 1
-            address = peer.route or peer.id
-            try:
-                link = await self._dial(address, explicit=False, expect=peer.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log = logger.info if attempts == 1 else logger.debug
-                log("node %s: redialling %s at %s failed (attempt %d): %r", self.id, peer.id, address, attempts, exc)
-                continue
-            assert self._loop is not None
-            deadline = self._loop.time() + self.handshake_timeout
-            while link.state not in (_L_UP, _L_CLOSED) and self._loop.time() < deadline:
-                await self._wait_change(peer, deadline - self._loop.time())
+                self._end_gossip(peer)
         # Given up (a node only heard of through gossip that never answered): forget it.
         self._maybe_forget(peer)
+
+    async def _redial(self, peer: _Peer, attempt: int) -> None:
+        """One dial of `peer`, then wait for the set-up's verdict (bounded by ``handshake_timeout``)."""
+        address = peer.route or peer.id
+        try:
+            link = await self._dial(address, explicit=False, expect=peer.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log = logger.info if attempt == 1 else logger.debug
+            log("node %s: redialling %s at %s failed (attempt %d): %r", self.id, peer.id, address, attempt, exc)
+            return
+        assert self._loop is not None
+        deadline = self._loop.time() + self.handshake_timeout
+        while link.state not in (_L_UP, _L_CLOSED) and self._loop.time() < deadline:
+            await self._wait_change(peer, deadline - self._loop.time())
 
 
 # --------------------------------------------------------------------------- benchmark

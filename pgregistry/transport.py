@@ -23,7 +23,9 @@ payload bytes. There are three kinds of frame:
 * **message**: after the handshake, every non-empty frame's payload is one encoded term,
   handed to ``on_message``. The payload is at most the receiver's ``max_frame`` bytes
   (each side announces its own in the handshake and `Connection.send` refuses larger
-  payloads with `ValueError`, so a valid sender never trips the limit).
+  payloads with `ValueError`, so a valid sender never trips the limit). A frame limit
+  below `MIN_MAX_FRAME` (64 KiB) is refused in the handshake (``"protocol"``, saying so):
+  a peer must take ordinary messages whole.
 
 Handshake (protocol version 1)
 ==============================
@@ -52,7 +54,9 @@ Either side may instead answer any handshake message with
 ``("pgregistry", version, "refuse", kind, detail)`` and close the connection. ``kind``
 is one of ``"version"`` (protocol version mismatch), ``"auth"`` (the peer did not prove
 the cookie), ``"protocol"`` (a malformed or unexpected handshake message), ``"self"``
-(a node connected to itself: same id and creation); ``detail`` is a human-readable str.
+(a node connected to itself: same id and creation), ``"identity"`` (with TLS, the
+peer's certificate does not prove the id in its hello or challenge: see "Trust model"
+below); ``detail`` is a human-readable str.
 The connecting side raises `AuthenticationError` for ``"auth"`` (sent by ``S``, or
 decided by ``C`` itself when ``mac_S`` is wrong) and `HandshakeError` for the others.
 A version mismatch is checked on every handshake message, before anything else but a
@@ -64,6 +68,28 @@ A version mismatch is checked on every handshake message, before anything else b
 Without TLS the handshake authenticates the peer when the connection opens, but the
 stream itself is neither encrypted nor integrity-protected (as in Erlang distribution):
 on an untrusted network configure TLS.
+
+Trust model
+===========
+* **Cookie only** (with or without TLS that does not verify the peer): a peer proves
+  that it knows the cookie, nothing more. Node ids are *asserted*, not proven, as in
+  Erlang: any cookie holder may claim any node id and creation, including those of a
+  live node (which the layer above then takes for a restart of that node). Every
+  cookie holder is a trusted member of the cluster.
+* **TLS with certificate verification**: a node id is *proven*. A peer certificate
+  proves node id ``name@host:port`` when one of its subjectAltName DNS entries, or one
+  of its subject commonName attributes, equals the id's name part (``name``) or the
+  whole id, compared exactly (case-sensitive, no wildcards). A certificate for name
+  ``a`` thus proves ``a@`` at any host and port: give every node of a cluster its own
+  name. The accepting side checks the id in the hello against the dialler's
+  certificate when its context verifies clients (``verify_mode`` ``CERT_REQUIRED``, or
+  ``CERT_OPTIONAL``, where a dialler that presents no certificate is then refused);
+  the connecting side checks the id in the challenge against the acceptor's
+  certificate when its context verifies servers (the default of
+  ``ssl.PROTOCOL_TLS_CLIENT``). Either side refuses a mismatch (``"identity"``) before
+  the cookie exchange goes any further. With mutual TLS, both ids of every connection
+  are proven; a server context that does not ask for client certificates leaves the
+  diallers' ids asserted.
 
 Liveness, batching, backpressure
 ================================
@@ -142,6 +168,7 @@ from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
 __all__ = [
     "PROTOCOL_VERSION",
     "HANDSHAKE_MAX_FRAME",
+    "MIN_MAX_FRAME",
     "REASON_TIMEOUT",
     "REASON_OVERLOADED",
     "REASON_PEER_CLOSED",
@@ -149,6 +176,9 @@ __all__ = [
     "HandshakeError",
     "Connection",
     "Endpoint",
+    "certificate_names",
+    "certificate_proves",
+    "check_max_frame",
     "parse_address",
 ]
 
@@ -161,7 +191,13 @@ HANDSHAKE_MAX_FRAME: Final = 4096
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
 MAX_NODE_ID_LEN: Final = 1024
-MIN_MAX_FRAME: Final = 256
+MIN_MAX_FRAME: Final = 64 * 1024
+"""The smallest frame limit a peer may announce, or an endpoint be configured with.
+
+Below it, ordinary messages (a member list, a registry sync part) would have to be split
+into ever smaller pieces, or could not be sent at all; a node id (at most
+`MAX_NODE_ID_LEN` characters) always fits many times over.
+"""
 
 REASON_TIMEOUT: Final = "timeout"
 REASON_OVERLOADED: Final = "overloaded"
@@ -181,7 +217,7 @@ _HANDSHAKE_LIMITS: Final = Limits(
     max_map_len=16,
     max_ext_len=64,
 )
-_REFUSAL_KINDS: Final = frozenset({"version", "auth", "protocol", "self"})
+_REFUSAL_KINDS: Final = frozenset({"version", "auth", "protocol", "self", "identity"})
 
 # Connection states.
 _AWAIT_HELLO: Final = 1  # accepting side, before the client's hello
@@ -200,8 +236,10 @@ _LOG_BUDGET: Final = 20
 class HandshakeError(ConnectionError):
     """The handshake failed for a reason other than the cookie.
 
-    ``kind`` is ``"version"``, ``"protocol"``, ``"self"``, or ``"closed"`` (the peer
-    closed the connection during the handshake without saying why).
+    ``kind`` is ``"version"``, ``"protocol"``, ``"self"``, ``"identity"`` (with TLS, a
+    node id its certificate does not prove: see "Trust model" in the module docstring),
+    or ``"closed"`` (the peer closed the connection during the handshake without saying
+    why).
     """
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -256,11 +294,39 @@ def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
         raise _Refusal("protocol", f"{kind}: bad node id {node_id!r:.80}")
     if type(creation) is not int or not 0 <= creation < 2**64:
         raise _Refusal("protocol", f"{kind}: bad creation {creation!r:.40}")
-    if type(max_frame) is not int or not MIN_MAX_FRAME <= max_frame <= 0xFFFFFFFF:
+    if type(max_frame) is not int or not 0 <= max_frame <= 0xFFFFFFFF:
         raise _Refusal("protocol", f"{kind}: bad max_frame {max_frame!r:.40}")
+    if max_frame < MIN_MAX_FRAME:
+        raise _Refusal(
+            "protocol",
+            f"{kind}: the peer announces a frame limit of {max_frame} bytes, below the floor of {MIN_MAX_FRAME}",
+        )
     if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
         raise _Refusal("protocol", f"{kind}: the nonce is not {NONCE_SIZE} bytes")
     return node_id, creation, max_frame, nonce
+
+
+def certificate_names(cert: dict[str, Any]) -> list[str]:
+    """The names a peer certificate (as `ssl.SSLSocket.getpeercert` gives it) vouches for.
+
+    Its subjectAltName DNS entries, then its subject commonName attributes.
+    """
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    for rdn in cert.get("subject", ()):
+        names.extend(value for key, value in rdn if key == "commonName")
+    return names
+
+
+def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
+    """True if `cert` names `node_id` whole, or its name part.
+
+    The name part of ``name@host:port`` is what comes before the last ``"@"`` (as in
+    `parse_address`; a node's name has no ``"@"``), the whole id if it has none. Names
+    are compared exactly: case-sensitive, no wildcards.
+    """
+    names = certificate_names(cert)
+    name, at, _address = node_id.rpartition("@")
+    return node_id in names or (name if at else node_id) in names
 
 
 def _check_mac_message(msg: tuple, kind: str) -> bytes:
@@ -725,6 +791,7 @@ class Connection(asyncio.Protocol):
             peer_id, creation, max_frame, _client_nonce = _check_identity(msg, kind)
             if peer_id == endpoint.node_id and creation == endpoint.creation:
                 raise _Refusal("self", f"node {peer_id!r} connected to itself")
+            self._check_certificate(peer_id, kind)
             self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
             self._hello = frame_bytes
             self._challenge = _handshake_frame(
@@ -734,6 +801,7 @@ class Connection(asyncio.Protocol):
             self._write_raw(self._challenge)
         elif state == _AWAIT_CHALLENGE and kind == "challenge":
             peer_id, creation, max_frame, _server_nonce = _check_identity(msg, kind)
+            self._check_certificate(peer_id, kind)
             self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
             self._challenge = frame_bytes
             proof = _mac(endpoint._key, _CLIENT_LABEL, self._hello, frame_bytes)
@@ -756,6 +824,22 @@ class Connection(asyncio.Protocol):
             self._establish()
         else:
             raise _Refusal("protocol", f"unexpected handshake message {kind!r:.40}")
+
+    def _check_certificate(self, peer_id: str, kind: str) -> None:
+        """With TLS that verifies the peer, `peer_id` must be proven by its certificate."""
+        transport = self._transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None or ssl_object.context.verify_mode == _ssl.CERT_NONE:
+            return  # nothing verified the peer: its id is asserted, as with the cookie alone
+        cert = ssl_object.getpeercert()
+        if not cert:
+            raise _Refusal("identity", f"{kind}: node {peer_id!r:.100} presented no certificate to prove its id")
+        if not certificate_proves(cert, peer_id):
+            raise _Refusal(
+                "identity",
+                f"{kind}: the peer's certificate names {certificate_names(cert)!r:.200}, "
+                f"which does not prove node id {peer_id!r:.100}",
+            )
 
     def _peer_refused(self, msg: tuple) -> None:
         if len(msg) != 5 or type(msg[3]) is not str or type(msg[4]) is not str:
@@ -896,6 +980,18 @@ def _check_int(what: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def check_max_frame(value: Any) -> int:
+    """`value` as a frame limit an endpoint may announce: an int within `MIN_MAX_FRAME`..2**32-1."""
+    if type(value) is not int:
+        raise TypeError(f"max_frame must be an int, got {value!r}")
+    if not MIN_MAX_FRAME <= value <= 0xFFFFFFFF:
+        raise ValueError(
+            f"max_frame must be within {MIN_MAX_FRAME} (64 KiB, the floor peers accept) and {0xFFFFFFFF} bytes, "
+            f"got {value}"
+        )
+    return value
+
+
 class Endpoint:
     """A node's listener and its connections to peers.
 
@@ -962,7 +1058,7 @@ class Endpoint:
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}),"
                 " or idle but healthy connections would be declared down"
             )
-        self.max_frame = _check_int("max_frame", max_frame, MIN_MAX_FRAME, 0xFFFFFFFF)
+        self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = _check_seconds("handshake_timeout", handshake_timeout)
         self.max_pending_handshakes = _check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
         self.send_buffer_limit = _check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)

@@ -264,25 +264,25 @@ async def test_what_outgrows_a_peers_frame_limit_is_split_and_only_the_oversized
         small = [spawn_agent(b) for _ in range(5)]
         big = spawn_agent(b)
         for i, agent in enumerate(small):
-            await run_as(agent, lambda i=i: rb.register(("k", i), "x" * 3000))
-        await run_as(big, lambda: [rb.register("big", "y" * 3000) for _ in range(4)])
+            await run_as(agent, lambda i=i: rb.register(("k", i), "x" * 20_000))
+        await run_as(big, lambda: [rb.register("big", "y" * 20_000) for _ in range(4)])
         await rb.sync()
         assert ra.count() == 9
-        # Staging: a's connection now takes frames of 10 kB at most (as if a had said
-        # so at the handshake). Each small process's rows fit alone, not all together;
-        # the big one's 12 kB fit in no frame.
+        # Staging: a's connection now takes frames of 64 KiB at most (as if a had said
+        # so at the handshake: the smallest limit a node may announce). Each small
+        # process's rows fit alone, not all together; the big one's 80 kB fit in no frame.
         connection = b._peers[a.id].conn
         assert connection is not None
-        connection.peer_max_frame = 10_000
+        connection.peer_max_frame = 64 * 1024
         with caplog.at_level(logging.ERROR, logger="pgregistry.scope"):
             assert a.send_service(b.id, "r", ["discover"])  # b sends a new round
             with pytest.raises(NotReplicated) as left_out:
                 await rb.sync()  # b's barrier waits for the round, then names what was left out
             assert [(key, pid) for key, pid, _why in left_out.value.entries] == [("big", big)] * 4
-            assert [ra.lookup(("k", i)) for i in range(5)] == [[(pid, "x" * 3000)] for pid in small]
+            assert [ra.lookup(("k", i)) for i in range(5)] == [[(pid, "x" * 20_000)] for pid in small]
             assert ra.lookup("big") == []  # left out of the round: no frame holds them
             other = spawn_agent(b)
-            await run_as(other, lambda: (rb.register("ok", 1), rb.register("huge", "z" * 20_000),
+            await run_as(other, lambda: (rb.register("ok", 1), rb.register("huge", "z" * 140_000),
                                          rb.register("ok", 2)))  # one batch of ops, too big
             with pytest.raises(NotReplicated) as left_out:
                 await rb.sync()

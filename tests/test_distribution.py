@@ -25,6 +25,8 @@ from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkProxy, Partition
 from pgregistry.transport import Endpoint
+from pgregistry.wire import encode
+from tests.tls_certs import TestCA
 
 COOKIE = "distribution-test-cookie"
 TICK = 0.05
@@ -446,11 +448,12 @@ async def test_a_disconnect_made_while_a_connect_is_under_way_wins() -> None:
 
 
 async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -> None:
-    # z announces a 256-byte frame limit at its transport handshake (staged on its
-    # endpoint): the member list a sends it does not fit in one message.
-    others = [make_node("x" * 60 + str(i)) for i in range(6)]
-    async with started(make_node("a"), *others, make_node("z")) as (a, *rest, z):
-        z._endpoint.max_frame = 256
+    # z takes frames of 64 KiB at most (the smallest limit a node may announce), and a's
+    # other members have ids of almost 4 kB (950 four-byte characters): the member list
+    # a sends z does not fit in one message.
+    others = [make_node("\U0001d535" * 950 + str(i)) for i in range(18)]
+    async with started(make_node("a"), *others, make_node("z", max_frame=64 * 1024)) as (a, *rest, z):
+        assert len(encode(["members", [other.id for other in rest]])) > z.max_frame
         for other in rest:
             await a.connect(other.id)
         await connected(a, *rest)
@@ -1005,13 +1008,8 @@ async def test_a_peer_that_breaks_the_set_up_protocol_is_closed(caplog: pytest.L
 
 
 async def test_tls_between_nodes(tmp_path: Path) -> None:
-    from tests.test_transport import _make_cert, _tls_contexts
-
-    cert, key = _make_cert(tmp_path)
-    server_ctx, client_ctx = _tls_contexts(cert, key)
-    async with started(
-        make_node("a", ssl=server_ctx, client_ssl=client_ctx), make_node("b", ssl=server_ctx, client_ssl=client_ctx)
-    ) as (a, b):
+    ca = TestCA(tmp_path)
+    async with started(make_node("a", **ca.node("a")), make_node("b", **ca.node("b"))) as (a, b):
         assert await a.connect(address(b)) == b.id
         conn = a._peers[b.id].conn
         assert conn is not None and conn._transport is not None

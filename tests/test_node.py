@@ -394,3 +394,39 @@ async def test_exit_to_another_nodes_pid_does_not_reach_it() -> None:
         exit(on_a, "kill")  # the main task is b's process: no route to a
         assert a.runtime.process(on_a) is not None
         assert b.runtime.process(on_a) is None
+
+
+@pytest.mark.parametrize("bad", [0, 256, 64 * 1024 - 1, 2**32])
+def test_a_frame_limit_outside_its_range_is_refused_naming_the_option(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        Node("a", max_frame=bad)
+    with pytest.raises(TypeError, match="max_frame"):
+        Node("a", max_frame=65536.0)  # type: ignore[arg-type]
+    assert Node("a", max_frame=64 * 1024).max_frame == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("option", "bad", "error"),
+    [
+        ("max_members_per_message", "1024", TypeError),
+        ("max_members_per_message", True, TypeError),
+        ("max_members_per_message", 255, ValueError),  # below what one peer lists in a message
+        ("max_members_per_message", 10**7, ValueError),
+        ("max_gossip_peers", 1.5, TypeError),
+        ("max_gossip_peers", 0, ValueError),
+        ("max_gossip_peers", -1, ValueError),
+        ("max_gossip_dials", None, TypeError),
+        ("max_gossip_dials", 0, ValueError),
+        ("max_gossip_dials", 10**6, ValueError),
+    ],
+)
+def test_gossip_caps_are_checked_naming_the_option(option: str, bad: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"{option} must be"):
+        Node("a", **{option: bad})
+
+
+def test_gossip_caps_have_defaults_and_take_good_values() -> None:
+    node = Node("a")
+    assert (node.max_members_per_message, node.max_gossip_peers, node.max_gossip_dials) == (1024, 1024, 32)
+    node = Node("a", max_members_per_message=256, max_gossip_peers=1, max_gossip_dials=1)
+    assert (node.max_members_per_message, node.max_gossip_peers, node.max_gossip_dials) == (256, 1, 1)

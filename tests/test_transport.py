@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import importlib.util
 import logging
 import secrets
-import shutil
 import ssl
 import struct
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -43,6 +40,7 @@ from pgregistry.transport import (
     parse_address,
 )
 from pgregistry.wire import decode, encode
+from tests.tls_certs import TestCA
 
 COOKIE = "test-cookie"
 TICK = 0.05
@@ -297,6 +295,9 @@ def test_endpoint_arguments_are_checked() -> None:
         Endpoint("a", COOKIE, max_frame=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Endpoint("a", COOKIE, max_frame=10)
+    with pytest.raises(ValueError, match="max_frame"):
+        Endpoint("a", COOKIE, max_frame=64 * 1024 - 1)  # below the 64 KiB floor
+    assert Endpoint("a", COOKIE, max_frame=64 * 1024).max_frame == 64 * 1024
     with pytest.raises(TypeError):
         Endpoint("a", COOKIE, on_message=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -407,13 +408,13 @@ async def test_order_and_batching_in_one_iteration(cluster: Cluster) -> None:
 
 async def test_send_checks_and_closed_connection(cluster: Cluster) -> None:
     a, arec = await cluster.endpoint("a")
-    b, brec = await cluster.endpoint("b", max_frame=1024)
+    b, brec = await cluster.endpoint("b", max_frame=64 * 1024)  # the smallest limit allowed
     conn = await a.connect(addr(b))
-    assert conn.peer_max_frame == 1024
+    assert conn.peer_max_frame == 64 * 1024
     with pytest.raises(TypeError):
         conn.send({1, 2})
     with pytest.raises(ValueError, match="frame limit"):
-        conn.send(b"x" * 2000)
+        conn.send(b"x" * 70_000)
     payload = encode(("pre", "encoded"))
     conn.send_encoded(payload)
     await brec.wait_for(lambda: brec.received() == [("pre", "encoded")])
@@ -560,6 +561,41 @@ async def test_protocol_version_mismatch(cluster: Cluster, caplog: pytest.LogCap
     await still_serving(server, good, grec, conn, 1)
 
 
+async def test_a_frame_limit_below_the_floor_is_refused_with_a_reason(cluster: Cluster,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    server, srec, good, grec, conn = await good_pair(cluster)
+    # A client announcing one byte less than 64 KiB: refused, saying why, and logged.
+    peer = await RawPeer.connect(server)
+    peer.write(hs("hello", "tiny@127.0.0.1:1", 1, 65535, secrets.token_bytes(32)))
+    refusal = await peer.read_term()
+    assert refusal[2:4] == ("refuse", "protocol")
+    assert "frame limit of 65535" in refusal[4] and "65536" in refusal[4], refusal
+    await peer.wait_eof()
+    assert warnings_about(caplog, "frame limit of 65535")
+    # Exactly the floor is accepted.
+    peer = await RawPeer.connect(server)
+    await peer.handshake(node_id="floor@127.0.0.1:1", max_frame=65536)
+    await srec.wait_for(lambda: any(c.peer_id == "floor@127.0.0.1:1" for c in srec.connections))
+
+    # A server announcing 4 KiB: the connecting side refuses it and connect says why.
+    answers: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def tiny_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        p = RawPeer(reader, writer)
+        await p.read_frame()
+        p.write(hs("challenge", "tiny@127.0.0.1:9", 1, 4096, secrets.token_bytes(32)))
+        answers.put_nowait(await p.read_term())
+
+    async with raw_server(tiny_server) as address:
+        with pytest.raises(HandshakeError, match="frame limit of 4096") as info:
+            await good.connect(address)
+        assert info.value.kind == "protocol"
+        answer = await asyncio.wait_for(answers.get(), WAIT)
+    assert answer[2:4] == ("refuse", "protocol")
+    await still_serving(server, good, grec, conn, 1)
+
+
 # --------------------------------------------------------------------------- hostile input
 
 async def test_garbage_bytes_close_only_that_connection(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
@@ -589,9 +625,9 @@ async def test_oversized_and_truncated_handshake_frames(cluster: Cluster) -> Non
 
 async def test_input_that_breaks_the_stream_closes_that_connection(cluster: Cluster,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    server, srec, good, grec, conn = await good_pair(cluster, max_frame=4096)
+    server, srec, good, grec, conn = await good_pair(cluster, max_frame=64 * 1024)
     cases = {
-        "oversized": struct.pack(">I", 4097) + b"z" * 100,
+        "oversized": struct.pack(">I", 64 * 1024 + 1) + b"z" * 100,
         "truncated": struct.pack(">I", 100) + b"0123456789",  # then EOF
     }
     for i, (name, data) in enumerate(cases.items()):
@@ -616,7 +652,7 @@ async def test_a_well_framed_message_that_does_not_decode_is_dropped_alone(
         cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
     # One message a receiver cannot read must not close the connection: the sender
     # would lose every entry it holds there, and resend the same payload on reconnect.
-    server, srec, good, grec, conn = await good_pair(cluster, max_frame=4096)
+    server, srec, good, grec, conn = await good_pair(cluster, max_frame=64 * 1024)
     cases = {
         "undecodable": framed(b"\xc1"),
         "trailing bytes": framed(encode(1) + b"\x00"),
@@ -769,64 +805,10 @@ async def test_peer_that_does_not_read_is_closed_overloaded(cluster: Cluster) ->
 
 # --------------------------------------------------------------------------- TLS
 
-def _make_cert(tmp: Path) -> tuple[Path, Path]:
-    if importlib.util.find_spec("cryptography") is not None:
-        return _make_cert_cryptography(tmp)
-    if shutil.which("openssl") is None:
-        pytest.skip("neither the cryptography package nor the openssl command is available to make a test certificate")
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=pgregistry-test",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
-def _make_cert_cryptography(tmp: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pgregistry-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-def _tls_contexts(cert: Path, key: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    server.load_verify_locations(cert)
-    server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: peers present the node certificate
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_cert_chain(cert, key)
-    client.load_verify_locations(cert)
-    return server, client
-
-
 async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
-    cert, key = _make_cert(tmp_path)
-    server_ctx, client_ctx = _tls_contexts(cert, key)
-    a, arec = await cluster.endpoint("a", ssl=server_ctx, client_ssl=client_ctx)
-    b, brec = await cluster.endpoint("b", ssl=server_ctx, client_ssl=client_ctx)
+    ca = TestCA(tmp_path)
+    a, arec = await cluster.endpoint("a", **ca.node("a"))
+    b, brec = await cluster.endpoint("b", **ca.node("b"))
     conn = await a.connect(addr(b))
     assert conn._transport is not None and conn._transport.get_extra_info("ssl_object") is not None
     for i in range(100):
@@ -838,8 +820,8 @@ async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         both = ssl.SSLContext(ssl.PROTOCOL_TLS)
-    both.load_cert_chain(cert, key)
-    both.load_verify_locations(cert)
+    both.load_cert_chain(*ca.issue("c", ("c",)))
+    both.load_verify_locations(ca.cert)
     both.verify_mode = ssl.CERT_REQUIRED
     both.check_hostname = True
     c, crec = await cluster.endpoint("c", ssl=both)
@@ -853,6 +835,45 @@ async def test_tls(cluster: Cluster, tmp_path: Path) -> None:
     with pytest.raises(ssl.SSLError):
         await untrusting.connect(addr(b))
     await ping(conn, arec, 3)
+
+
+async def test_with_tls_a_node_id_must_be_proven_by_the_certificate(cluster: Cluster, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    ca = TestCA(tmp_path)
+    a, arec = await cluster.endpoint("a", **ca.node("a"))
+    b, brec = await cluster.endpoint("b", **ca.node("b"))
+    conn = await b.connect(addr(a))  # each certificate names its node: fine
+    await ping(conn, brec, 1)
+    # A dialler whose certificate names b, claiming to be x: refused, saying why, by a.
+    x, xrec = await cluster.endpoint("x", **ca.node("b"))
+    with pytest.raises(HandshakeError, match="does not prove node id") as info:
+        await x.connect(addr(a))
+    assert info.value.kind == "identity" and x.node_id in str(info.value)
+    assert warnings_about(caplog, f"does not prove node id {x.node_id!r}")
+    # An acceptor whose certificate names a, claiming to be y: refused by the dialler.
+    y, yrec = await cluster.endpoint("y", **ca.node("a"))
+    with pytest.raises(HandshakeError, match="does not prove node id") as info:
+        await b.connect(addr(y))
+    assert info.value.kind == "identity" and y.node_id in str(info.value)
+    assert xrec.connections == [] and yrec.connections == []
+    assert [c.peer_id for c in arec.connections] == [b.node_id]
+    # The whole id as the certificate's commonName (no DNS name at all) proves it too.
+    cert, key = ca.issue("zed@10.0.0.1:4370")
+    z, zrec = await cluster.endpoint("z", **dict(zip(("ssl", "client_ssl"), ca.contexts(cert, key))))
+    z.node_id = "zed@10.0.0.1:4370"
+    await ping(await z.connect(addr(a)), zrec, 2)
+    # A server that verifies client certificates only if offered still needs one to prove an id.
+    server_ctx, _ = ca.contexts(*ca.issue("opt", ("opt",)))
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL
+    optional, _ = await cluster.endpoint("opt", ssl=server_ctx, client_ssl=ssl.create_default_context())
+    anonymous_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous_ctx.load_verify_locations(ca.cert)
+    anonymous, _ = await cluster.endpoint("anonymous", client_ssl=anonymous_ctx)
+    with pytest.raises(HandshakeError, match="no certificate") as info:
+        await anonymous.connect(addr(optional))
+    assert info.value.kind == "identity"
+    await ping(conn, brec, 3)
 
 
 # --------------------------------------------------------------------------- uvloop
@@ -877,6 +898,7 @@ _UVLOOP_CASES = [
     test_silent_peer_is_closed_with_timeout,
     test_peer_that_does_not_read_is_closed_overloaded,
     test_tls,
+    test_with_tls_a_node_id_must_be_proven_by_the_certificate,
 ]
 
 
