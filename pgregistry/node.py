@@ -150,7 +150,8 @@ from .errors import AlreadyStarted, NotLocal, RemoteError
 from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistered, Update
 from .process import Process, Reply, Runtime, current_process, receive, send, task_process
 from .server import Call, Cast, Server, call
-from .terms import Pid, Ref, check_value, is_value
+from .logbudget import LogBudget
+from .terms import Pid, Ref, check_value, is_value, short_repr
 from .transport import MAX_NODE_ID_LEN, Connection, Endpoint, check_max_frame, parse_address
 from .wire import MAX_FRAME, encode, encode_trusted
 
@@ -195,9 +196,6 @@ _MESSAGE_TYPES: Final[dict[str, Any]] = {
 }
 _MESSAGE_TYPE_NAMES: Final[dict[type, str]] = {cls: name for name, cls in _MESSAGE_TYPES.items()}
 
-# Log budget for malformed messages from peers, per node.
-_LOG_WINDOW: Final = 1.0
-_LOG_BUDGET: Final = 20
 
 
 def _check_text(what: str, value: Any, forbidden: frozenset[str]) -> str:
@@ -467,9 +465,7 @@ class Node:
         self._up: dict[Connection, _Peer] = {}  # confirmed connections, in the order they came up
         self._node_monitors: dict[Pid, None] = {}
         self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
-        self._log_window_start = 0.0
-        self._log_count = 0
-        self._log_suppressed = 0
+        self._input_log = LogBudget(logger, f"node {name}")
         self._handlers: dict[str, Callable[[_Peer, list], None]] = {
             "send": self._h_send,
             "call": self._h_call,
@@ -1303,23 +1299,12 @@ class Node:
         self._peer_down(peer, "leave")
 
     def _log_malformed(self, peer_id: str, what: str, term: Any) -> None:
-        self._log_limited("node %s: dropped a malformed message from %s (%s): %.200r", self.id, peer_id, what, term)
+        self._log_limited("node %s: dropped a malformed message from %s (%s): %s", self.id, peer_id, what,
+                          short_repr(term, 200))
 
     def _log_limited(self, msg: str, *args: Any) -> None:
-        """A warning about what a peer sent, at most `_LOG_BUDGET` per second (peers may flood)."""
-        now = time.monotonic()
-        if now - self._log_window_start >= _LOG_WINDOW:
-            if self._log_suppressed:
-                logger.warning("node %s: %d more warnings about peers' messages not logged", self.id,
-                               self._log_suppressed)
-            self._log_window_start = now
-            self._log_count = 0
-            self._log_suppressed = 0
-        if self._log_count < _LOG_BUDGET:
-            self._log_count += 1
-            logger.warning(msg, *args)
-        else:
-            self._log_suppressed += 1
+        """A warning about what a peer sent, within the node's budget (peers may flood)."""
+        self._input_log.warning(msg, *args)
 
     # -- connection set-up --------------------------------------------------------------
 

@@ -222,6 +222,7 @@ class ScopeServer:
         self._unsent: list[tuple[Any, Pid, str]] = []
         self._unsent_more = 0
         self._input_log = LogBudget(log, f"scope {name!r}")
+        self._unsent_log = LogBudget(log, f"scope {name!r}")
         self._stall_log = LogBudget(log, f"scope {name!r}", budget=1, window=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -535,8 +536,8 @@ class ScopeServer:
 
     def _left_out(self, key: Any, pid: Pid, why: str) -> None:
         """Record an entry that could not be sent: logged, and reported by the next `sync`."""
-        log.error("scope %r: the entry under key %s of %r was not sent to peers: %s",
-                  self.name, short_repr(key), pid, why)
+        self._unsent_log.error("scope %r: the entry under key %s of %r was not sent to peers: %s",
+                               self.name, short_repr(key), pid, why)
         if len(self._unsent) < _UNSENT_KEPT:
             self._unsent.append((key, pid, why))
         else:
@@ -575,7 +576,7 @@ class ScopeServer:
         elif op[0] == "u":
             self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")
         else:
-            log.error("scope %r: a leave of %d rows is too large for %s", self.name, len(op[1]), peer)
+            self._unsent_log.error("scope %r: a leave of %d rows is too large for %s", self.name, len(op[1]), peer)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:

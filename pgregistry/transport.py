@@ -228,9 +228,6 @@ _OPEN: Final = 5
 _CLOSED: Final = 6
 _NEW: Final = 0
 
-# Rate limit of log lines about unauthenticated connections, per endpoint.
-_LOG_WINDOW: Final = 1.0
-_LOG_BUDGET: Final = 20
 
 
 class HandshakeError(ConnectionError):
@@ -1098,9 +1095,7 @@ class Endpoint:
         self._pending_inbound: dict[Connection, None] = {}  # insertion order = age
         self._connecting: set[Connection] = set()
         self._established: dict[Connection, None] = {}
-        self._log_window_start = 0.0
-        self._log_count = 0
-        self._log_suppressed = 0
+        self._unauthenticated_log = LogBudget(logger, f"endpoint {name} (unauthenticated connections)")
 
     def __repr__(self) -> str:
         return f"<Endpoint {self._node_id or self.name} {len(self._established)} connections>"
@@ -1313,23 +1308,8 @@ class Endpoint:
             conn._tick(now, down_after, spare)
 
     def _log_unauthenticated(self, msg: str, *args: Any) -> None:
-        """A warning about an unauthenticated peer, at most `_LOG_BUDGET` per second."""
-        now = time.monotonic()
-        if now - self._log_window_start >= _LOG_WINDOW:
-            if self._log_suppressed:
-                logger.warning(
-                    "endpoint %s: %d more messages about unauthenticated connections suppressed",
-                    self._node_id,
-                    self._log_suppressed,
-                )
-            self._log_window_start = now
-            self._log_count = 0
-            self._log_suppressed = 0
-        if self._log_count < _LOG_BUDGET:
-            self._log_count += 1
-            logger.warning("endpoint %s: " + msg, self._node_id, *args)
-        else:
-            self._log_suppressed += 1
+        """A warning about an unauthenticated peer, within its own budget (floods are cheap)."""
+        self._unauthenticated_log.warning("endpoint %s: " + msg, self._node_id, *args)
 
 
 # --------------------------------------------------------------------------- benchmark

@@ -36,12 +36,13 @@ FAST = {"tick_interval": 0.05, "down_after": 0.5}
 
 
 @contextlib.asynccontextmanager
-async def nodes(count: int) -> AsyncIterator[list[tuple[Node, Registry]]]:
-    """`count` connected nodes running registry "r", with `NodeDown` watched on each."""
+async def nodes(count: int, **last_options: Any) -> AsyncIterator[list[tuple[Node, Registry]]]:
+    """`count` connected nodes running registry "r"; `last_options` go to the last one."""
     async with contextlib.AsyncExitStack() as stack:
         members = []
         for i in range(count):
-            node = await stack.enter_async_context(Node(f"n{i}", cookie=COOKIE, **FAST))
+            options = last_options if i == count - 1 else {}
+            node = await stack.enter_async_context(Node(f"n{i}", cookie=COOKIE, **FAST, **options))
             members.append((node, await Registry.start(node, "r")))
         for node, _reg in members[1:]:
             await node.connect(members[0][0].id)
@@ -164,11 +165,7 @@ async def test_a_value_mutated_past_the_depth_limit_is_left_out_alone() -> None:
 # --------------------------------------------------------------------------- per-peer limits
 
 async def test_a_peer_with_a_small_frame_limit_costs_only_itself_what_it_cannot_take() -> None:
-    async with nodes(3) as [(a, ra), (b, rb), (c, rc)]:
-        # Staging: c takes frames of 64 KiB at most, as if it had said so at the handshake.
-        connection = b._peers[c.id].conn
-        assert connection is not None
-        connection.peer_max_frame = 64 * 1024
+    async with nodes(3, max_frame=64 * 1024) as [(a, ra), (b, rb), (c, rc)]:  # c takes 64 KiB frames
         worker, burst = spawn_agent(b), spawn_agent(b)
         await run_as(worker, lambda: rb.register("huge", "z" * 100_000))
         # 8 rows of 20 kB in one batch: too big for c as one frame, fine for a.
