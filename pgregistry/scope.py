@@ -565,18 +565,22 @@ class ScopeServer:
             self._send_ops(peer, ops[half:])
             return
         op = ops[0]
-        if op[0] == "j" and len(op[2]) > 3:
+        if op[0] == "j" and len(op[2]) > 3:  # a burst of joins: halves of its rows
             half = len(op[2]) // 6 * 3
             self._send_ops(peer, [["j", op[1], op[2][:half]]])
             self._send_ops(peer, [["j", op[1], op[2][half:]]])
             return
-        # One row or one update larger than this peer takes; the others have it.
+        if op[0] == "l" and len(op[1]) > 1:  # a process exit with many rows: halves of them
+            half = len(op[1]) // 2
+            self._send_ops(peer, [["l", op[1][:half]]])
+            self._send_ops(peer, [["l", op[1][half:]]])
+            return
+        # One row, one update or one leave larger than this peer takes; the others have
+        # it. (A row whose leave fits in no frame never reached this peer either.)
         if op[0] == "j":
             self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
         elif op[0] == "u":
             self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")
-        else:
-            self._unsent_log.error("scope %r: a leave of %d rows is too large for %s", self.name, len(op[1]), peer)
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:

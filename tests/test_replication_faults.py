@@ -27,9 +27,10 @@ from pgregistry.errors import NotReplicated
 from pgregistry.events import Join, NodeDown
 from pgregistry.node import Node
 from pgregistry.registry import Registry
+from pgregistry.spec import V1, V2, V3
 from pgregistry.terms import MAX_TERM_DEPTH
 
-from .helpers import eventually, run_as, spawn_agent
+from .helpers import eventually, run_as, spawn_agent, stop_agent
 
 COOKIE = "replication-faults"
 FAST = {"tick_interval": 0.05, "down_after": 0.5}
@@ -182,6 +183,15 @@ async def test_a_peer_with_a_small_frame_limit_costs_only_itself_what_it_cannot_
         await run_as(worker, lambda: rb.register("small", 1))
         await rb.sync()
         assert ra.lookup("small") == rc.lookup("small") == [(worker, 1)]
+        # A process leaving with more rows than one of c's frames holds leaves there too.
+        many = spawn_agent(b)
+        await run_as(many, lambda: [rb.register(("many", i), i) for i in range(20_000)])
+        await rb.sync()
+        assert rc.count_select([((("many", V1), V2, V3), [], [True])]) == 20_000
+        await stop_agent(many)
+        await rb.sync()
+        assert rc.count_select([((("many", V1), V2, V3), [], [True])]) == 0
+        assert ra.count_select([((("many", V1), V2, V3), [], [True])]) == 0
         assert c.id in b.peers()
 
 
