@@ -9,6 +9,12 @@ Semantics follow PgRegistry (see DESIGN.md §4, §5): `unregister` removes the c
 most recent entry under a key; `unregister_name` removes every local entry under a key;
 `keys` is distinct; `dispatch` passes pids; unique mode is per node; `whereis_name`,
 `send` and via names resolve to the holder on the calling node only.
+
+Keys and values are terms (`pgregistry.terms`). Every method that takes a key (metadata
+and via keys included) raises `TypeError` for one that is not a key term and
+`ValueError` for one holding a NaN anywhere: a NaN is not equal to itself, so an entry
+under it could never be found, unregistered or removed on a peer. Values may hold NaN;
+a value that holds one is still the same value when a peer sends it again.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ class Registry:
     """A named scope of ``(key, pid, value)`` entries on one node, shared with its peers.
 
     Create one with ``await Registry.start(node, "name", keys="duplicate")``.
+
+    A key is a key term without NaN (`TypeError` for a non-term, `ValueError` for a
+    NaN anywhere in it, from every method taking a key); a value is any value term,
+    NaN included. See the module docstring.
     """
 
     __slots__ = ("name", "keys_mode", "listeners", "node", "_runtime", "_scope", "_table",
@@ -155,7 +165,8 @@ class Registry:
 
         Duplicate mode always adds an entry (the same process may register a key many
         times). Unique mode raises `AlreadyRegistered(holder)` if a live process of this
-        node holds `key` (the caller included).
+        node holds `key` (the caller included). `TypeError` if `key` is not a key term
+        or `value` not a value term; `ValueError` if `key` holds a NaN.
         """
         process = self._caller("register")
         check_key(key)

@@ -8,7 +8,10 @@ for each. It is a list of clauses ``(head, guards, body)``:
   repeated in the head must match an equal value each time), a ``tuple``/``list``
   matches a tuple/list of the same length element-wise, a ``dict`` matches any dict
   that holds those keys with matching values, and any other term matches what equals
-  it (Python equality: ``1 == 1.0``).
+  it (Python equality: ``1 == 1.0``). A NaN cannot stand in a pattern (`ValueError`): it
+  is not equal to itself, so it would match only the very float object it is, never a
+  peer's copy, and no key at all. To find NaN values, bind a variable and guard with
+  ``V1 != V1``.
 * ``guards`` is a list of expressions; the clause applies only if every one evaluates
   to exactly ``True``. A guard that raises counts as false.
 * ``body`` is a non-empty list of expressions evaluated in order; the last one is the
@@ -509,6 +512,9 @@ def _collect_head_vars(pattern: Any, where: str, found: list[int], depth: int = 
             if type(k) is not str and type(k) is not int:
                 raise ValueError(f"{where}: dict pattern key {k!r} must be a literal str or int")
             _collect_head_vars(item, where, found, depth + 1)
+    elif t is float and pattern != pattern:
+        raise ValueError(f"{where}: a NaN cannot be matched: it is not equal to itself (no key holds a "
+                         "NaN; to find NaN values, bind a variable and guard with V1 != V1)")
     elif _is_spec_object(pattern):
         raise ValueError(f"{where}: {pattern!r} cannot stand in a pattern (only _, variables and terms)")
     elif not is_value(pattern):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -502,6 +503,55 @@ async def test_bad_keys_and_values_raise_type_error_and_change_nothing() -> None
             with pytest.raises(TypeError):
                 reg.update_value("k", value)
         assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("keys", ["duplicate", "unique"])
+async def test_nan_keys_are_refused_by_every_call_that_takes_a_key(keys: str) -> None:
+    # A NaN is not equal to itself: an entry under a NaN key could never be found,
+    # unregistered or removed on a peer (which decodes a new NaN object).
+    async with started_registry(keys=keys) as (node, reg):
+        me = self_pid()
+        reg.register("k", 1)
+        reg.put_meta("m", 1)
+        before = reg.select([((V1, V2, V3), [], [WHOLE])])
+        for key in (NAN, (1, NAN), ("a", (float("nan"),))):
+            calls: list[Any] = [
+                lambda: reg.register(key, 1), lambda: reg.register_name(key, me), lambda: reg.unregister(key),
+                lambda: reg.unregister_name(key), lambda: reg.update_value(key, 2),
+                lambda: reg.update_value(key, 2, me), lambda: reg.unregister_match(key, _),
+                lambda: reg.lookup(key), lambda: reg.lookup_local(key), lambda: reg.values(key, me),
+                lambda: reg.match(key, _), lambda: reg.count_match(key, _), lambda: reg.dispatch(key, print),
+                lambda: reg.monitor(key), lambda: reg.put_meta(key, 1), lambda: reg.meta(key, None),
+                lambda: reg.delete_meta(key), lambda: reg.via(key),
+                lambda: reg.select([((key, _, _), [], [WHOLE])]),
+                lambda: reg.count_select([((key, V1, _), [], [True])]),
+                lambda: reg.select([(((V1, key), _, _), [], [WHOLE])]),
+            ]
+            if keys == "unique":
+                calls += [lambda: reg.whereis_name(key), lambda: reg.send(key, "msg")]
+            for call_with_key in calls:
+                with pytest.raises(ValueError, match="not equal to itself"):
+                    call_with_key()
+        assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
+        assert reg.meta("m") == 1
+        assert await drain() == []  # no monitor was set up, nothing was sent
+
+
+async def test_values_may_hold_nan() -> None:
+    async with started_registry() as (node, reg):
+        me = self_pid()
+        value = {"load": NAN, "history": [1.0, NAN, (NAN,)]}
+        reg.register("k", value)
+        assert reg.lookup("k") == [(me, value)]
+        assert reg.update_value("k", [NAN]) is True
+        [(pid, got)] = reg.lookup("k")
+        assert pid == me and type(got) is list and math.isnan(got[0])
+        assert reg.count_match("k", [V1], [V1 != V1]) == 1  # how to find a NaN: it differs from itself
+        reg.unregister("k")
+        assert reg.lookup("k") == [] and reg.count() == 0
 
 
 async def test_writes_from_another_thread_raise_and_reads_work() -> None:
