@@ -554,6 +554,24 @@ async def test_values_may_hold_nan() -> None:
         assert reg.lookup("k") == [] and reg.count() == 0
 
 
+async def test_a_nan_in_a_match_pattern_is_refused() -> None:
+    # A literal NaN would match only the very float object it is: a local entry
+    # registered with math.nan, never a peer's decoded copy of it.
+    async with started_registry() as (node, reg):
+        reg.register("k", math.nan)
+        reg.register("k", [math.nan])
+        for call_with_pattern in (
+            lambda: reg.match("k", math.nan), lambda: reg.count_match("k", [math.nan]),
+            lambda: reg.unregister_match("k", {"x": (V1, math.nan)}),
+            lambda: reg.select([((_, _, math.nan), [], [WHOLE])]),
+            lambda: reg.count_select([((_, V1, [math.nan]), [], [True])]),
+        ):
+            with pytest.raises(ValueError, match="NaN cannot be matched.*V1 != V1"):
+                call_with_pattern()
+        assert reg.count() == 2
+        assert reg.select([(("k", _, V1), [V1 != V1], [True])]) == [True]
+
+
 async def test_writes_from_another_thread_raise_and_reads_work() -> None:
     async with started_registry() as (node, reg):
         reg.register("k", 1)
