@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .terms import short_repr
+
 __all__ = [
     "RegistryError",
     "AlreadyRegistered",
@@ -31,7 +33,7 @@ class AlreadyRegistered(RegistryError):
     def __init__(self, holder: Any, key: Any = None) -> None:
         self.holder = holder
         self.key = key
-        super().__init__(f"key {key!r} is already registered by {holder!r}")
+        super().__init__(f"key {short_repr(key)} is already registered by {short_repr(holder)}")
 
 
 class AlreadyStarted(RegistryError):
@@ -40,7 +42,7 @@ class AlreadyStarted(RegistryError):
     def __init__(self, pid: Any, name: Any = None) -> None:
         self.pid = pid
         self.name = name
-        super().__init__(f"{name!r} is already started as {pid!r}")
+        super().__init__(f"{short_repr(name, 200)} is already started as {short_repr(pid)}")
 
 
 class NotLocal(RegistryError, ValueError):
@@ -49,7 +51,7 @@ class NotLocal(RegistryError, ValueError):
     def __init__(self, pid: Any, node_id: str | None = None) -> None:
         self.pid = pid
         where = f" (this node is {node_id})" if node_id else ""
-        super().__init__(f"{pid!r} is not a process of this node{where}")
+        super().__init__(f"{short_repr(pid)} is not a process of this node{where}")
 
 
 class NoProcess(RegistryError, LookupError):

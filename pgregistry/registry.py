@@ -30,7 +30,7 @@ from .node import Node
 from .process import Process, Via, current_process, task_process
 from .scope import ScopeServer
 from .spec import canonical, check_match, check_spec
-from .terms import Pid, Ref, check_key, check_value
+from .terms import Pid, Ref, check_key, check_value, short_repr
 
 __all__ = ["Registry"]
 
@@ -82,17 +82,17 @@ class Registry:
         running on the node `AlreadyStarted`.
         """
         if not isinstance(node, Node):
-            raise TypeError(f"node must be a pgregistry Node, got {node!r:.60}")
+            raise TypeError(f"node must be a pgregistry Node, got {short_repr(node, 60)}")
         if type(name) is not str or not name:
-            raise TypeError(f"the registry name must be a non-empty str, got {name!r:.60}")
+            raise TypeError(f"the registry name must be a non-empty str, got {short_repr(name, 60)}")
         if keys not in ("duplicate", "unique"):
-            raise ValueError(f'keys must be "duplicate" or "unique", got {keys!r:.60}')
+            raise ValueError(f'keys must be "duplicate" or "unique", got {short_repr(keys, 60)}')
         if type(partitions) is not int or partitions != 1:
             extra = (" (pgregistry keeps one table per scope; start several registries to split "
                      "the load)" if type(partitions) is int and partitions > 1 else "")
-            raise ValueError(f"partitions must be 1, got partitions={partitions!r:.60}{extra}")
+            raise ValueError(f"partitions must be 1, got partitions={short_repr(partitions, 60)}{extra}")
         if type(listeners) not in (tuple, list) or not all(type(n) is str and n for n in listeners):
-            raise ValueError(f"listeners must be a list of registered process names (str), got {listeners!r:.60}")
+            raise ValueError(f"listeners must be a list of registered process names (str), got {short_repr(listeners, 60)}")
         node.require_loop_thread("Registry.start")
         existing = node.service(name)
         if existing is not None:
@@ -133,7 +133,7 @@ class Registry:
 
     def _local_pid(self, pid: Any) -> Pid:
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         if not self._runtime.is_local(pid):
             raise NotLocal(pid, self.node.id)
         return pid
@@ -250,7 +250,7 @@ class Registry:
         """
         pid = self.whereis_name(key)
         if pid is None:
-            raise NoProcess(f"no process of {self.node.id} is registered under {key!r} in {self.name!r}")
+            raise NoProcess(f"no process of {self.node.id} is registered under {short_repr(key)} in {self.name!r}")
         process = self._runtime.process(pid)
         if process is not None:
             process.deliver(msg)
@@ -279,14 +279,14 @@ class Registry:
     def values(self, key: Any, pid: Pid) -> list[Any]:
         """The values of `pid`'s entries under `key`, in insertion order."""
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         check_key(key)
         return self._table.values(key, pid)
 
     def keys(self, pid: Pid) -> list[Any]:
         """The distinct keys under which `pid` has an entry."""
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         return self._table.keys(pid)
 
     def which_groups(self) -> list[Any]:
@@ -318,7 +318,7 @@ class Registry:
     def dispatch(self, key: Any, fn: Callable[[list[Pid]], Any]) -> None:
         """Call ``fn(pids)`` with one pid per entry under `key`; not called if there is none."""
         if not callable(fn):
-            raise TypeError(f"dispatch needs a callable, got {fn!r:.60}")
+            raise TypeError(f"dispatch needs a callable, got {short_repr(fn, 60)}")
         check_key(key)
         pids = self._table.pids(key)
         if pids:
@@ -366,6 +366,6 @@ class Registry:
         Raises `TimeoutError` if the peers do not confirm within `timeout` seconds.
         """
         if type(timeout) not in (int, float) or timeout < 0:
-            raise ValueError(f"timeout must be a non-negative number, got {timeout!r:.60}")
+            raise ValueError(f"timeout must be a non-negative number, got {short_repr(timeout, 60)}")
         self._check_thread("sync")
         await self._scope.sync(timeout)

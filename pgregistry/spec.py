@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Final, Iterable
 
-from .terms import MAX_DEPTH, Pid, Ref, is_value
+from .terms import MAX_DEPTH, Pid, Ref, is_value, short_repr
 
 __all__ = [
     "_", "V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8", "V9", "var", "WHOLE", "BINDINGS",
@@ -152,7 +152,7 @@ class Var(Expression):
 
     def __init__(self, n: int) -> None:
         if type(n) is not int or n < 0:
-            raise ValueError(f"a match variable number must be a non-negative int, got {n!r}")
+            raise ValueError(f"a match variable number must be a non-negative int, got {short_repr(n)}")
         self.n = n
 
     def __repr__(self) -> str:
@@ -183,7 +183,7 @@ class Op(Expression):
         self.args = args
 
     def __repr__(self) -> str:
-        return f"{self.op}({', '.join(map(repr, self.args))})"
+        return f"{self.op}({', '.join([short_repr(a) for a in self.args])})"
 
 
 class Const:
@@ -196,7 +196,7 @@ class Const:
         self.value = value
 
     def __repr__(self) -> str:
-        return f"const({self.value!r})"
+        return f"const({short_repr(self.value)})"
 
 
 class _Wildcard:
@@ -510,15 +510,15 @@ def _collect_head_vars(pattern: Any, where: str, found: list[int], depth: int = 
     elif t is dict:
         for k, item in pattern.items():
             if type(k) is not str and type(k) is not int:
-                raise ValueError(f"{where}: dict pattern key {k!r} must be a literal str or int")
+                raise ValueError(f"{where}: dict pattern key {short_repr(k)} must be a literal str or int")
             _collect_head_vars(item, where, found, depth + 1)
     elif t is float and pattern != pattern:
         raise ValueError(f"{where}: a NaN cannot be matched: it is not equal to itself (no key holds a "
                          "NaN; to find NaN values, bind a variable and guard with V1 != V1)")
     elif _is_spec_object(pattern):
-        raise ValueError(f"{where}: {pattern!r} cannot stand in a pattern (only _, variables and terms)")
+        raise ValueError(f"{where}: {short_repr(pattern)} cannot stand in a pattern (only _, variables and terms)")
     elif not is_value(pattern):
-        raise ValueError(f"{where}: {type(pattern).__name__} {pattern!r:.60} is not a term")
+        raise ValueError(f"{where}: {type(pattern).__name__} {short_repr(pattern, 60)} is not a term")
 
 
 def _pattern(pattern: Any, slots: dict[int, int], bound: set[int]) -> Any:
@@ -544,14 +544,14 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
     t = type(x)
     if t is Var:
         if x.n not in slots:
-            raise ValueError(f"{where}: {x!r} is used but not bound in the head")
+            raise ValueError(f"{where}: {short_repr(x)} is used but not bound in the head")
         return ExprVar(slots[x.n])
     if t is Op:
         if x.op in ("and", "or"):
             if len(x.args) < 2:
                 raise ValueError(f"{where}: {x.op} needs at least two expressions")
         elif x.op not in _ARITY:
-            raise ValueError(f"{where}: unknown function {x.op!r}")
+            raise ValueError(f"{where}: unknown function {short_repr(x.op)}")
         elif len(x.args) != _ARITY[x.op]:
             raise ValueError(f"{where}: {x.op} takes {_ARITY[x.op]} argument(s), got {len(x.args)}")
         return ExprOp(x.op, tuple(_expr(a, slots, where, depth + 1) for a in x.args))
@@ -561,16 +561,16 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
         return EXPR_BINDINGS
     if t is Const:
         if not is_value(x.value):
-            raise ValueError(f"{where}: const({x.value!r:.60}) is not a term")
+            raise ValueError(f"{where}: const({short_repr(x.value, 60)}) is not a term")
         return ExprConst(x.value)
     if x is _:
         raise ValueError(f"{where}: _ matches in patterns only; it cannot be evaluated")
     if isinstance(x, Expression):
-        raise ValueError(f"{where}: {x!r} is not a valid expression")
+        raise ValueError(f"{where}: {short_repr(x)} is not a valid expression")
     if t is tuple or t is list:
         if not _holds_spec_or_dict(x):
             if not is_value(x):
-                raise ValueError(f"{where}: {x!r:.60} is not a term")
+                raise ValueError(f"{where}: {short_repr(x, 60)} is not a term")
             return ExprConst(x)
         items = tuple(_expr(item, slots, where, depth + 1) for item in x)
         return ExprTuple(items) if t is tuple else ExprList(items)
@@ -578,17 +578,17 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
         pairs = []
         for k, v in x.items():
             if type(k) is not str and type(k) is not int:
-                raise ValueError(f"{where}: dict key {k!r} in a body must be a literal str or int")
+                raise ValueError(f"{where}: dict key {short_repr(k)} in a body must be a literal str or int")
             pairs.append((k, _expr(v, slots, where, depth + 1)))
         return ExprDict(tuple(pairs))
     if not is_value(x):
-        raise ValueError(f"{where}: {type(x).__name__} {x!r:.60} is not a term")
+        raise ValueError(f"{where}: {type(x).__name__} {short_repr(x, 60)} is not a term")
     return ExprConst(x)
 
 
 def _guards(guards: Any, slots: dict[int, int], where: str) -> tuple:
     if type(guards) is not list and type(guards) is not tuple:
-        raise ValueError(f"{where}: guards must be a list of expressions, got {guards!r:.60}")
+        raise ValueError(f"{where}: guards must be a list of expressions, got {short_repr(guards, 60)}")
     return tuple(_expr(g, slots, f"{where} guard {i}", 0) for i, g in enumerate(guards))
 
 
@@ -602,15 +602,15 @@ def check_spec(spec: Any) -> tuple[Clause, ...]:
     Raises `ValueError` naming the clause and the part that is wrong.
     """
     if type(spec) is not list and type(spec) is not tuple:
-        raise ValueError(f"a match spec must be a list of (head, guards, body) clauses, got {spec!r:.60}")
+        raise ValueError(f"a match spec must be a list of (head, guards, body) clauses, got {short_repr(spec, 60)}")
     clauses = []
     for i, clause in enumerate(spec):
         where = f"clause {i}"
         if type(clause) is not tuple or len(clause) != 3:
-            raise ValueError(f"{where}: must be a 3-tuple (head, guards, body), got {clause!r:.60}")
+            raise ValueError(f"{where}: must be a 3-tuple (head, guards, body), got {short_repr(clause, 60)}")
         head, guards, body = clause
         if type(head) is not tuple or len(head) != 3:
-            raise ValueError(f"{where}: the head must be a 3-tuple (key, pid, value), got {head!r:.60}")
+            raise ValueError(f"{where}: the head must be a 3-tuple (key, pid, value), got {short_repr(head, 60)}")
         numbers: list[int] = []
         for part, name in zip(head, ("key", "pid", "value")):
             _collect_head_vars(part, f"{where} head {name}", numbers)
@@ -618,7 +618,7 @@ def check_spec(spec: Any) -> tuple[Clause, ...]:
         bound: set[int] = set()
         key, pid, value = (_pattern(part, slots, bound) for part in head)
         if type(body) is not list or not body:
-            raise ValueError(f"{where}: the body must be a non-empty list of expressions, got {body!r:.60}")
+            raise ValueError(f"{where}: the body must be a non-empty list of expressions, got {short_repr(body, 60)}")
         checked_body = tuple(_expr(b, slots, f"{where} body {j}") for j, b in enumerate(body))
         clauses.append(Clause(key, pid, value, _guards(guards, slots, where), checked_body, len(slots)))
     return tuple(clauses)

@@ -108,7 +108,7 @@ class Pid(_Id):
 
     def __repr__(self) -> str:
         node, serial, creation = tuple.__iter__(self)
-        return f"<{node}.{serial}.{creation}>"
+        return f"<{node}.{_int_text(serial)}.{_int_text(creation)}>"
 
 
 class Ref(_Id):
@@ -118,7 +118,7 @@ class Ref(_Id):
 
     def __repr__(self) -> str:
         node, serial, creation = tuple.__iter__(self)
-        return f"#Ref<{node}.{serial}.{creation}>"
+        return f"#Ref<{node}.{_int_text(serial)}.{_int_text(creation)}>"
 
 
 # Ints longer than this (about 100 digits) are shown by size: their decimal form costs

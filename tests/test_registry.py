@@ -572,6 +572,36 @@ async def test_a_nan_in_a_match_pattern_is_refused() -> None:
         assert reg.select([(("k", _, V1), [V1 != V1], [True])]) == [True]
 
 
+BIG = 10**10000  # beyond Python's int-to-str limit (4300 digits)
+
+
+async def test_errors_about_huge_int_keys_have_short_messages() -> None:
+    async with started_registry(keys="unique") as (node, reg):
+        me = self_pid()
+        assert reg.register(BIG, BIG) == me
+        assert reg.lookup(BIG) == [(me, BIG)]
+        with pytest.raises(AlreadyRegistered) as taken:
+            reg.register(BIG)
+        assert taken.value.key == BIG and taken.value.holder == me
+        with pytest.raises(NoProcess) as missing:
+            reg.send(BIG + 1, "msg")
+        with pytest.raises(NoProcess) as missing_via:
+            send(reg.via(BIG + 1), "msg")
+        with pytest.raises(TypeError) as not_a_key:
+            reg.register([BIG])
+        with pytest.raises(TypeError) as not_a_value:
+            reg.register("k", {"x": {(BIG,): 1}})  # dict keys are str or int
+        with pytest.raises(ValueError) as nan_key:
+            reg.register((BIG, NAN))
+        await Counter.start(node, 0, name=reg.via((BIG, "counter")))
+        with pytest.raises(AlreadyStarted) as started:
+            await Counter.start(node, 0, name=reg.via((BIG, "counter")))
+        for exc in (taken, missing, missing_via, not_a_key, not_a_value, nan_key, started):
+            message = str(exc.value)
+            assert len(message) < 400, message
+            assert "int of 33220 bits" in message, message
+
+
 async def test_writes_from_another_thread_raise_and_reads_work() -> None:
     async with started_registry() as (node, reg):
         reg.register("k", 1)

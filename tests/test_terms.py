@@ -80,7 +80,7 @@ def test_short_repr_never_raises_and_stays_within_its_limit() -> None:
     huge_dict = {i: BIG for i in range(1000)}
     hostile: list[Any] = [
         BIG, -BIG, [BIG] * 100_000, (BIG, (BIG,)), {"k": BIG}, huge_dict, _deep(100_000),
-        Pid("n@h:1", 1), "s" * 1_000_000, b"\x00" * 1_000_000, ValueError(BIG), KeyError((BIG, "k")),
+        Pid("n@h:1", 1), Pid("n" * 1_000_000, BIG, BIG), "s" * 1_000_000, b"\x00" * 1_000_000, ValueError(BIG), KeyError((BIG, "k")),
         _BadRepr(), [_BadRepr()], recursive, {BIG, 1}, frozenset({(BIG,)}), range(10**30),
     ]
     for x in hostile:
@@ -93,6 +93,9 @@ def test_short_repr_never_raises_and_stays_within_its_limit() -> None:
     assert short_repr(ValueError(BIG)) == "ValueError(<int of 33220 bits>)"
     assert short_repr("s" * 200, 20) == "'" + "s" * 16 + "..."
     assert short_repr(_BadRepr()) == "<_BadRepr object>"
+    # a pid decoded from a peer may carry a huge serial: its own repr must not raise either
+    assert repr(Pid("n@h:1", BIG, 2)) == short_repr(Pid("n@h:1", BIG, 2)) == "<n@h:1.<int of 33220 bits>.2>"
+    assert repr(Ref("n@h:1", 1, BIG)) == "#Ref<n@h:1.1.<int of 33220 bits>>"
 
 
 def test_short_repr_of_small_terms_is_their_repr() -> None:
