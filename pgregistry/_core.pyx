@@ -1030,10 +1030,10 @@ cdef class _EArith(_EBinary):
         elif self.op == OP_GETITEM:
             r = PyObject_GetItem(a, b)
         else:
-            # has_key: `type(d) is dict and k in d`
+            # has_key: a non-dict raises, so the guard fails as a whole (even under `not`)
             if not PyDict_CheckExact(a):
-                r = Py_False
-                Py_INCREF(r)
+                PyErr_SetString(PyExc_TypeError, "has_key() of a non-dict")
+                r = NULL
             else:
                 c = PyDict_Contains(a, b)
                 if c < 0:

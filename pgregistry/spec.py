@@ -13,7 +13,12 @@ for each. It is a list of clauses ``(head, guards, body)``:
   peer's copy, and no key at all. To find NaN values, bind a variable and guard with
   ``V1 != V1``.
 * ``guards`` is a list of expressions; the clause applies only if every one evaluates
-  to exactly ``True``. A guard that raises counts as false.
+  to exactly ``True``. A guard that raises counts as false as a whole: an exception
+  anywhere inside it is not turned into ``True`` by an enclosing ``~``, `not_` or
+  ``|``. So a guard function given an argument of the wrong type (`has_key` or `size`
+  of an int, ``V1[0]`` of a dict without key 0) and a comparison of unordered types
+  (``V1 < 2`` with a str) make the whole guard false; the type tests (`is_int`, ...)
+  accept any term.
 * ``body`` is a non-empty list of expressions evaluated in order; the last one is the
   result for the row. Tuples, lists and dicts in a body are built with their elements
   evaluated; `WHOLE` is ``(key, pid, value)``; `BINDINGS` is the list of bound variables
@@ -237,7 +242,11 @@ def _type_is(*types: type) -> Callable[[Any], bool]:
 
 
 def _has_key(d: Any, k: Any) -> bool:
-    return type(d) is dict and k in d
+    # Raising (not returning False) for a non-dict makes the whole guard false, so
+    # ``~has_key(V1, k)`` does not hold for a tuple, as ``not is_map_key(K, M)`` in ETS.
+    if type(d) is not dict:
+        raise TypeError(f"has_key() of {type(d).__name__}, not a dict")
+    return k in d
 
 
 def _size(x: Any) -> int:
@@ -283,6 +292,7 @@ OPERATORS: Final[dict[str, Callable[..., Any]]] = {
 ``and``, ``or`` and ``not`` are not here: they short-circuit and accept only booleans
 (anything else raises `TypeError`, so the guard fails), and each table evaluates them
 itself. ``is_int`` is false for ``bool``; ``is_tuple`` is false for a `Pid`/`Ref`.
+``has_key`` and ``size`` raise `TypeError` for an argument of the wrong type.
 """
 
 _ARITY: Final = {name: (1 if name in ("neg", "is_int", "is_float", "is_number", "is_str",
@@ -314,7 +324,11 @@ size = _unary("size")
 
 
 def has_key(d: Any, key: Any) -> Op:
-    """Guard function: `d` is a dict holding `key`."""
+    """Guard function: whether the dict `d` holds `key`.
+
+    If `d` is not a dict it raises, so the guard is false as a whole, even under
+    ``~``/`not_` (test with ``is_dict(d)`` first to tell "not a dict" apart).
+    """
     return Op("has_key", (d, key))
 
 
