@@ -141,6 +141,21 @@ def _discard(rows: _Rows, row: _Row) -> None:
 
 _seq_of: Callable[[_Row], int] = operator.attrgetter("seq")
 
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _tag(tag: Any) -> int:
+    """`tag` as the C table reads it: an integer (``__index__``) in the int64 range, as a plain int.
+
+    `TypeError` for anything else, `OverflowError` out of range, as the C table raises.
+    """
+    if type(tag) is not int:
+        tag = operator.index(tag)
+    if not _INT64_MIN <= tag <= _INT64_MAX:
+        raise OverflowError("int too big to convert")
+    return tag
+
 
 # --------------------------------------------------------------------------------------
 # Match-spec compilation
@@ -604,6 +619,7 @@ class Table:
 
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
+        tag = _tag(tag)
         with self._lock:
             row = _Row(key, pid, value, tag, self._seq())
             krows = self._keys.get(key)
@@ -620,6 +636,7 @@ class Table:
 
     def pop(self, key: Any, pid: Any, tag: int, default: Any = None) -> Any:
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
+        tag = _tag(tag)
         with self._lock:
             both = self._both(key, pid)
             if both is None:
@@ -707,6 +724,7 @@ class Table:
 
         Returns the old value, or `default` (changing nothing) if there is no such row.
         """
+        tag = _tag(tag)
         with self._lock:
             both = self._both(key, pid)
             if both is None:

@@ -1192,6 +1192,26 @@ def test_a_guard_function_given_a_wrong_type_makes_the_whole_guard_false_even_ne
     assert_same(table.select(spec(core, [(("k", _, V1), [], [~has_key(V1, "role")])])), [False, True])
 
 
+def test_tags_are_int64_and_anything_else_raises_and_changes_nothing(table: Any) -> None:
+    """The contract: a tag is an int in the int64 range, `TypeError`/`OverflowError` otherwise,
+    from every method taking one; an integer-like tag (``__index__``) counts as its int."""
+    table.insert("k", A, "v", 1)
+    for bad, error in ((2**63, OverflowError), (-(2**63) - 1, OverflowError), (10**10000, OverflowError),
+                       (1.0, TypeError), ("1", TypeError), (None, TypeError)):
+        with pytest.raises(error):
+            table.insert("k", A, "new", bad)
+        with pytest.raises(error):
+            table.pop("k", A, bad)
+        with pytest.raises(error):
+            table.update_row("k", A, bad, "new")
+    assert table.rows() == [("k", A, "v", 1)]
+    table.insert("k", B, "w", True)
+    table.insert("k", B, "x", 2**63 - 1)
+    table.insert("k", B, "y", -(2**63))
+    assert_same(table.entries("k"), [(A, "v", 1), (B, "w", 1), (B, "x", 2**63 - 1), (B, "y", -(2**63))])
+    assert table.pop("k", B, True) == "w"
+
+
 def test_unhashable_key_or_pid_raises_and_changes_nothing(table: Any) -> None:
     """Keys and pids are dict keys: an unhashable one raises TypeError (the registry
     validates terms before they get here), and a failed insert leaves nothing behind."""
