@@ -46,6 +46,7 @@ that is wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Final, Iterable
 
 from .terms import MAX_DEPTH, Pid, Ref, is_value, short_repr
@@ -659,10 +660,13 @@ def canonical(x: Any, depth: int = 0) -> Any:
     """A hashable value that is equal for two specs exactly when they mean the same.
 
     Literals keep their type (``1``, ``1.0`` and ``True`` give different results in a
-    body), so a cache keyed by this never confuses them. Raises `ValueError` on
-    nesting deeper than the spec validator accepts.
+    body) and a float its sign (``0.0 == -0.0``, yet they are different results), so a
+    cache keyed by this never confuses them. Raises `ValueError` on nesting deeper than
+    the spec validator accepts.
     """
     t = type(x)
+    if t is float:
+        return (t, x, math.copysign(1.0, x))
     if t is tuple or t is list:
         if depth > MAX_DEPTH + 4:
             raise ValueError(f"match spec nested deeper than {MAX_DEPTH}")

@@ -18,7 +18,7 @@ from pgregistry.registry import Registry
 from pgregistry.spec import BINDINGS, V1, V2, V3, WHOLE, _, is_int, is_str, var
 
 V4, V5 = var(4), var(5)
-from pgregistry.terms import Pid
+from pgregistry.terms import Pid, same_term
 
 from .helpers import drain, run_as, spawn_agent, started_registry, stop_agent
 
@@ -323,6 +323,17 @@ async def test_invalid_specs_raise_value_error_and_change_nothing() -> None:
         with pytest.raises(ValueError):
             reg.unregister_match("k", V1, [V2 > 1])
         assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
+
+
+async def test_specs_that_differ_only_in_the_sign_of_a_zero_give_their_own_results() -> None:
+    # 0.0 == -0.0, yet a body returning one is not a body returning the other (compiled
+    # specs are cached by what they mean).
+    async with started_registry() as (node, reg):
+        reg.register("k", 1)
+        for body in ([0.0], [-0.0], [(0.0, V1)], [(-0.0, V1)], [{"z": -0.0}], [{"z": 0.0}]):
+            [result] = reg.select([(("k", _, V1), [], body)])
+            assert same_term(result, body[0] if type(body[0]) is not tuple else (body[0][0], 1)), (body, result)
+        assert [math.copysign(1, x) for x in (reg.select([(("k", _, _), [], [z])])[0] for z in (0.0, -0.0))] == [1, -1]
 
 
 # -- dispatch / meta -----------------------------------------------------------------------
