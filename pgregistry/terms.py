@@ -239,19 +239,23 @@ _NAN: Final = _NaN()
 
 def _key_problem(x: Any, depth: int) -> str | _NaN | None:
     t = type(x)
-    if t in _KEY_SCALARS:
-        return None
-    if t is float:
-        return None if x == x else _NAN
     if t is tuple:
         if depth >= MAX_DEPTH:
             return f"nested deeper than {MAX_DEPTH}"
         for item in x:
             if type(item) not in _KEY_SCALARS:
-                problem = _key_problem(item, depth + 1)
-                if problem is not None:
-                    return problem
+                if type(item) is float:  # inline: a call per float item is not free
+                    if item != item:
+                        return _NAN
+                else:
+                    problem = _key_problem(item, depth + 1)
+                    if problem is not None:
+                        return problem
         return None
+    if t in _KEY_SCALARS:
+        return None
+    if t is float:
+        return None if x == x else _NAN
     return f"{t.__name__} {short_repr(x, 60)} is not a key term {_KEY_TYPES}"
 
 
@@ -292,15 +296,16 @@ def check_key(key: Any, what: str = "key") -> Any:
     `TypeError` for a part that is not a key term (or nesting deeper than `MAX_DEPTH`),
     `ValueError` for a NaN anywhere in it (see the module docstring).
     """
-    t = type(key)
-    if t in _KEY_SCALARS or (t is float and key == key):
+    if type(key) in _KEY_SCALARS:
+        return key
+    if type(key) is float and key == key:
         return key
     problem = _key_problem(key, 0)
-    if problem is None:
-        return key
-    if problem is _NAN:
-        raise ValueError(f"{what}: {_nan_reason(key)}")
-    raise TypeError(f"{what}: {problem}")
+    if problem is not None:
+        if problem is _NAN:
+            raise ValueError(f"{what}: {_nan_reason(key)}")
+        raise TypeError(f"{what}: {problem}")
+    return key
 
 
 def key_problem(x: Any) -> str | None:
