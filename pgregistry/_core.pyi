@@ -38,8 +38,10 @@ Match semantics (``Matcher``), for each visited row, clauses in order:
   holding every key of the pattern with a matching value. Patterns are matched key,
   pid, value, depth-first left to right (this decides which occurrence binds).
 * every guard must evaluate to exactly ``True``; an exception (an `Exception`
-  subclass) makes the guard false; an exception raised while comparing a *pattern*
-  literal propagates (terms never raise there);
+  subclass) anywhere in it makes the whole guard false, whatever ``not``/``and``/``or``
+  encloses it (``spec.OPERATORS["has_key"]`` and ``["size"]`` raise for an argument of
+  the wrong type); an exception raised while comparing a *pattern* literal propagates
+  (terms never raise there);
 * the first clause that passes decides the row: in `select` its body is evaluated
   (every expression in order, the last is the result; an exception skips the row);
   `count_select` counts the row iff the result ``is True``. `match`, `count_match` and

@@ -82,7 +82,7 @@ from .spec import (
     ExprBindings as _ExprBindings, ExprTuple as _ExprTuple, ExprList as _ExprList,
     ExprDict as _ExprDict, ExprOp as _ExprOp,
 )
-from .terms import Pid as _Pid
+from .terms import Pid as _Pid, short_repr
 
 __all__ = ["Table", "Matcher"]
 
@@ -1030,10 +1030,10 @@ cdef class _EArith(_EBinary):
         elif self.op == OP_GETITEM:
             r = PyObject_GetItem(a, b)
         else:
-            # has_key: `type(d) is dict and k in d`
+            # has_key: a non-dict raises, so the guard fails as a whole (even under `not`)
             if not PyDict_CheckExact(a):
-                r = Py_False
-                Py_INCREF(r)
+                PyErr_SetString(PyExc_TypeError, "has_key() of a non-dict")
+                r = NULL
             else:
                 c = PyDict_Contains(a, b)
                 if c < 0:
@@ -1230,7 +1230,7 @@ _UNARY_OPS = {"neg": OP_NEG, "size": OP_SIZE, "is_int": OP_IS_INT, "is_float": O
 
 cdef Py_ssize_t _check_slot(object slot, Py_ssize_t nslots) except -1:
     if type(slot) is not int or not 0 <= slot < nslots:
-        raise ValueError(f"variable slot {slot!r} out of range for a clause of {nslots} variable(s)")
+        raise ValueError(f"variable slot {short_repr(slot)} out of range for a clause of {nslots} variable(s)")
     return slot
 
 
@@ -1273,7 +1273,7 @@ cdef object _compile_pattern(object node, Py_ssize_t nslots):
         dct.pats = tuple([_compile_pattern(p, nslots) for _k, p in node.items])
         dct.n = len(dct.keys)
         return dct
-    raise TypeError(f"not a normalized pattern node: {node!r:.80}")
+    raise TypeError(f"not a normalized pattern node: {short_repr(node, 80)}")
 
 
 cdef _Expr _compile_expr(object node, Py_ssize_t nslots):
@@ -1313,7 +1313,7 @@ cdef _Expr _compile_expr(object node, Py_ssize_t nslots):
         return dct
     if t is _ExprOp:
         return _compile_op(node.op, tuple(node.args), nslots)
-    raise TypeError(f"not a normalized expression node: {node!r:.80}")
+    raise TypeError(f"not a normalized expression node: {short_repr(node, 80)}")
 
 
 cdef void _set_operand(_EBinary e, bint left, object node, Py_ssize_t nslots) except *:
@@ -1384,7 +1384,7 @@ cdef _Expr _compile_op(object op, tuple args, Py_ssize_t nslots):
     # unusual arity: the reference function gives the reference behaviour.
     fn = _OPERATORS.get(op)
     if fn is None:
-        raise ValueError(f"unknown function {op!r}")
+        raise ValueError(f"unknown function {short_repr(op)}")
     call = _ECall.__new__(_ECall)
     call.fn = fn
     call.items = tuple([_compile_expr(a, nslots) for a in args])
@@ -1438,7 +1438,7 @@ cdef int _head_mode(object node, bint literal_ok) except -1:
 cdef _Clause _compile_clause(object clause):
     cdef _Clause c = _Clause.__new__(_Clause)
     if type(clause.nslots) is not int or clause.nslots < 0:
-        raise ValueError(f"a clause's nslots must be a non-negative int, got {clause.nslots!r}")
+        raise ValueError(f"a clause's nslots must be a non-negative int, got {short_repr(clause.nslots)}")
     cdef Py_ssize_t nslots = clause.nslots
     c.nslots = nslots
     c.kmode = _head_mode(clause.key, True)
@@ -1509,7 +1509,7 @@ cdef class Matcher:
         for clause in clauses:
             if type(clause) is not _Clause_t:
                 raise TypeError(
-                    f"Matcher takes spec.Clause objects (from check_spec/check_match), got {clause!r:.80}")
+                    f"Matcher takes spec.Clause objects (from check_spec/check_match), got {short_repr(clause, 80)}")
         compiled = tuple([_compile_clause(clause) for clause in clauses])
         self.clauses = clauses
         self._compiled = compiled

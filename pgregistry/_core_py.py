@@ -90,6 +90,7 @@ from .spec import (
     PatTuple,
     PatVar,
 )
+from .terms import short_repr
 
 __all__ = ["Table", "Matcher"]
 
@@ -111,7 +112,7 @@ class _Row:
         self.seq = seq
 
     def __repr__(self) -> str:
-        return f"_Row({self.key!r}, {self.pid!r}, {self.value!r}, {self.tag!r})"
+        return f"_Row({short_repr(self.key)}, {short_repr(self.pid)}, {short_repr(self.value)}, {short_repr(self.tag)})"
 
 
 class _Rows(dict):  # type: ignore[type-arg]  # dict[_Row, None]
@@ -139,6 +140,21 @@ def _discard(rows: _Rows, row: _Row) -> None:
 
 
 _seq_of: Callable[[_Row], int] = operator.attrgetter("seq")
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _tag(tag: Any) -> int:
+    """`tag` as the C table reads it: an integer (``__index__``) in the int64 range, as a plain int.
+
+    `TypeError` for anything else, `OverflowError` out of range, as the C table raises.
+    """
+    if type(tag) is not int:
+        tag = operator.index(tag)
+    if not _INT64_MIN <= tag <= _INT64_MAX:
+        raise OverflowError("int too big to convert")
+    return tag
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +243,7 @@ def _compile_pattern(node: Any) -> _PatFn | None:
             return True
 
         return match_dict
-    raise TypeError(f"not a normalized pattern node: {node!r:.80}")
+    raise TypeError(f"not a normalized pattern node: {short_repr(node, 80)}")
 
 
 def _and(args: tuple[_Eval, ...]) -> _Eval:
@@ -337,9 +353,9 @@ def _compile_expr(node: Any) -> _Eval:
             return _not(args[0])
         fn = _PYTHON_OPERATORS.get(op) or OPERATORS.get(op)
         if fn is None:
-            raise ValueError(f"unknown function {op!r}")
+            raise ValueError(f"unknown function {short_repr(op)}")
         return _apply(fn, node.args, args)
-    raise TypeError(f"not a normalized expression node: {node!r:.80}")
+    raise TypeError(f"not a normalized expression node: {short_repr(node, 80)}")
 
 
 def _compile_test(clause: Clause) -> _Test:
@@ -455,7 +471,7 @@ class Matcher:
         clauses = tuple(clauses)
         for c in clauses:
             if type(c) is not Clause:
-                raise TypeError(f"Matcher takes spec.Clause objects (from check_spec/check_match), got {c!r:.80}")
+                raise TypeError(f"Matcher takes spec.Clause objects (from check_spec/check_match), got {short_repr(c, 80)}")
         self.clauses = clauses
         self._tests: tuple[_Test, ...] = tuple(map(_compile_test, clauses))
         bodies = tuple(_compile_body(c.body) for c in clauses)
@@ -603,6 +619,7 @@ class Table:
 
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
+        tag = _tag(tag)
         with self._lock:
             row = _Row(key, pid, value, tag, self._seq())
             krows = self._keys.get(key)
@@ -619,6 +636,7 @@ class Table:
 
     def pop(self, key: Any, pid: Any, tag: int, default: Any = None) -> Any:
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
+        tag = _tag(tag)
         with self._lock:
             both = self._both(key, pid)
             if both is None:
@@ -706,6 +724,7 @@ class Table:
 
         Returns the old value, or `default` (changing nothing) if there is no such row.
         """
+        tag = _tag(tag)
         with self._lock:
             both = self._both(key, pid)
             if both is None:

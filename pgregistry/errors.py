@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .terms import short_repr
+
 __all__ = [
     "RegistryError",
     "AlreadyRegistered",
@@ -32,7 +34,7 @@ class AlreadyRegistered(RegistryError):
     def __init__(self, holder: Any, key: Any = None) -> None:
         self.holder = holder
         self.key = key
-        super().__init__(f"key {key!r} is already registered by {holder!r}")
+        super().__init__(f"key {short_repr(key)} is already registered by {short_repr(holder)}")
 
 
 class AlreadyStarted(RegistryError):
@@ -41,7 +43,7 @@ class AlreadyStarted(RegistryError):
     def __init__(self, pid: Any, name: Any = None) -> None:
         self.pid = pid
         self.name = name
-        super().__init__(f"{name!r} is already started as {pid!r}")
+        super().__init__(f"{short_repr(name, 200)} is already started as {short_repr(pid)}")
 
 
 class NotLocal(RegistryError, ValueError):
@@ -50,7 +52,7 @@ class NotLocal(RegistryError, ValueError):
     def __init__(self, pid: Any, node_id: str | None = None) -> None:
         self.pid = pid
         where = f" (this node is {node_id})" if node_id else ""
-        super().__init__(f"{pid!r} is not a process of this node{where}")
+        super().__init__(f"{short_repr(pid)} is not a process of this node{where}")
 
 
 class NoProcess(RegistryError, LookupError):
@@ -77,7 +79,7 @@ class NotReplicated(RegistryError):
         self.scope = scope
         self.entries = entries
         self.more = more
-        shown = "; ".join(f"key {key!r:.60} of {pid!r}: {why}" for key, pid, why in entries[:5])
+        shown = "; ".join(f"key {short_repr(key, 60)} of {short_repr(pid)}: {why}" for key, pid, why in entries[:5])
         rest = len(entries) - 5 + more
         super().__init__(f"registry {scope!r}: {len(entries) + more} entries were not sent to peers: {shown}"
                          + (f"; and {rest} more" if rest > 0 else ""))

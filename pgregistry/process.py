@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable, Hashable, NamedTuple, Protocol
 
 from .errors import AlreadyStarted, NoProcess, NotLocal
 from .events import Down
-from .terms import Counter, Pid, Ref
+from .terms import Counter, Pid, Ref, short_repr
 
 __all__ = [
     "Process",
@@ -199,8 +199,8 @@ class Via:
 
     def __repr__(self) -> str:
         if self.value is None:
-            return f"Via({self.service!r}, {self.key!r})"
-        return f"Via({self.service!r}, {self.key!r}, value={self.value!r})"
+            return f"Via({self.service!r}, {short_repr(self.key)})"
+        return f"Via({self.service!r}, {short_repr(self.key)}, value={short_repr(self.value)})"
 
 
 def _wake(waiter: asyncio.Future) -> None:
@@ -209,17 +209,17 @@ def _wake(waiter: asyncio.Future) -> None:
 
 
 def _log_crash(pid: Pid, exc: BaseException) -> None:
-    logger.error("process %r crashed: %r", pid, exc, exc_info=exc)
+    logger.error("process %s crashed: %s", short_repr(pid), short_repr(exc, 200), exc_info=exc)
 
 
 def _exited_error(pid: Any, reason: Any) -> NoProcess:
     """The `NoProcess` a call gets when its destination is gone."""
     if type(reason) is str and reason == "noproc":
-        exc = NoProcess(f"no process {pid!r} (noproc)")
+        exc = NoProcess(f"no process {short_repr(pid)} (noproc)")
     elif type(reason) is str and reason == "noconnection":
-        exc = NoProcess(f"no connection to the node of {pid!r} (noconnection)")
+        exc = NoProcess(f"no connection to the node of {short_repr(pid)} (noconnection)")
     else:
-        exc = NoProcess(f"{pid!r} exited ({reason!r})")
+        exc = NoProcess(f"{short_repr(pid)} exited ({short_repr(reason)})")
     if isinstance(reason, BaseException):
         exc.__cause__ = reason
     return exc
@@ -228,9 +228,9 @@ def _exited_error(pid: Any, reason: Any) -> NoProcess:
 def check_timeout(timeout: Any, what: str) -> None:
     """Raise `TypeError`/`ValueError` unless `timeout` is a number of seconds >= 0."""
     if type(timeout) is bool or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{what}: timeout must be a number of seconds or None, got {timeout!r}")
+        raise TypeError(f"{what}: timeout must be a number of seconds or None, got {short_repr(timeout)}")
     if not timeout >= 0:
-        raise ValueError(f"{what}: timeout must be >= 0, got {timeout!r}")
+        raise ValueError(f"{what}: timeout must be >= 0, got {short_repr(timeout)}")
 
 
 class Process:
@@ -296,8 +296,8 @@ class Process:
         self._previous: Process | None = None
 
     def __repr__(self) -> str:
-        state = "alive" if self.alive else f"exited {self.exit_reason!r}"
-        return f"<Process {self.pid!r} {state}>"
+        state = "alive" if self.alive else f"exited {short_repr(self.exit_reason)}"
+        return f"<Process {short_repr(self.pid)} {state}>"
 
     # -- mailbox --------------------------------------------------------------------
 
@@ -350,7 +350,7 @@ class Process:
         deadline = None if timeout is None else loop.time() + timeout
         while not mailbox:
             if not self.alive:
-                raise RuntimeError(f"process {self.pid!r} exited ({self.exit_reason!r}) while receiving")
+                raise RuntimeError(f"process {short_repr(self.pid)} exited ({short_repr(self.exit_reason)}) while receiving")
             waiter = loop.create_future()
             self._waiter = waiter
             if deadline is None:
@@ -431,7 +431,7 @@ class Process:
         router for a remote one). Raises `NoProcess` if the process has already exited.
         """
         if not self.alive:
-            raise NoProcess(f"{self.pid!r} has exited ({self.exit_reason!r})")
+            raise NoProcess(f"{short_repr(self.pid)} has exited ({short_repr(self.exit_reason)})")
         watchers = self._monitored_by
         if watchers is None:
             watchers = self._monitored_by = {}
@@ -457,7 +457,7 @@ class Process:
         `NoProcess` if the process has already exited.
         """
         if not self.alive:
-            raise NoProcess(f"{self.pid!r} has exited ({self.exit_reason!r})")
+            raise NoProcess(f"{short_repr(self.pid)} has exited ({short_repr(self.exit_reason)})")
         hooks = self._hooks
         if hooks is None:
             hooks = self._hooks = {}
@@ -533,7 +533,7 @@ class Process:
                 try:
                     fn(pid, reason)
                 except Exception:
-                    logger.exception("exit hook %r of process %r failed", key, pid)
+                    logger.exception("exit hook %s of process %s failed", short_repr(key), short_repr(pid))
 
         monitors = self._monitors
         if monitors:
@@ -554,7 +554,7 @@ class Process:
                     continue
                 if self.adopted:
                     # The task lives on: fail its call instead of faking a cancellation.
-                    fut.set_exception(RuntimeError(f"process {pid!r} exited ({reason!r}) during a call"))
+                    fut.set_exception(RuntimeError(f"process {short_repr(pid)} exited ({short_repr(reason)}) during a call"))
                 else:
                     fut.cancel()
         self._mailbox.clear()
@@ -589,7 +589,7 @@ async def _run(proc: Process, fn: Callable[..., Awaitable[Any]], args: tuple, kw
     try:
         awaitable = fn(*args, **kwargs)
         if not inspect.isawaitable(awaitable):
-            raise TypeError(f"spawn: {fn!r} returned {type(awaitable).__name__}, not an awaitable; pass an async function")
+            raise TypeError(f"spawn: {short_repr(fn)} returned {type(awaitable).__name__}, not an awaitable; pass an async function")
         await awaitable
     except asyncio.CancelledError:
         request = proc.exit_request
@@ -638,9 +638,9 @@ class Runtime:
 
     def __init__(self, node_id: str, creation: int = 0) -> None:
         if type(node_id) is not str or not node_id:
-            raise TypeError(f"node_id must be a non-empty str, got {node_id!r}")
+            raise TypeError(f"node_id must be a non-empty str, got {short_repr(node_id)}")
         if type(creation) is not int or creation < 0:
-            raise TypeError(f"creation must be a non-negative int, got {creation!r}")
+            raise TypeError(f"creation must be a non-negative int, got {short_repr(creation)}")
         self._node_id = node_id
         self._creation = creation
         self._frozen = False
@@ -665,7 +665,7 @@ class Runtime:
         if self._frozen:
             raise RuntimeError("node_id cannot change once pids or refs have been made")
         if type(value) is not str or not value:
-            raise TypeError(f"node_id must be a non-empty str, got {value!r}")
+            raise TypeError(f"node_id must be a non-empty str, got {short_repr(value)}")
         self._node_id = value
 
     @property
@@ -677,7 +677,7 @@ class Runtime:
         if self._frozen:
             raise RuntimeError("creation cannot change once pids or refs have been made")
         if type(value) is not int or value < 0:
-            raise TypeError(f"creation must be a non-negative int, got {value!r}")
+            raise TypeError(f"creation must be a non-negative int, got {short_repr(value)}")
         self._creation = value
 
     def _check_writable(self, what: str) -> None:
@@ -735,12 +735,12 @@ class Runtime:
         self._check_writable("spawn")
         if not callable(fn):
             hint = " (pass the async function, not a coroutine object)" if inspect.iscoroutine(fn) else ""
-            raise TypeError(f"spawn: fn must be an async callable, got {fn!r}{hint}")
+            raise TypeError(f"spawn: fn must be an async callable, got {short_repr(fn)}{hint}")
         pid = self._new_pid()
         proc = Process(self, pid)
         self._procs[pid] = proc
         assert self.loop is not None
-        task = self.loop.create_task(_run(proc, fn, args, kwargs), name=f"pgregistry process {pid!r}")
+        task = self.loop.create_task(_run(proc, fn, args, kwargs), name=f"pgregistry process {short_repr(pid)}")
         proc.task = task
         task.add_done_callback(proc._task_done)
         return pid
@@ -760,7 +760,7 @@ class Runtime:
         previous = _tasks.get(task)
         if previous is not None:
             if not previous.adopted:
-                raise RuntimeError(f"adopt: the task is already the spawned process {previous.pid!r}")
+                raise RuntimeError(f"adopt: the task is already the spawned process {short_repr(previous.pid)}")
             if previous.runtime is self:
                 return previous
         proc = Process(self, self._new_pid(), adopted=True)
@@ -779,7 +779,7 @@ class Runtime:
         See `Process.signal_exit` for what the target does.
         """
         if type(pid) is not Pid:
-            raise TypeError(f"exit: expected a Pid, got {pid!r}")
+            raise TypeError(f"exit: expected a Pid, got {short_repr(pid)}")
         if type(reason) is str and reason == "normal" and sender != pid:
             return
         proc = self._procs.get(pid)
@@ -812,9 +812,9 @@ class Runtime:
     def check_name(name: Any) -> str:
         """Return `name` if it is a valid local name, else raise `TypeError`/`ValueError`."""
         if type(name) is not str:
-            raise TypeError(f"a process name must be a str, got {name!r}")
+            raise TypeError(f"a process name must be a str, got {short_repr(name)}")
         if not name or len(name) > MAX_NAME_LENGTH:
-            raise ValueError(f"a process name must have 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
+            raise ValueError(f"a process name must have 1 to {MAX_NAME_LENGTH} characters, got {short_repr(name)}")
         return name
 
     def register_name(self, name: str, pid: Pid) -> None:
@@ -829,17 +829,17 @@ class Runtime:
         self._check_writable("register_name")
         self.check_name(name)
         if type(pid) is not Pid:
-            raise TypeError(f"register_name: expected a Pid, got {pid!r}")
+            raise TypeError(f"register_name: expected a Pid, got {short_repr(pid)}")
         proc = self._procs.get(pid)
         if proc is None:
             if not self.is_local(pid):
                 raise NotLocal(pid, self._node_id)
-            raise NoProcess(f"register_name: {pid!r} is not alive")
+            raise NoProcess(f"register_name: {short_repr(pid)} is not alive")
         holder = self._names.get(name)
         if holder is not None:
             raise AlreadyStarted(holder.pid, name)
         if proc.name is not None:
-            raise ValueError(f"register_name: {pid!r} is already registered as {proc.name!r}")
+            raise ValueError(f"register_name: {short_repr(pid)} is already registered as {short_repr(proc.name)}")
         self._names[name] = proc
         proc.name = name
 
@@ -854,7 +854,7 @@ class Runtime:
     def whereis(self, name: str) -> Pid | None:
         """The pid registered under the local name `name`, or None. Any thread."""
         if type(name) is not str:
-            raise TypeError(f"whereis: a process name must be a str, got {name!r}")
+            raise TypeError(f"whereis: a process name must be a str, got {short_repr(name)}")
         proc = self._names.get(name)
         return None if proc is None else proc.pid
 
@@ -874,21 +874,21 @@ class Runtime:
         if kind is str:
             pid = self.whereis(dest)
             if pid is None:
-                raise NoProcess(f"no process is registered as {dest!r}")
+                raise NoProcess(f"no process is registered as {short_repr(dest)}")
             return pid
         if kind is tuple and len(dest) == 2 and type(dest[0]) is str and type(dest[1]) is str:
             if dest[1] != self._node_id:
                 return dest
             pid = self.whereis(dest[0])
             if pid is None:
-                raise NoProcess(f"no process is registered as {dest[0]!r} on {dest[1]}")
+                raise NoProcess(f"no process is registered as {short_repr(dest[0])} on {dest[1]}")
             return pid
         if kind is Via:
             pid = dest.service.whereis_name(dest.key)
             if pid is None:
-                raise NoProcess(f"no process is registered under {dest!r}")
+                raise NoProcess(f"no process is registered under {short_repr(dest, 200)}")
             return pid
-        raise TypeError(f"a destination must be a Pid, a name, a (name, node_id) tuple or a Via, got {dest!r}")
+        raise TypeError(f"a destination must be a Pid, a name, a (name, node_id) tuple or a Via, got {short_repr(dest)}")
 
     def send(self, dest: Any, msg: Any) -> None:
         """Send `msg` to `dest` (see `resolve`); never waits.
@@ -943,7 +943,7 @@ class Runtime:
         queued (the monitor had fired) is removed from the mailbox.
         """
         if type(ref) is not Ref:
-            raise TypeError(f"demonitor: expected a Ref, got {ref!r}")
+            raise TypeError(f"demonitor: expected a Ref, got {short_repr(ref)}")
         monitors = watcher._monitors
         target = monitors.pop(ref, None) if monitors else None
         if target is None:
@@ -1028,7 +1028,7 @@ def monitor(pid: Pid) -> Ref:
     if its node cannot be reached.
     """
     if type(pid) is not Pid:
-        raise TypeError(f"monitor: expected a Pid, got {pid!r}")
+        raise TypeError(f"monitor: expected a Pid, got {short_repr(pid)}")
     proc = current_process()
     return proc.runtime.monitor(proc, pid)
 

@@ -9,6 +9,12 @@ Semantics follow PgRegistry (see DESIGN.md §4, §5): `unregister` removes the c
 most recent entry under a key; `unregister_name` removes every local entry under a key;
 `keys` is distinct; `dispatch` passes pids; unique mode is per node; `whereis_name`,
 `send` and via names resolve to the holder on the calling node only.
+
+Keys and values are terms (`pgregistry.terms`). Every method that takes a key (metadata
+and via keys included) raises `TypeError` for one that is not a key term and
+`ValueError` for one holding a NaN anywhere: a NaN is not equal to itself, so an entry
+under it could never be found, unregistered or removed on a peer. Values may hold NaN;
+a value that holds one is still the same value when a peer sends it again.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .node import Node
 from .process import Process, Via, current_process, task_process
 from .scope import ScopeServer
 from .spec import canonical, check_match, check_spec
-from .terms import Pid, Ref, check_key, check_value
+from .terms import Pid, Ref, check_key, check_value, short_repr
 
 __all__ = ["Registry"]
 
@@ -43,6 +49,10 @@ class Registry:
     """A named scope of ``(key, pid, value)`` entries on one node, shared with its peers.
 
     Create one with ``await Registry.start(node, "name", keys="duplicate")``.
+
+    A key is a key term without NaN (`TypeError` for a non-term, `ValueError` for a
+    NaN anywhere in it, from every method taking a key); a value is any value term,
+    NaN included. See the module docstring.
     """
 
     __slots__ = ("name", "keys_mode", "listeners", "node", "_runtime", "_scope", "_table",
@@ -72,17 +82,17 @@ class Registry:
         running on the node `AlreadyStarted`.
         """
         if not isinstance(node, Node):
-            raise TypeError(f"node must be a pgregistry Node, got {node!r:.60}")
+            raise TypeError(f"node must be a pgregistry Node, got {short_repr(node, 60)}")
         if type(name) is not str or not name:
-            raise TypeError(f"the registry name must be a non-empty str, got {name!r:.60}")
+            raise TypeError(f"the registry name must be a non-empty str, got {short_repr(name, 60)}")
         if keys not in ("duplicate", "unique"):
-            raise ValueError(f'keys must be "duplicate" or "unique", got {keys!r:.60}')
+            raise ValueError(f'keys must be "duplicate" or "unique", got {short_repr(keys, 60)}')
         if type(partitions) is not int or partitions != 1:
             extra = (" (pgregistry keeps one table per scope; start several registries to split "
                      "the load)" if type(partitions) is int and partitions > 1 else "")
-            raise ValueError(f"partitions must be 1, got partitions={partitions!r:.60}{extra}")
+            raise ValueError(f"partitions must be 1, got partitions={short_repr(partitions, 60)}{extra}")
         if type(listeners) not in (tuple, list) or not all(type(n) is str and n for n in listeners):
-            raise ValueError(f"listeners must be a list of registered process names (str), got {listeners!r:.60}")
+            raise ValueError(f"listeners must be a list of registered process names (str), got {short_repr(listeners, 60)}")
         node.require_loop_thread("Registry.start")
         existing = node.service(name)
         if existing is not None:
@@ -123,7 +133,7 @@ class Registry:
 
     def _local_pid(self, pid: Any) -> Pid:
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         if not self._runtime.is_local(pid):
             raise NotLocal(pid, self.node.id)
         return pid
@@ -155,7 +165,8 @@ class Registry:
 
         Duplicate mode always adds an entry (the same process may register a key many
         times). Unique mode raises `AlreadyRegistered(holder)` if a live process of this
-        node holds `key` (the caller included).
+        node holds `key` (the caller included). `TypeError` if `key` is not a key term
+        or `value` not a value term; `ValueError` if `key` holds a NaN.
         """
         process = self._caller("register")
         check_key(key)
@@ -239,7 +250,7 @@ class Registry:
         """
         pid = self.whereis_name(key)
         if pid is None:
-            raise NoProcess(f"no process of {self.node.id} is registered under {key!r} in {self.name!r}")
+            raise NoProcess(f"no process of {self.node.id} is registered under {short_repr(key)} in {self.name!r}")
         process = self._runtime.process(pid)
         if process is not None:
             process.deliver(msg)
@@ -268,14 +279,14 @@ class Registry:
     def values(self, key: Any, pid: Pid) -> list[Any]:
         """The values of `pid`'s entries under `key`, in insertion order."""
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         check_key(key)
         return self._table.values(key, pid)
 
     def keys(self, pid: Pid) -> list[Any]:
         """The distinct keys under which `pid` has an entry."""
         if type(pid) is not Pid:
-            raise TypeError(f"pid must be a Pid, got {pid!r:.60}")
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
         return self._table.keys(pid)
 
     def which_groups(self) -> list[Any]:
@@ -307,7 +318,7 @@ class Registry:
     def dispatch(self, key: Any, fn: Callable[[list[Pid]], Any]) -> None:
         """Call ``fn(pids)`` with one pid per entry under `key`; not called if there is none."""
         if not callable(fn):
-            raise TypeError(f"dispatch needs a callable, got {fn!r:.60}")
+            raise TypeError(f"dispatch needs a callable, got {short_repr(fn, 60)}")
         check_key(key)
         pids = self._table.pids(key)
         if pids:
@@ -359,6 +370,6 @@ class Registry:
         frame limit. Peers do not hold those entries; the others were not held up.
         """
         if type(timeout) not in (int, float) or timeout < 0:
-            raise ValueError(f"timeout must be a non-negative number, got {timeout!r:.60}")
+            raise ValueError(f"timeout must be a non-negative number, got {short_repr(timeout, 60)}")
         self._check_thread("sync")
         await self._scope.sync(timeout)

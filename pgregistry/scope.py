@@ -111,7 +111,7 @@ from .logbudget import LogBudget
 from .node import REPLACED, Node
 from .process import Process
 from .terms import SCALAR_TYPES as _SCALARS
-from .terms import Pid, Ref, is_value, same_term, short_repr
+from .terms import Pid, Ref, is_value, key_problem, keys_problem, same_term, short_repr
 
 __all__ = ["FAN_OUT_STALL", "ScopeServer", "SYNC_PART_ROWS"]
 
@@ -777,10 +777,9 @@ class ScopeServer:
 
     @staticmethod
     def _check_key(key: Any) -> Any:
-        try:
-            hash(key)
-        except TypeError:
-            raise _Malformed(f"key {short_repr(key)} is not hashable") from None
+        problem = key_problem(key)  # a NaN would leave a row nobody can find or remove
+        if problem is not None:
+            raise _Malformed(f"key {problem}")
         return key
 
     def _apply_op(self, peer: str, op: Any) -> None:
@@ -863,10 +862,9 @@ class ScopeServer:
             raise _Malformed(f"rows of {pid!r} have a tag that is not an int64")
         if len(set(tags)) != len(tags):
             raise _Malformed(f"rows of {pid!r} repeat a tag")
-        try:
-            set(flat[0::3])  # hashes every key once; the table reuses str hashes
-        except TypeError:
-            raise _Malformed(f"rows of {pid!r} have an unhashable key") from None
+        problem = keys_problem(flat[0::3])
+        if problem is not None:
+            raise _Malformed(f"rows of {pid!r} have a key that is not a key: {problem}")
         return flat
 
     def _apply_part(self, peer: str, n: int, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 from .errors import AlreadyStarted, CallTimeout, NoProcess
 from .process import Process, Reply, Runtime, Via, check_timeout, current_process, receive
-from .terms import Pid, Ref
+from .terms import Pid, Ref, short_repr
 
 __all__ = ["Server", "Call", "Cast", "call", "cast"]
 
@@ -76,15 +76,17 @@ class Server:
         The default raises `RuntimeError`: a server without this callback crashes on a
         call, as in Elixir.
         """
-        raise RuntimeError(f"{type(self).__name__} got call {request!r} from {caller!r} but defines no handle_call")
+        raise RuntimeError(f"{type(self).__name__} got call {short_repr(request)} from {short_repr(caller)} "
+                           "but defines no handle_call")
 
     async def handle_cast(self, msg: Any) -> None:
         """Handle a `cast`. The default raises `RuntimeError` (the server crashes)."""
-        raise RuntimeError(f"{type(self).__name__} got cast {msg!r} but defines no handle_cast")
+        raise RuntimeError(f"{type(self).__name__} got cast {short_repr(msg)} but defines no handle_cast")
 
     async def handle_info(self, msg: Any) -> None:
         """Handle any other message. The default logs it as unexpected and drops it."""
-        logger.warning("%s %r dropped an unexpected message: %r", type(self).__name__, _self_pid(), msg)
+        logger.warning("%s %s dropped an unexpected message: %s", type(self).__name__, short_repr(_self_pid()),
+                       short_repr(msg, 200))
 
     async def terminate(self, reason: Any) -> None:
         """Clean up before the process exits with `reason` (not run on a kill)."""
@@ -104,7 +106,7 @@ class Server:
         """
         runtime = getattr(node, "runtime", None)
         if not isinstance(runtime, Runtime):
-            raise TypeError(f"Server.start: expected a Node, got {node!r}")
+            raise TypeError(f"Server.start: expected a Node, got {short_repr(node)}")
         via: Via | None = None
         if type(name) is Via:
             via = name
@@ -144,7 +146,7 @@ def _starter_notifier(started: asyncio.Future[None]) -> Any:
 
     def notify(pid: Pid, reason: Any) -> None:
         if not started.done():
-            exc = NoProcess(f"{pid!r} exited ({reason!r}) before init finished")
+            exc = NoProcess(f"{short_repr(pid)} exited ({short_repr(reason)}) before init finished")
             if isinstance(reason, BaseException):
                 exc.__cause__ = reason
             started.set_exception(exc)
@@ -214,7 +216,7 @@ async def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
     runtime = proc.runtime
     target = runtime.resolve(dest)
     if target == proc.pid:
-        raise RuntimeError(f"call: {dest!r} is the calling process itself; the call would deadlock")
+        raise RuntimeError(f"call: {short_repr(dest, 200)} is the calling process itself; the call would deadlock")
     ref = runtime.new_ref()
     fut = proc.expect_reply(ref)
     timer: asyncio.TimerHandle | None = None
@@ -239,7 +241,7 @@ async def call(dest: Any, request: Any, timeout: float | None = 5.0) -> Any:
 
 def _time_out(fut: asyncio.Future, dest: Any, timeout: float) -> None:
     if not fut.done():
-        fut.set_exception(CallTimeout(f"call to {dest!r} got no reply within {timeout} s"))
+        fut.set_exception(CallTimeout(f"call to {short_repr(dest, 200)} got no reply within {short_repr(timeout)} s"))
 
 
 def cast(dest: Any, msg: Any) -> None:

@@ -8,9 +8,17 @@ for each. It is a list of clauses ``(head, guards, body)``:
   repeated in the head must match an equal value each time), a ``tuple``/``list``
   matches a tuple/list of the same length element-wise, a ``dict`` matches any dict
   that holds those keys with matching values, and any other term matches what equals
-  it (Python equality: ``1 == 1.0``).
+  it (Python equality: ``1 == 1.0``). A NaN cannot stand in a pattern (`ValueError`): it
+  is not equal to itself, so it would match only the very float object it is, never a
+  peer's copy, and no key at all. To find NaN values, bind a variable and guard with
+  ``V1 != V1``.
 * ``guards`` is a list of expressions; the clause applies only if every one evaluates
-  to exactly ``True``. A guard that raises counts as false.
+  to exactly ``True``. A guard that raises counts as false as a whole: an exception
+  anywhere inside it is not turned into ``True`` by an enclosing ``~``, `not_` or
+  ``|``. So a guard function given an argument of the wrong type (`has_key` or `size`
+  of an int, ``V1[0]`` of a dict without key 0) and a comparison of unordered types
+  (``V1 < 2`` with a str) make the whole guard false; the type tests (`is_int`, ...)
+  accept any term.
 * ``body`` is a non-empty list of expressions evaluated in order; the last one is the
   result for the row. Tuples, lists and dicts in a body are built with their elements
   evaluated; `WHOLE` is ``(key, pid, value)``; `BINDINGS` is the list of bound variables
@@ -38,9 +46,10 @@ that is wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Final, Iterable
 
-from .terms import MAX_DEPTH, Pid, Ref, is_value
+from .terms import MAX_DEPTH, Pid, Ref, is_value, short_repr
 
 __all__ = [
     "_", "V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8", "V9", "var", "WHOLE", "BINDINGS",
@@ -149,7 +158,7 @@ class Var(Expression):
 
     def __init__(self, n: int) -> None:
         if type(n) is not int or n < 0:
-            raise ValueError(f"a match variable number must be a non-negative int, got {n!r}")
+            raise ValueError(f"a match variable number must be a non-negative int, got {short_repr(n)}")
         self.n = n
 
     def __repr__(self) -> str:
@@ -180,7 +189,7 @@ class Op(Expression):
         self.args = args
 
     def __repr__(self) -> str:
-        return f"{self.op}({', '.join(map(repr, self.args))})"
+        return f"{self.op}({', '.join([short_repr(a) for a in self.args])})"
 
 
 class Const:
@@ -193,7 +202,7 @@ class Const:
         self.value = value
 
     def __repr__(self) -> str:
-        return f"const({self.value!r})"
+        return f"const({short_repr(self.value)})"
 
 
 class _Wildcard:
@@ -234,7 +243,11 @@ def _type_is(*types: type) -> Callable[[Any], bool]:
 
 
 def _has_key(d: Any, k: Any) -> bool:
-    return type(d) is dict and k in d
+    # Raising (not returning False) for a non-dict makes the whole guard false, so
+    # ``~has_key(V1, k)`` does not hold for a tuple, as ``not is_map_key(K, M)`` in ETS.
+    if type(d) is not dict:
+        raise TypeError(f"has_key() of {type(d).__name__}, not a dict")
+    return k in d
 
 
 def _size(x: Any) -> int:
@@ -280,6 +293,7 @@ OPERATORS: Final[dict[str, Callable[..., Any]]] = {
 ``and``, ``or`` and ``not`` are not here: they short-circuit and accept only booleans
 (anything else raises `TypeError`, so the guard fails), and each table evaluates them
 itself. ``is_int`` is false for ``bool``; ``is_tuple`` is false for a `Pid`/`Ref`.
+``has_key`` and ``size`` raise `TypeError` for an argument of the wrong type.
 """
 
 _ARITY: Final = {name: (1 if name in ("neg", "is_int", "is_float", "is_number", "is_str",
@@ -311,7 +325,11 @@ size = _unary("size")
 
 
 def has_key(d: Any, key: Any) -> Op:
-    """Guard function: `d` is a dict holding `key`."""
+    """Guard function: whether the dict `d` holds `key`.
+
+    If `d` is not a dict it raises, so the guard is false as a whole, even under
+    ``~``/`not_` (test with ``is_dict(d)`` first to tell "not a dict" apart).
+    """
     return Op("has_key", (d, key))
 
 
@@ -507,12 +525,15 @@ def _collect_head_vars(pattern: Any, where: str, found: list[int], depth: int = 
     elif t is dict:
         for k, item in pattern.items():
             if type(k) is not str and type(k) is not int:
-                raise ValueError(f"{where}: dict pattern key {k!r} must be a literal str or int")
+                raise ValueError(f"{where}: dict pattern key {short_repr(k)} must be a literal str or int")
             _collect_head_vars(item, where, found, depth + 1)
+    elif t is float and pattern != pattern:
+        raise ValueError(f"{where}: a NaN cannot be matched: it is not equal to itself (no key holds a "
+                         "NaN; to find NaN values, bind a variable and guard with V1 != V1)")
     elif _is_spec_object(pattern):
-        raise ValueError(f"{where}: {pattern!r} cannot stand in a pattern (only _, variables and terms)")
+        raise ValueError(f"{where}: {short_repr(pattern)} cannot stand in a pattern (only _, variables and terms)")
     elif not is_value(pattern):
-        raise ValueError(f"{where}: {type(pattern).__name__} {pattern!r:.60} is not a term")
+        raise ValueError(f"{where}: {type(pattern).__name__} {short_repr(pattern, 60)} is not a term")
 
 
 def _pattern(pattern: Any, slots: dict[int, int], bound: set[int]) -> Any:
@@ -538,14 +559,14 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
     t = type(x)
     if t is Var:
         if x.n not in slots:
-            raise ValueError(f"{where}: {x!r} is used but not bound in the head")
+            raise ValueError(f"{where}: {short_repr(x)} is used but not bound in the head")
         return ExprVar(slots[x.n])
     if t is Op:
         if x.op in ("and", "or"):
             if len(x.args) < 2:
                 raise ValueError(f"{where}: {x.op} needs at least two expressions")
         elif x.op not in _ARITY:
-            raise ValueError(f"{where}: unknown function {x.op!r}")
+            raise ValueError(f"{where}: unknown function {short_repr(x.op)}")
         elif len(x.args) != _ARITY[x.op]:
             raise ValueError(f"{where}: {x.op} takes {_ARITY[x.op]} argument(s), got {len(x.args)}")
         return ExprOp(x.op, tuple(_expr(a, slots, where, depth + 1) for a in x.args))
@@ -555,16 +576,16 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
         return EXPR_BINDINGS
     if t is Const:
         if not is_value(x.value):
-            raise ValueError(f"{where}: const({x.value!r:.60}) is not a term")
+            raise ValueError(f"{where}: const({short_repr(x.value, 60)}) is not a term")
         return ExprConst(x.value)
     if x is _:
         raise ValueError(f"{where}: _ matches in patterns only; it cannot be evaluated")
     if isinstance(x, Expression):
-        raise ValueError(f"{where}: {x!r} is not a valid expression")
+        raise ValueError(f"{where}: {short_repr(x)} is not a valid expression")
     if t is tuple or t is list:
         if not _holds_spec_or_dict(x):
             if not is_value(x):
-                raise ValueError(f"{where}: {x!r:.60} is not a term")
+                raise ValueError(f"{where}: {short_repr(x, 60)} is not a term")
             return ExprConst(x)
         items = tuple(_expr(item, slots, where, depth + 1) for item in x)
         return ExprTuple(items) if t is tuple else ExprList(items)
@@ -572,17 +593,17 @@ def _expr(x: Any, slots: dict[int, int], where: str, depth: int = 0) -> Any:
         pairs = []
         for k, v in x.items():
             if type(k) is not str and type(k) is not int:
-                raise ValueError(f"{where}: dict key {k!r} in a body must be a literal str or int")
+                raise ValueError(f"{where}: dict key {short_repr(k)} in a body must be a literal str or int")
             pairs.append((k, _expr(v, slots, where, depth + 1)))
         return ExprDict(tuple(pairs))
     if not is_value(x):
-        raise ValueError(f"{where}: {type(x).__name__} {x!r:.60} is not a term")
+        raise ValueError(f"{where}: {type(x).__name__} {short_repr(x, 60)} is not a term")
     return ExprConst(x)
 
 
 def _guards(guards: Any, slots: dict[int, int], where: str) -> tuple:
     if type(guards) is not list and type(guards) is not tuple:
-        raise ValueError(f"{where}: guards must be a list of expressions, got {guards!r:.60}")
+        raise ValueError(f"{where}: guards must be a list of expressions, got {short_repr(guards, 60)}")
     return tuple(_expr(g, slots, f"{where} guard {i}", 0) for i, g in enumerate(guards))
 
 
@@ -596,15 +617,15 @@ def check_spec(spec: Any) -> tuple[Clause, ...]:
     Raises `ValueError` naming the clause and the part that is wrong.
     """
     if type(spec) is not list and type(spec) is not tuple:
-        raise ValueError(f"a match spec must be a list of (head, guards, body) clauses, got {spec!r:.60}")
+        raise ValueError(f"a match spec must be a list of (head, guards, body) clauses, got {short_repr(spec, 60)}")
     clauses = []
     for i, clause in enumerate(spec):
         where = f"clause {i}"
         if type(clause) is not tuple or len(clause) != 3:
-            raise ValueError(f"{where}: must be a 3-tuple (head, guards, body), got {clause!r:.60}")
+            raise ValueError(f"{where}: must be a 3-tuple (head, guards, body), got {short_repr(clause, 60)}")
         head, guards, body = clause
         if type(head) is not tuple or len(head) != 3:
-            raise ValueError(f"{where}: the head must be a 3-tuple (key, pid, value), got {head!r:.60}")
+            raise ValueError(f"{where}: the head must be a 3-tuple (key, pid, value), got {short_repr(head, 60)}")
         numbers: list[int] = []
         for part, name in zip(head, ("key", "pid", "value")):
             _collect_head_vars(part, f"{where} head {name}", numbers)
@@ -612,7 +633,7 @@ def check_spec(spec: Any) -> tuple[Clause, ...]:
         bound: set[int] = set()
         key, pid, value = (_pattern(part, slots, bound) for part in head)
         if type(body) is not list or not body:
-            raise ValueError(f"{where}: the body must be a non-empty list of expressions, got {body!r:.60}")
+            raise ValueError(f"{where}: the body must be a non-empty list of expressions, got {short_repr(body, 60)}")
         checked_body = tuple(_expr(b, slots, f"{where} body {j}") for j, b in enumerate(body))
         clauses.append(Clause(key, pid, value, _guards(guards, slots, where), checked_body, len(slots)))
     return tuple(clauses)
@@ -639,10 +660,13 @@ def canonical(x: Any, depth: int = 0) -> Any:
     """A hashable value that is equal for two specs exactly when they mean the same.
 
     Literals keep their type (``1``, ``1.0`` and ``True`` give different results in a
-    body), so a cache keyed by this never confuses them. Raises `ValueError` on
-    nesting deeper than the spec validator accepts.
+    body) and a float its sign (``0.0 == -0.0``, yet they are different results), so a
+    cache keyed by this never confuses them. Raises `ValueError` on nesting deeper than
+    the spec validator accepts.
     """
     t = type(x)
+    if t is float:
+        return (t, x, math.copysign(1.0, x))
     if t is tuple or t is list:
         if depth > MAX_DEPTH + 4:
             raise ValueError(f"match spec nested deeper than {MAX_DEPTH}")

@@ -3,11 +3,21 @@
 A *term* is what pgregistry can store in a table and put on the wire without pickle:
 
 * keys: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, `Pid`, `Ref`, and
-  tuples of keys;
-* values: keys, plus ``list`` and ``dict`` (with ``str`` or ``int`` keys), nested.
+  tuples of keys; a key never holds a NaN (below);
+* values: keys, plus ``list`` and ``dict`` (with ``str`` or ``int`` keys), nested; a
+  value may hold NaN anywhere.
 
 Anything else is refused at the call site with a `TypeError` naming the offending part,
 never later while gossiping. Equality is Python's (``1 == 1.0``), as in a dict.
+
+A NaN anywhere in a key is refused with a `ValueError`: a NaN is not equal to itself,
+so an entry under such a key could never be found or removed (a table finds keys by
+identity, then ``==``, and a peer decodes a new NaN object that equals nothing). Values
+compare with `same_term`, which takes a NaN for the same term as any other NaN.
+
+Error messages show terms with `short_repr`, which never raises: ``repr`` of an int
+beyond Python's int-to-str limit (4 300 digits) raises `ValueError`, and a key or value
+may be such an int.
 
 `Pid` and `Ref` are tuple subclasses so that hashing them costs what hashing a tuple
 costs (they are hashed on every table write); their ``__eq__`` refuses other types, so a
@@ -18,12 +28,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Final
+from typing import Any, Final, Iterable
 
 __all__ = [
     "ENVELOPE_DEPTH",
     "MAX_DEPTH",
     "MAX_TERM_DEPTH",
+    "SCALAR_TYPES",
     "Pid",
     "Ref",
     "check_key",
@@ -31,6 +42,8 @@ __all__ = [
     "check_value",
     "is_key",
     "is_value",
+    "key_problem",
+    "keys_problem",
     "same_term",
     "short_repr",
 ]
@@ -43,11 +56,11 @@ class _Id(tuple):
 
     def __new__(cls, node: str, serial: int, creation: int = 0) -> Any:
         if type(node) is not str:
-            raise TypeError(f"{cls.__name__} node must be a str, got {node!r}")
+            raise TypeError(f"{cls.__name__} node must be a str, got {short_repr(node)}")
         if type(serial) is not int or serial < 0:
-            raise TypeError(f"{cls.__name__} serial must be a non-negative int, got {serial!r}")
+            raise TypeError(f"{cls.__name__} serial must be a non-negative int, got {short_repr(serial)}")
         if type(creation) is not int or creation < 0:
-            raise TypeError(f"{cls.__name__} creation must be a non-negative int, got {creation!r}")
+            raise TypeError(f"{cls.__name__} creation must be a non-negative int, got {short_repr(creation)}")
         return tuple.__new__(cls, (node, serial, creation))
 
     @property
@@ -110,7 +123,7 @@ class Pid(_Id):
 
     def __repr__(self) -> str:
         node, serial, creation = tuple.__iter__(self)
-        return f"<{node}.{serial}.{creation}>"
+        return f"<{node}.{_int_text(serial)}.{_int_text(creation)}>"
 
 
 class Ref(_Id):
@@ -120,12 +133,110 @@ class Ref(_Id):
 
     def __repr__(self) -> str:
         node, serial, creation = tuple.__iter__(self)
-        return f"#Ref<{node}.{serial}.{creation}>"
+        return f"#Ref<{node}.{_int_text(serial)}.{_int_text(creation)}>"
+
+
+# Ints longer than this (about 100 digits) are shown by size: their decimal form costs
+# time quadratic in their length, and ``repr`` raises beyond 4 300 digits.
+_REPR_INT_BITS: Final = 332
+# Containers nested deeper than this are shown as "...": the output is short anyway, and
+# a self-referencing list (not a term, but it may reach an error message) must end.
+_REPR_DEPTH: Final = 8
+
+
+class _Full(Exception):
+    """Raised by `_emit` once the text is longer than the limit: nothing more is shown."""
+
+
+def _emit(out: list[str], budget: list[int], piece: str) -> None:
+    out.append(piece)
+    budget[0] -= len(piece)
+    if budget[0] < 0:
+        raise _Full
+
+
+def _int_text(n: int) -> str:
+    if n.bit_length() <= _REPR_INT_BITS:
+        return repr(n)
+    return f"<{'negative ' if n < 0 else ''}int of {n.bit_length()} bits>"
+
+
+def _render(x: Any, out: list[str], budget: list[int], depth: int) -> None:
+    t = type(x)
+    if t is int:
+        _emit(out, budget, _int_text(x))
+    elif t is str or t is bytes:
+        # a prefix one longer than what is left still shows that the text goes on
+        _emit(out, budget, repr(x[:budget[0] + 1]))
+    elif t is tuple or t is list or t is dict:
+        if depth >= _REPR_DEPTH:
+            _emit(out, budget, "...")
+            return
+        opening, closing = {tuple: "()", list: "[]", dict: "{}"}[t]
+        _emit(out, budget, opening)
+        if t is dict:
+            for i, (k, v) in enumerate(x.items()):
+                if i:
+                    _emit(out, budget, ", ")
+                _render(k, out, budget, depth + 1)
+                _emit(out, budget, ": ")
+                _render(v, out, budget, depth + 1)
+        else:
+            for i, item in enumerate(x):
+                if i:
+                    _emit(out, budget, ", ")
+                _render(item, out, budget, depth + 1)
+            if t is tuple and len(x) == 1:
+                _emit(out, budget, ",")
+        _emit(out, budget, closing)
+    elif t is Pid or t is Ref:
+        node, serial, creation = tuple.__iter__(x)
+        _emit(out, budget, "<" if t is Pid else "#Ref<")
+        _emit(out, budget, node[:budget[0] + 1])
+        _emit(out, budget, f".{_int_text(serial)}.{_int_text(creation)}>")
+    elif isinstance(x, BaseException) and t.__repr__ is BaseException.__repr__:
+        args = x.args
+        _emit(out, budget, f"{t.__name__}(")
+        for i, arg in enumerate(args if type(args) is tuple else ()):
+            if i:
+                _emit(out, budget, ", ")
+            _render(arg, out, budget, depth + 1)
+        _emit(out, budget, ")")
+    else:
+        try:
+            text = repr(x)
+        except Exception:
+            text = f"<{t.__name__} object>"
+        _emit(out, budget, text)
+
+
+def short_repr(x: Any, limit: int = 80) -> str:
+    """``repr(x)``, at most `limit` characters long (cut text ends with "..."); never raises.
+
+    For error messages and logs that show a term a caller or a peer supplied. Whatever
+    `x` is, the work is bounded by `limit` (at least 4), not by the size of `x`: an int
+    of more than about 100 digits is shown as ``<int of N bits>`` (``repr`` raises
+    beyond 4 300 digits), a container stops being walked once the text is long enough
+    and shows what is nested deeper than 8 as ``...``, and an object whose ``repr``
+    raises is shown as ``<type object>``. Terms that fit are shown exactly as by ``repr``.
+    """
+    limit = max(limit, 4)
+    out: list[str] = []
+    try:
+        _render(x, out, [limit + 1], 0)
+    except _Full:
+        pass
+    except Exception:  # a hostile object (a __len__ or __iter__ that raises): show its type
+        out = [f"<{type(x).__name__} object>"]
+    text = "".join(out)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _SCALARS: Final = frozenset({type(None), bool, int, float, str, bytes, Pid, Ref})
 SCALAR_TYPES: Final = _SCALARS
 """The types of the terms that hold no other term (nothing in them can be mutated)."""
+# The key scalars that need no further look: a float may be a NaN.
+_KEY_SCALARS: Final = _SCALARS - {float}
 
 # One depth budget for everything that travels. A decoded message may nest `MAX_DEPTH`
 # containers (the decoder refuses deeper input, so hostile nesting cannot exhaust the
@@ -139,21 +250,45 @@ MAX_TERM_DEPTH: Final = MAX_DEPTH - ENVELOPE_DEPTH
 
 _TOO_DEEP: Final = "too deep"  # a problem the checks word with the limit that applies
 
+_KEY_TYPES: Final = "(None, bool, int, float, str, bytes, Pid, Ref, tuple)"
+_VALUE_TYPES: Final = "(None, bool, int, float, str, bytes, Pid, Ref, tuple, list, dict)"
 
-def _key_problem(x: Any, depth: int) -> str | None:
+
+class _NaN:
+    """What `_key_problem` returns for a NaN: the message names the whole key, not the float."""
+
+    __slots__ = ()
+
+
+_NAN: Final = _NaN()
+
+
+def _key_problem(x: Any, depth: int) -> str | _NaN | None:
     t = type(x)
-    if t in _SCALARS:
-        return None
     if t is tuple:
         if depth >= MAX_DEPTH:
             return _TOO_DEEP
         for item in x:
-            if type(item) not in _SCALARS:
-                problem = _key_problem(item, depth + 1)
-                if problem is not None:
-                    return problem
+            if type(item) not in _KEY_SCALARS:
+                if type(item) is float:  # inline: a call per float item is not free
+                    if item != item:
+                        return _NAN
+                else:
+                    problem = _key_problem(item, depth + 1)
+                    if problem is not None:
+                        return problem
         return None
-    return f"{t.__name__} {x!r:.60} is not a key term (None, bool, int, float, str, bytes, Pid, Ref, tuple)"
+    if t in _KEY_SCALARS:
+        return None
+    if t is float:
+        return None if x == x else _NAN
+    return f"{t.__name__} {short_repr(x, 60)} is not a key term {_KEY_TYPES}"
+
+
+def _nan_reason(key: Any) -> str:
+    where = "is a NaN" if type(key) is float else "holds a NaN"
+    return (f"{short_repr(key, 60)} {where}, which is not equal to itself, so an entry under it could "
+            "never be found or removed: a key may not hold NaN (a value may)")
 
 
 def _value_problem(x: Any, depth: int) -> str | None:
@@ -172,35 +307,74 @@ def _value_problem(x: Any, depth: int) -> str | None:
     if t is dict:
         for k, item in x.items():
             if type(k) is not str and type(k) is not int:
-                return f"dict key {k!r:.60} is not a str or int"
+                return f"dict key {short_repr(k, 60)} is not a str or int"
             if type(item) not in _SCALARS:
                 problem = _value_problem(item, depth + 1)
                 if problem is not None:
                     return problem
         return None
-    return (
-        f"{t.__name__} {x!r:.60} is not a value term "
-        "(None, bool, int, float, str, bytes, Pid, Ref, tuple, list, dict)"
-    )
+    return f"{t.__name__} {short_repr(x, 60)} is not a value term {_VALUE_TYPES}"
 
 
 def _raise(what: str, problem: str, limit: int) -> Any:
+    """Raise the `TypeError` for `problem` (a `_key_problem` or `_value_problem` result)."""
     if problem is _TOO_DEEP:
         problem = f"nested deeper than {limit} levels (containers within containers)"
     raise TypeError(f"{what}: {problem}")
 
 
 def check_key(key: Any, what: str = "key") -> Any:
-    """Return `key` unchanged if it is a key term, else raise `TypeError` saying why.
+    """Return `key` unchanged if it is a key term, else raise saying why.
 
-    A key may nest `MAX_TERM_DEPTH` tuples (the outermost is level 1).
+    `TypeError` for a part that is not a key term (or tuples nested deeper than
+    `MAX_TERM_DEPTH` levels, the outermost being level 1), `ValueError` for a NaN
+    anywhere in it (see the module docstring).
     """
-    if type(key) in _SCALARS:
+    if type(key) in _KEY_SCALARS:
+        return key
+    if type(key) is float and key == key:
         return key
     problem = _key_problem(key, ENVELOPE_DEPTH)
     if problem is not None:
-        _raise(what, problem, MAX_TERM_DEPTH)
+        if problem is _NAN:
+            raise ValueError(f"{what}: {_nan_reason(key)}")
+        _raise(what, problem, MAX_TERM_DEPTH)  # type: ignore[arg-type]
     return key
+
+
+def key_problem(x: Any) -> str | None:
+    """Why `x` is not a key (not a key term, too deep, or holding a NaN); None if it is one.
+
+    For input that is not the caller's own, such as keys decoded from a peer.
+    """
+    if type(x) in _KEY_SCALARS:
+        return None
+    return _worded(x, _key_problem(x, ENVELOPE_DEPTH))
+
+
+def keys_problem(keys: Iterable[Any]) -> str | None:
+    """`key_problem` of the first of `keys` that is not a key; None if all are keys.
+
+    For the thousands of keys of one sync part: one loop, no call for a scalar key.
+    """
+    for key in keys:
+        if type(key) not in _KEY_SCALARS:
+            if type(key) is float:
+                if key == key:
+                    continue
+                return _nan_reason(key)
+            problem = _key_problem(key, ENVELOPE_DEPTH)
+            if problem is not None:
+                return _worded(key, problem)
+    return None
+
+
+def _worded(key: Any, problem: str | _NaN | None) -> str | None:
+    if problem is _NAN:
+        return _nan_reason(key)
+    if problem is _TOO_DEEP:
+        return f"{short_repr(key, 60)} is nested deeper than {MAX_TERM_DEPTH} levels"
+    return problem  # type: ignore[return-value]
 
 
 def check_value(value: Any, what: str = "value") -> Any:
@@ -248,10 +422,12 @@ def same_term(a: Any, b: Any) -> bool:
 
 
 def is_key(x: Any) -> bool:
-    return type(x) in _SCALARS or _key_problem(x, ENVELOPE_DEPTH) is None
+    """Whether `x` is a key term holding no NaN (`check_key` would accept it)."""
+    return type(x) in _KEY_SCALARS or _key_problem(x, ENVELOPE_DEPTH) is None
 
 
 def is_value(x: Any) -> bool:
+    """Whether `x` is a value term (`check_value` would accept it)."""
     return type(x) in _SCALARS or _value_problem(x, ENVELOPE_DEPTH) is None
 
 
@@ -262,45 +438,3 @@ class Counter:
 
     def __init__(self, start: int = 1) -> None:
         self.next = itertools.count(start).__next__
-
-
-def short_repr(x: Any, limit: int = 80) -> str:
-    """``repr(x)`` cut to about `limit` characters; never raises, whatever `x` holds.
-
-    For error messages and logs about terms a caller or a peer supplied: an int too long
-    for Python's int-to-str conversion is shown by its size, deep nesting is cut off.
-    """
-    try:
-        text = _bounded_repr(x, limit, 0)
-    except Exception:  # a broken __repr__ of something that is not a term
-        text = f"<{type(x).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _bounded_repr(x: Any, limit: int, depth: int) -> str:
-    t = type(x)
-    if t is int and x.bit_length() > 64 * 8:
-        return f"<int of {x.bit_length()} bits>"
-    if t is tuple or t is list or t is dict:
-        if depth >= 8:
-            return "..."
-        opener, closer = {tuple: "()", list: "[]", dict: "{}"}[t]
-        parts: list[str] = []
-        size = 0
-        items = x.items() if t is dict else x
-        for item in items:
-            if size > limit:
-                parts.append("...")
-                break
-            if t is dict:
-                part = f"{_bounded_repr(item[0], limit, depth + 1)}: {_bounded_repr(item[1], limit, depth + 1)}"
-            else:
-                part = _bounded_repr(item, limit, depth + 1)
-            parts.append(part)
-            size += len(part) + 2
-        inner = ", ".join(parts)
-        if t is tuple and len(parts) == 1 and len(x) == 1:
-            inner += ","
-        return opener + inner + closer
-    text = repr(x)
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -113,6 +113,27 @@ async def test_remote_changes_reach_subscribers_and_listeners() -> None:
         ]
 
 
+async def test_a_value_holding_nan_is_not_an_update_when_a_peer_sends_its_rows_again() -> None:
+    async with cluster(2) as [(a, ra), (b, rb)]:
+        nan = float("nan")
+        worker = spawn_agent(a)
+        await run_as(worker, lambda: (ra.register("k", {"load": nan, "history": [1.0, nan, (nan,)]}),
+                                      ra.register("j", nan), ra.register("changes", 1)))
+        await ra.sync()
+        inbox: list[Any] = []
+        watcher = spawn_agent(b, inbox)
+        ref, snapshot = await run_as(watcher, rb.monitor_scope)
+        assert sorted(snapshot) == ["changes", "j", "k"]
+        await run_as(worker, lambda: ra.update_value("changes", 2))
+        # b asks again: a sends b every row it holds, and b diffs them against its copies
+        # (decoded from the wire: new NaN objects, equal to nothing by ==).
+        assert b.send_service(a.id, "r", ["discover"])
+        await rb.sync()  # a has read the discover (sent before b's ping) and started its round
+        await ra.sync()  # ... whose rows b has applied (a's ping follows the round)
+        await run_as(watcher, lambda: None)  # the watcher has filed what it received
+        assert inbox == [Update(ref, "changes", [(worker, 1, 2)])]
+
+
 async def test_process_exit_removes_its_entries_everywhere() -> None:
     async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
         inbox: list[Any] = []

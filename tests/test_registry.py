@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -17,7 +18,7 @@ from pgregistry.registry import Registry
 from pgregistry.spec import BINDINGS, V1, V2, V3, WHOLE, _, is_int, is_str, var
 
 V4, V5 = var(4), var(5)
-from pgregistry.terms import Pid
+from pgregistry.terms import Pid, same_term
 
 from .helpers import drain, run_as, spawn_agent, started_registry, stop_agent
 
@@ -324,6 +325,17 @@ async def test_invalid_specs_raise_value_error_and_change_nothing() -> None:
         assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
 
 
+async def test_specs_that_differ_only_in_the_sign_of_a_zero_give_their_own_results() -> None:
+    # 0.0 == -0.0, yet a body returning one is not a body returning the other (compiled
+    # specs are cached by what they mean).
+    async with started_registry() as (node, reg):
+        reg.register("k", 1)
+        for body in ([0.0], [-0.0], [(0.0, V1)], [(-0.0, V1)], [{"z": -0.0}], [{"z": 0.0}]):
+            [result] = reg.select([(("k", _, V1), [], body)])
+            assert same_term(result, body[0] if type(body[0]) is not tuple else (body[0][0], 1)), (body, result)
+        assert [math.copysign(1, x) for x in (reg.select([(("k", _, _), [], [z])])[0] for z in (0.0, -0.0))] == [1, -1]
+
+
 # -- dispatch / meta -----------------------------------------------------------------------
 
 async def test_dispatch_passes_one_pid_per_entry() -> None:
@@ -502,6 +514,103 @@ async def test_bad_keys_and_values_raise_type_error_and_change_nothing() -> None
             with pytest.raises(TypeError):
                 reg.update_value("k", value)
         assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("keys", ["duplicate", "unique"])
+async def test_nan_keys_are_refused_by_every_call_that_takes_a_key(keys: str) -> None:
+    # A NaN is not equal to itself: an entry under a NaN key could never be found,
+    # unregistered or removed on a peer (which decodes a new NaN object).
+    async with started_registry(keys=keys) as (node, reg):
+        me = self_pid()
+        reg.register("k", 1)
+        reg.put_meta("m", 1)
+        before = reg.select([((V1, V2, V3), [], [WHOLE])])
+        for key in (NAN, (1, NAN), ("a", (float("nan"),))):
+            calls: list[Any] = [
+                lambda: reg.register(key, 1), lambda: reg.register_name(key, me), lambda: reg.unregister(key),
+                lambda: reg.unregister_name(key), lambda: reg.update_value(key, 2),
+                lambda: reg.update_value(key, 2, me), lambda: reg.unregister_match(key, _),
+                lambda: reg.lookup(key), lambda: reg.lookup_local(key), lambda: reg.values(key, me),
+                lambda: reg.match(key, _), lambda: reg.count_match(key, _), lambda: reg.dispatch(key, print),
+                lambda: reg.monitor(key), lambda: reg.put_meta(key, 1), lambda: reg.meta(key, None),
+                lambda: reg.delete_meta(key), lambda: reg.via(key),
+                lambda: reg.select([((key, _, _), [], [WHOLE])]),
+                lambda: reg.count_select([((key, V1, _), [], [True])]),
+                lambda: reg.select([(((V1, key), _, _), [], [WHOLE])]),
+            ]
+            if keys == "unique":
+                calls += [lambda: reg.whereis_name(key), lambda: reg.send(key, "msg")]
+            for call_with_key in calls:
+                with pytest.raises(ValueError, match="not equal to itself"):
+                    call_with_key()
+        assert reg.select([((V1, V2, V3), [], [WHOLE])]) == before
+        assert reg.meta("m") == 1
+        assert await drain() == []  # no monitor was set up, nothing was sent
+
+
+async def test_values_may_hold_nan() -> None:
+    async with started_registry() as (node, reg):
+        me = self_pid()
+        value = {"load": NAN, "history": [1.0, NAN, (NAN,)]}
+        reg.register("k", value)
+        assert reg.lookup("k") == [(me, value)]
+        assert reg.update_value("k", [NAN]) is True
+        [(pid, got)] = reg.lookup("k")
+        assert pid == me and type(got) is list and math.isnan(got[0])
+        assert reg.count_match("k", [V1], [V1 != V1]) == 1  # how to find a NaN: it differs from itself
+        reg.unregister("k")
+        assert reg.lookup("k") == [] and reg.count() == 0
+
+
+async def test_a_nan_in_a_match_pattern_is_refused() -> None:
+    # A literal NaN would match only the very float object it is: a local entry
+    # registered with math.nan, never a peer's decoded copy of it.
+    async with started_registry() as (node, reg):
+        reg.register("k", math.nan)
+        reg.register("k", [math.nan])
+        for call_with_pattern in (
+            lambda: reg.match("k", math.nan), lambda: reg.count_match("k", [math.nan]),
+            lambda: reg.unregister_match("k", {"x": (V1, math.nan)}),
+            lambda: reg.select([((_, _, math.nan), [], [WHOLE])]),
+            lambda: reg.count_select([((_, V1, [math.nan]), [], [True])]),
+        ):
+            with pytest.raises(ValueError, match="NaN cannot be matched.*V1 != V1"):
+                call_with_pattern()
+        assert reg.count() == 2
+        assert reg.select([(("k", _, V1), [V1 != V1], [True])]) == [True]
+
+
+BIG = 10**10000  # beyond Python's int-to-str limit (4300 digits)
+
+
+async def test_errors_about_huge_int_keys_have_short_messages() -> None:
+    async with started_registry(keys="unique") as (node, reg):
+        me = self_pid()
+        assert reg.register(BIG, BIG) == me
+        assert reg.lookup(BIG) == [(me, BIG)]
+        with pytest.raises(AlreadyRegistered) as taken:
+            reg.register(BIG)
+        assert taken.value.key == BIG and taken.value.holder == me
+        with pytest.raises(NoProcess) as missing:
+            reg.send(BIG + 1, "msg")
+        with pytest.raises(NoProcess) as missing_via:
+            send(reg.via(BIG + 1), "msg")
+        with pytest.raises(TypeError) as not_a_key:
+            reg.register([BIG])
+        with pytest.raises(TypeError) as not_a_value:
+            reg.register("k", {"x": {(BIG,): 1}})  # dict keys are str or int
+        with pytest.raises(ValueError) as nan_key:
+            reg.register((BIG, NAN))
+        await Counter.start(node, 0, name=reg.via((BIG, "counter")))
+        with pytest.raises(AlreadyStarted) as started:
+            await Counter.start(node, 0, name=reg.via((BIG, "counter")))
+        for exc in (taken, missing, missing_via, not_a_key, not_a_value, nan_key, started):
+            message = str(exc.value)
+            assert len(message) < 400, message
+            assert "int of 33220 bits" in message, message
 
 
 async def test_writes_from_another_thread_raise_and_reads_work() -> None:

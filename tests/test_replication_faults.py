@@ -234,3 +234,28 @@ async def test_malformed_scope_messages_with_huge_ints_are_logged_briefly(caplog
         assert all(len(message) < 500 for message in messages)
         assert any("bits>" in message for message in messages)
         assert ra.lookup("k") == [(worker, 1)] and b.id in a.peers()
+
+
+# --------------------------------------------------------------------------- NaN keys
+
+async def test_nan_keys_are_refused_locally_and_from_peers(caplog: pytest.LogCaptureFixture) -> None:
+    nan = float("nan")
+    async with nodes(2) as [(a, ra), (b, rb)]:
+        worker = spawn_agent(b)
+        for key in (nan, (1, nan), ("x", (nan,))):
+            with pytest.raises(ValueError, match="not equal to itself"):
+                await run_as(worker, lambda key=key: rb.register(key, 1))
+        await run_as(worker, lambda: rb.register("real", 1))
+        await rb.sync()
+        # A peer that sends NaN keys anyway (another version, a hand-made client): its
+        # rows are refused as malformed, and nothing it held before is lost.
+        with caplog.at_level(logging.WARNING, logger="pgregistry.scope"):
+            for key in (nan, (1, nan)):
+                assert b.send_service(a.id, "r", ["ops", [["j", worker, [key, "ghost", 99]]]])
+                assert b.send_service(a.id, "r", ["ops", [["u", key, worker, "ghost"]]])
+                assert b.send_service(a.id, "r", ["sync", 0, [[worker, [key, "ghost", 98]]], True])
+            await rb.sync()
+        assert ra.count() == 1 and ra.lookup("real") == [(worker, 1)]
+        refusals = [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()]
+        assert len(refusals) == 6, refusals
+        assert b.id in a.peers()

@@ -324,6 +324,29 @@ async def test_call_to_a_server_that_exits_while_handling() -> None:
         assert not release.is_set()
 
 
+async def test_a_huge_int_exit_reason_gives_a_short_no_process_message() -> None:
+    big = 10**10000  # beyond Python's int-to-str limit (4300 digits)
+    release = asyncio.Event()
+    outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    async def waiting_caller(server: Pid, notify: Pid) -> None:
+        try:
+            await call(server, ("wait", release, notify))
+        except BaseException as exc:
+            outcome.set_result(exc)
+
+    async with Node("a") as node:
+        pid = await Recorder.start(node, [])
+        ref = monitor(pid)
+        node.spawn(waiting_caller, pid, self_pid())
+        assert await receive(T) == "waiting"
+        exit(pid, big)
+        exc = await asyncio.wait_for(outcome, T)
+        assert type(exc) is NoProcess
+        assert "int of 33220 bits" in str(exc) and len(str(exc)) < 300
+        assert await expect_down(ref) == Down(ref, pid, big)
+
+
 async def test_call_argument_errors() -> None:
     async with Node("a") as node:
         pid = await Recorder.start(node, [])

@@ -1167,6 +1167,51 @@ def test_type_tests_and_functions(core: ModuleType, table: Any) -> None:
     assert_same(vals(size(V1) == 1), ["s", b"b", (1,), [1], {"k": 1}])
 
 
+def test_a_guard_function_given_a_wrong_type_makes_the_whole_guard_false_even_negated(
+        core: ModuleType, table: Any) -> None:
+    """As ``not is_map_key(K, M)`` on a non-map in ETS: the guard function raises, so the
+    whole guard fails; ``~``, ``not_`` or an ``|`` around it cannot turn that into True.
+    Type tests (``is_int`` ...) take any term, so their negation holds for other types."""
+    values: list[Any] = [{"role": 1}, {}, ("role",), ["role"], "role", 5, None, A]
+    fill(table, [("k", B, v) for v in values])
+
+    def vals(guard: Any) -> list:
+        return [v for _p, v in table.match("k", pattern(core, V1, [guard]))]
+
+    assert_same(vals(has_key(V1, "role")), [{"role": 1}])
+    assert_same(vals(~has_key(V1, "role")), [{}])
+    assert_same(vals(not_(has_key(V1, "role"))), [{}])
+    assert_same(vals(or_(has_key(V1, "role"), True)), [{"role": 1}, {}])
+    assert_same(vals(~(size(V1) == 1)), [{}, "role"])  # size of 5, None or a pid raises
+    assert_same(vals(~(size(V1) > 9)), [{"role": 1}, {}, ("role",), ["role"], "role"])
+    assert_same(vals(~(V1 < 2)), [5])  # comparing a str (or a dict, a tuple, None ...) with 2 raises
+    assert_same(vals(~(V1["role"] == 1)), [])  # indexing raises for all but {"role": 1}
+    assert_same(vals(~is_int(V1)), [v for v in values if v != 5])
+    assert_same(vals(~is_dict(V1)), [("role",), ["role"], "role", 5, None, A])
+    # in a body the raise skips the row, as any raise in a body does
+    assert_same(table.select(spec(core, [(("k", _, V1), [], [~has_key(V1, "role")])])), [False, True])
+
+
+def test_tags_are_int64_and_anything_else_raises_and_changes_nothing(table: Any) -> None:
+    """The contract: a tag is an int in the int64 range, `TypeError`/`OverflowError` otherwise,
+    from every method taking one; an integer-like tag (``__index__``) counts as its int."""
+    table.insert("k", A, "v", 1)
+    for bad, error in ((2**63, OverflowError), (-(2**63) - 1, OverflowError), (10**10000, OverflowError),
+                       (1.0, TypeError), ("1", TypeError), (None, TypeError)):
+        with pytest.raises(error):
+            table.insert("k", A, "new", bad)
+        with pytest.raises(error):
+            table.pop("k", A, bad)
+        with pytest.raises(error):
+            table.update_row("k", A, bad, "new")
+    assert table.rows() == [("k", A, "v", 1)]
+    table.insert("k", B, "w", True)
+    table.insert("k", B, "x", 2**63 - 1)
+    table.insert("k", B, "y", -(2**63))
+    assert_same(table.entries("k"), [(A, "v", 1), (B, "w", 1), (B, "x", 2**63 - 1), (B, "y", -(2**63))])
+    assert table.pop("k", B, True) == "w"
+
+
 def test_unhashable_key_or_pid_raises_and_changes_nothing(table: Any) -> None:
     """Keys and pids are dict keys: an unhashable one raises TypeError (the registry
     validates terms before they get here), and a failed insert leaves nothing behind."""

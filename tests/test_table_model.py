@@ -371,10 +371,15 @@ KEYS: list[Any] = ["a", "b", 1, 1.0, True, 0, None, (1, "a"), (1.0, "a")]
 PIDS: list[Any] = [P1, P2, P3, ("n@h:1", 1, 0), 7, 7.0]  # the plain tuple is not P1
 SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2, -1, 2.5, "a", "b", "", b"x"]
 DICT_KEYS = ["n", "r", 1]
+NAN = float("nan")
 
 scalars = st.sampled_from(SCALARS)
+# Values may hold NaN (keys and patterns may not): one shared NaN object, which a
+# pattern variable repeated over it matches by identity, and fresh ones, which equal
+# nothing, not even themselves.
+value_scalars = st.one_of(scalars, st.just(NAN), st.builds(float, st.just("nan")))
 values = st.recursive(
-    scalars,
+    value_scalars,
     lambda inner: st.one_of(
         st.lists(inner, max_size=3).map(tuple),
         st.lists(inner, max_size=3),
@@ -494,9 +499,21 @@ CLAUSE_COUNT = st.sampled_from([1, 2, 3, 0])
 ROW_PICK = st.integers(0, 10**6)
 
 
+def holds_nan(x: Any) -> bool:
+    t = type(x)
+    if t is float:
+        return x != x
+    if t is tuple or t is list:
+        return any(map(holds_nan, x))
+    if t is dict:
+        return any(map(holds_nan, x.values()))
+    return False
+
+
 def generalize(data: st.DataObject, x: Any, depth: int = 0) -> Any:
     """A pattern that usually matches `x`: parts become ``_``, variables (a repeated
-    variable may or may not match), the part itself, or a random scalar."""
+    variable may or may not match), the part itself, or a random scalar. A part holding
+    a NaN is never kept as a literal (a pattern may not hold one): it becomes ``_``."""
     c = data.draw(CHOICE)
     if c <= 1:
         return _
@@ -511,7 +528,7 @@ def generalize(data: st.DataObject, x: Any, depth: int = 0) -> Any:
             return tuple(items) if t is tuple else items
         if t is dict:
             return {k: generalize(data, v, depth + 1) for k, v in x.items() if data.draw(COIN)}
-    return x
+    return _ if holds_nan(x) else x
 
 
 def draw_clause_parts(data: st.DataObject, rows: list) -> tuple[Any, Any, Any]:
@@ -548,6 +565,7 @@ FIXED_SPECS: list[tuple[Clause, ...]] = [
     check_spec([((V1, P1, _), [], [WHOLE]), ((_, 7, V1), [V1 == 1], [True])]),
     check_spec([((_, _, {"n": V1}), [V1 > 0], [V1 > 1]), ((_, _, (V1, V2)), [], [V1 == V2])]),
     check_spec([((_, _, V1), [], [V1 == True])]),  # noqa: E712
+    check_spec([((_, _, [V1, V1]), [], [V1]), ((_, _, V1), [S.is_float(V1)], [(V1 != V1, V1 + 1)])]),
     check_spec([((_, _, V1), [V1 > 0], [V1])]),  # the guard raises for most non-numbers
     check_spec([((_, _, V1), [], [V1 + 1]), ((_, _, _), [], ["fallback"])]),  # bodies that raise
     check_spec([  # and/or/not take booleans only: anything else raises (the row is skipped)
@@ -558,6 +576,10 @@ FIXED_SPECS: list[tuple[Clause, ...]] = [
 ]
 FIXED_MATCHES: list[tuple[Clause, ...]] = [
     (check_match(_),),
+    # NaN in values: a repeated variable matches the same NaN object, never another NaN;
+    # a NaN differs from itself in a guard.
+    (check_match((V1, V1)),),
+    (check_match(V1, [V1 != V1]),),
     (check_match((V1, _), [S.is_int(V1)]),),
     (check_match({"n": _}),),
     (check_match(V1, [V1 == 1]),),
@@ -566,8 +588,11 @@ FIXED_MATCHES: list[tuple[Clause, ...]] = [
 
 
 def typed(x: Any) -> Any:
-    """`x` with every part's type spelled out (``1``, ``1.0``, ``True`` differ)."""
+    """`x` with every part's type spelled out (``1``, ``1.0``, ``True`` differ); every
+    NaN is the same (a body computes new NaN objects, which equal nothing)."""
     t = type(x)
+    if t is float and x != x:
+        return ("float", "nan")
     if t is list or t is tuple:
         return (t.__name__, tuple(typed(i) for i in x))
     if t is dict:

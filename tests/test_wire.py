@@ -467,6 +467,14 @@ def test_malformed_input_raises_wire_error(data: bytes) -> None:
         decode(data)
 
 
+def test_a_pid_with_a_huge_negative_serial_is_refused_naming_the_field() -> None:
+    # 10**10000 is beyond Python's int-to-str limit: the refusal must still say what is wrong.
+    serial = -(10**10000)
+    payload = pack(["n@h:1", ext(EXT_BIGINT, serial.to_bytes((serial.bit_length() + 8) // 8, "big", signed=True)), 1])
+    with pytest.raises(WireError, match="serial must be a non-negative int, got <negative int of 33220 bits>"):
+        decode(pack(ext(EXT_PID, payload)))
+
+
 def test_accepted_edge_encodings() -> None:
     assert decode(pack(ext(EXT_BIGINT, b"\x05"))) == 5  # non-minimal big int is still an int
     assert decode(b"\xca\x3f\xc0\x00\x00") == 1.5  # float 32
