@@ -85,7 +85,9 @@ be a term. Before anything is sent, rows whose values are containers are checked
 again (scalar values cannot change, so the common case costs one type check per
 row); a row that fails is left out, alone, from that batch or round. Every row left
 out is logged with its key and pid and reported by the next `sync` as
-`errors.NotReplicated`: a `sync` never reports as applied what was not sent.
+`errors.NotReplicated`: a `sync` never reports as applied what was not sent. A later
+``update_value`` of a row that was left out starts a new sync round to every peer,
+so the row reaches the peers that lack it once it can.
 
 Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
 are ignored; so are malformed messages, and rows whose pid does not belong to the
@@ -221,6 +223,7 @@ class ScopeServer:
         # Entries that could not be sent since the last `sync` (which reports them).
         self._unsent: list[tuple[Any, Pid, str]] = []
         self._unsent_more = 0
+        self._held_back: set[tuple[Any, Pid]] = set()  # (key, pid) of rows some peer lacks
         self._input_log = LogBudget(log, f"scope {name!r}")
         self._unsent_log = LogBudget(log, f"scope {name!r}")
         self._stall_log = LogBudget(log, f"scope {name!r}", budget=1, window=10.0)
@@ -291,6 +294,8 @@ class ScopeServer:
         if refs:
             for ref in refs:
                 self._drop_subscription(ref)
+        if self._held_back:
+            self._held_back = {entry for entry in self._held_back if entry[1] != pid}
 
     # -- local writes --------------------------------------------------------------------
 
@@ -361,6 +366,12 @@ class ScopeServer:
             self._publish_update(key, [(pid, old, value) for _tag, old in changed])
         if self._peers:
             self._queue(["u", key, pid, value])
+            if self._held_back and (key, pid) in self._held_back:
+                # Some peer lacks these rows (left out earlier), so an update would
+                # change nothing there: a new round gives every peer this pid's rows.
+                self._held_back.discard((key, pid))
+                for peer in list(self._peers):
+                    self._start_round(peer)
         return True
 
     def local_holder(self, key: Any) -> Pid | None:
@@ -538,6 +549,7 @@ class ScopeServer:
         """Record an entry that could not be sent: logged, and reported by the next `sync`."""
         self._unsent_log.error("scope %r: the entry under key %s of %r was not sent to peers: %s",
                                self.name, short_repr(key), pid, why)
+        self._held_back.add((key, pid))
         if len(self._unsent) < _UNSENT_KEPT:
             self._unsent.append((key, pid, why))
         else:

@@ -30,7 +30,7 @@ from pgregistry.errors import NotReplicated
 from pgregistry.node import Node
 from pgregistry.registry import Registry
 from pgregistry.spec import V1, V2, V3
-from pgregistry.terms import MAX_TERM_DEPTH, Pid, is_key, is_value
+from pgregistry.terms import MAX_TERM_DEPTH, Pid, is_key, is_value, short_repr
 
 from .helpers import eventually, run_as, spawn_agent, stop_agent
 
@@ -337,11 +337,14 @@ class HostileTermsMachine(RuleBasedStateMachine):
                     expected[(canon(e.key), e.pid, canon(e.value))] += 1
                 elif e.remote is not None:
                     expected[(canon(e.key), e.pid, e.remote)] += 1
-            assert row_view(self.regs[name]) == expected, name
+            actual = row_view(self.regs[name])
+            assert actual == expected, (
+                f"node {name}: missing {[short_repr(row, 300) for row in expected - actual]}, "
+                f"unexpected {[short_repr(row, 300) for row in actual - expected]}")
 
 
 HostileTermsMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None,
+    max_examples=60, stateful_step_count=30, deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestHostileTerms = HostileTermsMachine.TestCase

@@ -143,6 +143,10 @@ async def test_a_value_mutated_into_a_non_term_is_left_out_alone() -> None:
             assert rl.lookup("mutated") == []
             with pytest.raises(NotReplicated, match="mutated"):
                 await rb.sync()
+            # Once the entry has a value that is a term again, every peer gets it.
+            await run_as(owner, lambda: rb.update_value("mutated", ["fixed"]))
+            await rb.sync()
+            assert ra.lookup("mutated") == rl.lookup("mutated") == [(owner, ["fixed"])]
         assert b.id in a.peers()
 
 
