@@ -72,7 +72,7 @@ from .process import monitor, receive, send
 from .registry import Registry
 from .server import Server, call
 from .spec import V1, V2, V3
-from .terms import Pid, check_key, check_value
+from .terms import Pid, check_key, check_value, short_repr
 
 __all__ = ["CONTROL_NAME", "MAX_WORKERS", "Control", "ControlError", "NodeProcess", "control"]
 
@@ -115,7 +115,7 @@ class ControlError(RegistryError):
     """
 
     def __init__(self, node: str, request: Any, reason: str) -> None:
-        super().__init__(f"{node} refused {request!r:.200}: {reason}")
+        super().__init__(f"{node} refused {short_repr(request, 200)}: {reason}")
         self.node = node
         self.request = request
         self.reason = reason
@@ -179,26 +179,26 @@ class Control(Server):
 
     async def _run(self, request: Any) -> Any:
         if type(request) is not tuple or not request or type(request[0]) is not str:
-            raise ValueError(f"a control request is a tuple ('command', ...), got {request!r:.200}")
+            raise ValueError(f"a control request is a tuple ('command', ...), got {short_repr(request, 200)}")
         command, args = request[0], request[1:]
         params = _COMMANDS.get(command)
         if params is None:
-            raise ValueError(f"unknown command {command!r}; commands: {', '.join(_COMMANDS)}")
+            raise ValueError(f"unknown command {short_repr(command)}; commands: {', '.join(_COMMANDS)}")
         if len(args) != len(params):
-            raise ValueError(f"{command!r} takes {_usage(command)}, got {len(args)} argument(s)")
+            raise ValueError(f"{short_repr(command)} takes {_usage(command)}, got {len(args)} argument(s)")
         handler: Callable[..., Awaitable[Any]] = getattr(self, f"_cmd_{command}")
         return await handler(*args)
 
     def _registry(self, scope: Any) -> Registry:
         reg = self.registries.get(scope) if type(scope) is str else None
         if reg is None:
-            raise ValueError(f"no registry {scope!r:.80} on {self.node.id}; it runs {sorted(self.registries)}")
+            raise ValueError(f"no registry {short_repr(scope, 80)} on {self.node.id}; it runs {sorted(self.registries)}")
         return reg
 
     async def _cmd_register(self, scope: Any, key: Any, value: Any, n: Any) -> list[Pid]:
         reg = self._registry(scope)
         if type(n) is not int or not 1 <= n <= MAX_WORKERS:
-            raise ValueError(f"n must be an int in 1..{MAX_WORKERS}, got {n!r:.40}")
+            raise ValueError(f"n must be an int in 1..{MAX_WORKERS}, got {short_repr(n, 40)}")
         check_key(key)  # before any process starts
         check_value(value)
         pids: list[Pid] = []
@@ -206,7 +206,7 @@ class Control(Server):
             pid = self.node.spawn(_worker)
             if not reg.register_name(key, pid, value):
                 exit_process(pid, "kill")
-                raise ValueError(f"{key!r:.80} is held by {reg.whereis_name(key)!r} in unique registry {scope!r}")
+                raise ValueError(f"{short_repr(key, 80)} is held by {short_repr(reg.whereis_name(key))} in unique registry {short_repr(scope)}")
             pids.append(pid)
         self.workers.setdefault((scope, key), []).extend(pids)
         return pids

@@ -200,24 +200,24 @@ _MESSAGE_TYPE_NAMES: Final[dict[type, str]] = {cls: name for name, cls in _MESSA
 
 def _check_text(what: str, value: Any, forbidden: frozenset[str]) -> str:
     if type(value) is not str:
-        raise TypeError(f"{what} must be a str, got {value!r}")
+        raise TypeError(f"{what} must be a str, got {short_repr(value)}")
     if not value or not value.isprintable() or any(ch in forbidden for ch in value):
         shown = "".join(sorted(forbidden - {"\t", "\r", "\n"}))
-        raise ValueError(f"{what} must be non-empty, printable and free of {shown!r}, got {value!r}")
+        raise ValueError(f"{what} must be non-empty, printable and free of {shown!r}, got {short_repr(value)}")
     return value
 
 
 def _check_seconds(what: str, value: Any) -> float:
     if type(value) is bool or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{what} must be a number of seconds, got {short_repr(value)}")
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must be a positive finite number of seconds, got {value!r}")
+        raise ValueError(f"{what} must be a positive finite number of seconds, got {short_repr(value)}")
     return float(value)
 
 
 def _check_cap(what: str, value: Any, low: int, high: int) -> int:
     if type(value) is not int:
-        raise TypeError(f"{what} must be an int, got {value!r}")
+        raise TypeError(f"{what} must be an int, got {short_repr(value)}")
     if not low <= value <= high:
         raise ValueError(f"{what} must be within {low}..{high}, got {value}")
     return value
@@ -388,9 +388,9 @@ class Node:
         self.name = _check_text("name", name, _FORBIDDEN_IN_NAME)
         self.host = _check_text("host", host, frozenset("@/ \t\r\n"))
         if type(port) is not int:
-            raise TypeError(f"port must be an int, got {port!r}")
+            raise TypeError(f"port must be an int, got {short_repr(port)}")
         if not 0 <= port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {port!r}")
+            raise ValueError(f"port must be in 0..65535, got {short_repr(port)}")
         self.port = port
         if cookie is None:
             cookie = os.environ.get("PGREGISTRY_COOKIE") or secrets.token_urlsafe(32)
@@ -400,7 +400,7 @@ class Node:
             raise ValueError("cookie must not be empty")
         for what, context in (("ssl", ssl), ("client_ssl", client_ssl)):
             if context is not None and not isinstance(context, _ssl.SSLContext):
-                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {context!r}")
+                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {short_repr(context)}")
         if ssl is None and client_ssl is not None:
             raise ValueError("client_ssl without ssl: give ssl (the context to listen with) too, or neither")
         if ssl is not None and ssl.protocol == _ssl.PROTOCOL_TLS_CLIENT:
@@ -692,7 +692,7 @@ class Node:
         """
         self.require_loop_thread("connect")
         if type(address) is not str:
-            raise TypeError(f"connect: address must be a str, got {address!r}")
+            raise TypeError(f"connect: address must be a str, got {short_repr(address)}")
         host, port = parse_address(address)
         expect: str | None = None
         dial = address
@@ -742,7 +742,7 @@ class Node:
         """
         self.require_loop_thread("disconnect")
         if type(peer) is not str:
-            raise TypeError(f"disconnect: peer must be a node id str, got {peer!r}")
+            raise TypeError(f"disconnect: peer must be a node id str, got {short_repr(peer)}")
         if peer == self.id:
             raise ValueError(f"disconnect: {peer} is this node")
         record = self._peer(peer)
@@ -774,7 +774,7 @@ class Node:
         """
         self.require_loop_thread("add_route")
         if type(peer) is not str or "@" not in peer:
-            raise TypeError(f"add_route: peer must be a node id 'name@host:port', got {peer!r}")
+            raise TypeError(f"add_route: peer must be a node id 'name@host:port', got {short_repr(peer)}")
         parse_address(peer)
         parse_address(address)
         self._peer(peer).route = address
@@ -843,7 +843,7 @@ class Node:
         """
         self.require_loop_thread("attach_service")
         if type(name) is not str:
-            raise TypeError(f"attach_service: name must be a str, got {name!r}")
+            raise TypeError(f"attach_service: name must be a str, got {short_repr(name)}")
         if not name:
             raise ValueError("attach_service: name must not be empty")
         existing = self._services.get(name)

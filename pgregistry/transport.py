@@ -163,6 +163,7 @@ from typing import Any, Final, cast
 
 from .errors import AuthenticationError
 from .logbudget import LogBudget
+from .terms import short_repr
 from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
 
 __all__ = [
@@ -260,16 +261,16 @@ def parse_address(address: str) -> tuple[str, int]:
     Raises `ValueError` for anything else (`TypeError` for a non-str).
     """
     if type(address) is not str:
-        raise TypeError(f"address must be a str, got {address!r}")
+        raise TypeError(f"address must be a str, got {short_repr(address)}")
     text = address.rpartition("@")[2]
     host, sep, port_text = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"address must be 'host:port' or 'name@host:port', got {address!r}")
+        raise ValueError(f"address must be 'host:port' or 'name@host:port', got {short_repr(address)}")
     port = int(port_text)
     if not 0 < port <= 65535:
-        raise ValueError(f"port must be in 1..65535, got {port} in {address!r}")
+        raise ValueError(f"port must be in 1..65535, got {port} in {short_repr(address)}")
     return host, port
 
 
@@ -288,11 +289,11 @@ def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
         raise _Refusal("protocol", f"{kind} with {len(msg)} items instead of 7")
     _, _, _, node_id, creation, max_frame, nonce = msg
     if type(node_id) is not str or not 0 < len(node_id) <= MAX_NODE_ID_LEN or not node_id.isprintable():
-        raise _Refusal("protocol", f"{kind}: bad node id {node_id!r:.80}")
+        raise _Refusal("protocol", f"{kind}: bad node id {short_repr(node_id, 80)}")
     if type(creation) is not int or not 0 <= creation < 2**64:
-        raise _Refusal("protocol", f"{kind}: bad creation {creation!r:.40}")
+        raise _Refusal("protocol", f"{kind}: bad creation {short_repr(creation, 40)}")
     if type(max_frame) is not int or not 0 <= max_frame <= 0xFFFFFFFF:
-        raise _Refusal("protocol", f"{kind}: bad max_frame {max_frame!r:.40}")
+        raise _Refusal("protocol", f"{kind}: bad max_frame {short_repr(max_frame, 40)}")
     if max_frame < MIN_MAX_FRAME:
         raise _Refusal(
             "protocol",
@@ -545,7 +546,7 @@ class Connection(asyncio.Protocol):
         socket is aborted if the peer has not taken the output within ``down_after``.
         """
         if type(reason) is not str:
-            raise TypeError(f"reason must be a str, got {reason!r}")
+            raise TypeError(f"reason must be a str, got {short_repr(reason)}")
         self._close(reason)
 
     async def wait_closed(self) -> None:
@@ -775,7 +776,7 @@ class Connection(asyncio.Protocol):
             or type(msg[1]) is not int
             or type(msg[2]) is not str
         ):
-            raise _Refusal("protocol", f"not a pgregistry handshake message: {msg!r:.80}")
+            raise _Refusal("protocol", f"not a pgregistry handshake message: {short_repr(msg, 80)}")
         kind: str = msg[2]
         if kind == "refuse":
             self._peer_refused(msg)
@@ -787,7 +788,7 @@ class Connection(asyncio.Protocol):
         if state == _AWAIT_HELLO and kind == "hello":
             peer_id, creation, max_frame, _client_nonce = _check_identity(msg, kind)
             if peer_id == endpoint.node_id and creation == endpoint.creation:
-                raise _Refusal("self", f"node {peer_id!r} connected to itself")
+                raise _Refusal("self", f"node {short_repr(peer_id)} connected to itself")
             self._check_certificate(peer_id, kind)
             self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
             self._hello = frame_bytes
@@ -820,7 +821,7 @@ class Connection(asyncio.Protocol):
                 raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
             self._establish()
         else:
-            raise _Refusal("protocol", f"unexpected handshake message {kind!r:.40}")
+            raise _Refusal("protocol", f"unexpected handshake message {short_repr(kind, 40)}")
 
     def _check_certificate(self, peer_id: str, kind: str) -> None:
         """With TLS that verifies the peer, `peer_id` must be proven by its certificate."""
@@ -830,19 +831,19 @@ class Connection(asyncio.Protocol):
             return  # nothing verified the peer: its id is asserted, as with the cookie alone
         cert = ssl_object.getpeercert()
         if not cert:
-            raise _Refusal("identity", f"{kind}: node {peer_id!r:.100} presented no certificate to prove its id")
+            raise _Refusal("identity", f"{kind}: node {short_repr(peer_id, 100)} presented no certificate to prove its id")
         if not certificate_proves(cert, peer_id):
             raise _Refusal(
                 "identity",
                 f"{kind}: the peer's certificate names {certificate_names(cert)!r:.200}, "
-                f"which does not prove node id {peer_id!r:.100}",
+                f"which does not prove node id {short_repr(peer_id, 100)}",
             )
 
     def _peer_refused(self, msg: tuple) -> None:
         if len(msg) != 5 or type(msg[3]) is not str or type(msg[4]) is not str:
             raise _Refusal("protocol", "malformed refuse message")
         kind, detail = msg[3], msg[4][:300]
-        text = f"the peer refused the handshake ({kind!r:.40}): {detail!r}"
+        text = f"the peer refused the handshake ({short_repr(kind, 40)}): {short_repr(detail, 300)}"
         exc: Exception
         if kind == "auth":
             exc = AuthenticationError(text)
@@ -963,15 +964,15 @@ OnClose = Callable[[Connection, str], None]
 
 def _check_seconds(what: str, value: Any) -> float:
     if type(value) is bool or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+        raise TypeError(f"{what} must be a number of seconds, got {short_repr(value)}")
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must be a positive finite number of seconds, got {value!r}")
+        raise ValueError(f"{what} must be a positive finite number of seconds, got {short_repr(value)}")
     return float(value)
 
 
 def _check_int(what: str, value: Any, low: int, high: int) -> int:
     if type(value) is not int:
-        raise TypeError(f"{what} must be an int, got {value!r}")
+        raise TypeError(f"{what} must be an int, got {short_repr(value)}")
     if not low <= value <= high:
         raise ValueError(f"{what} must be within {low}..{high}, got {value}")
     return value
@@ -980,7 +981,7 @@ def _check_int(what: str, value: Any, low: int, high: int) -> int:
 def check_max_frame(value: Any) -> int:
     """`value` as a frame limit an endpoint may announce: an int within `MIN_MAX_FRAME`..2**32-1."""
     if type(value) is not int:
-        raise TypeError(f"max_frame must be an int, got {value!r}")
+        raise TypeError(f"max_frame must be an int, got {short_repr(value)}")
     if not MIN_MAX_FRAME <= value <= 0xFFFFFFFF:
         raise ValueError(
             f"max_frame must be within {MIN_MAX_FRAME} (64 KiB, the floor peers accept) and {0xFFFFFFFF} bytes, "
@@ -1025,16 +1026,16 @@ class Endpoint:
         on_close: OnClose | None = None,
     ) -> None:
         if type(name) is not str or not name:
-            raise TypeError(f"name must be a non-empty str, got {name!r}")
+            raise TypeError(f"name must be a non-empty str, got {short_repr(name)}")
         if type(cookie) is not str:
             raise TypeError(f"cookie must be a str, got {type(cookie).__name__}")
         if not cookie:
             raise ValueError("cookie must not be empty")
         if type(host) is not str or not host:
-            raise TypeError(f"host must be a non-empty str, got {host!r}")
+            raise TypeError(f"host must be a non-empty str, got {short_repr(host)}")
         for what, context in (("ssl", ssl), ("client_ssl", client_ssl)):
             if context is not None and not isinstance(context, _ssl.SSLContext):
-                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {context!r}")
+                raise TypeError(f"{what} must be an ssl.SSLContext or None, got {short_repr(context)}")
         self.name = name
         self._key = cookie.encode("utf-8", "surrogatepass")
         self.host = host
@@ -1061,7 +1062,7 @@ class Endpoint:
         self.send_buffer_limit = _check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)
         for what, callback in (("on_connection", on_connection), ("on_message", on_message), ("on_close", on_close)):
             if callback is not None and not callable(callback):
-                raise TypeError(f"{what} must be callable or None, got {callback!r}")
+                raise TypeError(f"{what} must be callable or None, got {short_repr(callback)}")
         self._on_connection: OnConnection = on_connection or _noop_connection
         self._on_message: OnMessage = on_message or _noop_message
         self._on_close: OnClose = on_close or _noop_close
@@ -1112,7 +1113,7 @@ class Endpoint:
     @node_id.setter
     def node_id(self, value: str) -> None:
         if type(value) is not str or not 0 < len(value) <= MAX_NODE_ID_LEN or not value.isprintable():
-            raise ValueError(f"node_id must be a printable str of 1..{MAX_NODE_ID_LEN} characters, got {value!r:.80}")
+            raise ValueError(f"node_id must be a printable str of 1..{MAX_NODE_ID_LEN} characters, got {short_repr(value, 80)}")
         self._node_id = value
 
     @property

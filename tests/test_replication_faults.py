@@ -170,7 +170,7 @@ async def test_a_value_mutated_past_the_depth_limit_is_left_out_alone() -> None:
 # --------------------------------------------------------------------------- per-peer limits
 
 async def test_a_peer_with_a_small_frame_limit_costs_only_itself_what_it_cannot_take() -> None:
-    async with nodes(3, max_frame=64 * 1024) as [(a, ra), (b, rb), (c, rc)]:  # c takes 64 KiB frames
+    async with nodes(3, max_frame=64 * 1024) as [(_a, ra), (b, rb), (c, rc)]:  # c takes 64 KiB frames
         worker, burst = spawn_agent(b), spawn_agent(b)
         await run_as(worker, lambda: rb.register("huge", "z" * 100_000))
         # 8 rows of 20 kB in one batch: too big for c as one frame, fine for a.

@@ -20,7 +20,7 @@ from msgpack import ExtType
 
 from pgregistry import wire
 from pgregistry.errors import RegistryError
-from pgregistry.terms import MAX_DEPTH, Pid, Ref, check_message, check_value, is_value, same_term
+from pgregistry.terms import MAX_DEPTH, Pid, Ref, check_message, is_value, same_term
 from pgregistry.wire import (
     DEFAULT_LIMITS,
     EXT_BIGINT,
