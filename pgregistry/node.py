@@ -137,7 +137,6 @@ import contextlib
 import inspect
 import itertools
 import logging
-import math
 import os
 import random
 import secrets
@@ -152,7 +151,15 @@ from .process import Process, Reply, Runtime, current_process, receive, send, ta
 from .server import Call, Cast, Server, call
 from .logbudget import LogBudget
 from .terms import Pid, Ref, check_value, is_value, short_repr
-from .transport import MAX_NODE_ID_LEN, Connection, Endpoint, check_max_frame, parse_address
+from .transport import (
+    MAX_NODE_ID_LEN,
+    Connection,
+    Endpoint,
+    check_int,
+    check_max_frame,
+    check_seconds,
+    parse_address,
+)
 from .wire import MAX_FRAME, encode, encode_trusted
 
 __all__ = ["Node", "REPLACED"]
@@ -204,22 +211,6 @@ def _check_text(what: str, value: Any, forbidden: frozenset[str]) -> str:
     if not value or not value.isprintable() or any(ch in forbidden for ch in value):
         shown = "".join(sorted(forbidden - {"\t", "\r", "\n"}))
         raise ValueError(f"{what} must be non-empty, printable and free of {shown!r}, got {short_repr(value)}")
-    return value
-
-
-def _check_seconds(what: str, value: Any) -> float:
-    if type(value) is bool or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {short_repr(value)}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must be a positive finite number of seconds, got {short_repr(value)}")
-    return float(value)
-
-
-def _check_cap(what: str, value: Any, low: int, high: int) -> int:
-    if type(value) is not int:
-        raise TypeError(f"{what} must be an int, got {short_repr(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} must be within {low}..{high}, got {value}")
     return value
 
 
@@ -417,19 +408,19 @@ class Node:
             raise ValueError("client_ssl is a server-only context (PROTOCOL_TLS_SERVER); it is used to dial peers")
         self.ssl = ssl
         self.client_ssl = client_ssl
-        self.tick_interval = _check_seconds("tick_interval", tick_interval)
-        self.down_after = _check_seconds("down_after", down_after)
+        self.tick_interval = check_seconds("tick_interval", tick_interval)
+        self.down_after = check_seconds("down_after", down_after)
         if self.down_after < 2 * self.tick_interval:
             raise ValueError(
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}), "
                 "or idle but healthy peers would be declared down"
             )
         self.max_frame = check_max_frame(max_frame)
-        self.max_members_per_message = _check_cap(
+        self.max_members_per_message = check_int(
             "max_members_per_message", max_members_per_message, MEMBERS_PER_MESSAGE, 1_000_000
         )
-        self.max_gossip_peers = _check_cap("max_gossip_peers", max_gossip_peers, 1, 1_000_000)
-        self.max_gossip_dials = _check_cap("max_gossip_dials", max_gossip_dials, 1, 65_536)
+        self.max_gossip_peers = check_int("max_gossip_peers", max_gossip_peers, 1, 1_000_000)
+        self.max_gossip_dials = check_int("max_gossip_dials", max_gossip_dials, 1, 65_536)
         self.handshake_timeout = max(1.0, self.down_after)
         self.reconnect_initial = self.tick_interval
         self.reconnect_max = max(2 * self.down_after, self.tick_interval)
@@ -543,9 +534,9 @@ class Node:
         endpoint = self._endpoint
         endpoint.creation = creation
         try:
-            endpoint.handshake_timeout = _check_seconds("handshake_timeout", self.handshake_timeout)
+            endpoint.handshake_timeout = check_seconds("handshake_timeout", self.handshake_timeout)
             for what in ("reconnect_initial", "reconnect_max"):
-                _check_seconds(what, getattr(self, what))
+                check_seconds(what, getattr(self, what))
         except (TypeError, ValueError):
             self._state = _NEW
             raise

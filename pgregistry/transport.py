@@ -179,7 +179,9 @@ __all__ = [
     "Endpoint",
     "certificate_names",
     "certificate_proves",
+    "check_int",
     "check_max_frame",
+    "check_seconds",
     "parse_address",
 ]
 
@@ -962,7 +964,8 @@ OnMessage = Callable[[Connection, Any], None]
 OnClose = Callable[[Connection, str], None]
 
 
-def _check_seconds(what: str, value: Any) -> float:
+def check_seconds(what: str, value: Any) -> float:
+    """`value` as a positive, finite number of seconds; `TypeError`/`ValueError` naming `what`."""
     if type(value) is bool or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds, got {short_repr(value)}")
     if not (value > 0 and math.isfinite(value)):
@@ -970,11 +973,12 @@ def _check_seconds(what: str, value: Any) -> float:
     return float(value)
 
 
-def _check_int(what: str, value: Any, low: int, high: int) -> int:
+def check_int(what: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int within `low`..`high`; `TypeError`/`ValueError` naming `what`."""
     if type(value) is not int:
         raise TypeError(f"{what} must be an int, got {short_repr(value)}")
     if not low <= value <= high:
-        raise ValueError(f"{what} must be within {low}..{high}, got {value}")
+        raise ValueError(f"{what} must be within {low}..{high}, got {short_repr(value)}")
     return value
 
 
@@ -985,7 +989,7 @@ def check_max_frame(value: Any) -> int:
     if not MIN_MAX_FRAME <= value <= 0xFFFFFFFF:
         raise ValueError(
             f"max_frame must be within {MIN_MAX_FRAME} (64 KiB, the floor peers accept) and {0xFFFFFFFF} bytes, "
-            f"got {value}"
+            f"got {short_repr(value)}"
         )
     return value
 
@@ -1039,7 +1043,7 @@ class Endpoint:
         self.name = name
         self._key = cookie.encode("utf-8", "surrogatepass")
         self.host = host
-        self.port = _check_int("port", port, 0, 65535)
+        self.port = check_int("port", port, 0, 65535)
         self.ssl = ssl
         self.client_ssl = client_ssl if client_ssl is not None else ssl
         if ssl is not None and ssl.protocol == _ssl.PROTOCOL_TLS_CLIENT:
@@ -1049,17 +1053,17 @@ class Endpoint:
                 "the context used to connect is server-only (PROTOCOL_TLS_SERVER): give client_ssl, "
                 "or one ssl.SSLContext(ssl.PROTOCOL_TLS) usable on both sides"
             )
-        self.tick_interval = _check_seconds("tick_interval", tick_interval)
-        self.down_after = _check_seconds("down_after", down_after)
+        self.tick_interval = check_seconds("tick_interval", tick_interval)
+        self.down_after = check_seconds("down_after", down_after)
         if self.down_after < 2 * self.tick_interval:
             raise ValueError(
                 f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}),"
                 " or idle but healthy connections would be declared down"
             )
         self.max_frame = check_max_frame(max_frame)
-        self.handshake_timeout = _check_seconds("handshake_timeout", handshake_timeout)
-        self.max_pending_handshakes = _check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
-        self.send_buffer_limit = _check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)
+        self.handshake_timeout = check_seconds("handshake_timeout", handshake_timeout)
+        self.max_pending_handshakes = check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
+        self.send_buffer_limit = check_int("send_buffer_limit", send_buffer_limit, 1, 2**62)
         for what, callback in (("on_connection", on_connection), ("on_message", on_message), ("on_close", on_close)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{what} must be callable or None, got {short_repr(callback)}")
@@ -1123,7 +1127,7 @@ class Endpoint:
 
     @creation.setter
     def creation(self, value: int) -> None:
-        self._creation = _check_int("creation", value, 0, 2**64 - 1)
+        self._creation = check_int("creation", value, 0, 2**64 - 1)
 
     @property
     def connections(self) -> list[Connection]:

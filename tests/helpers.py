@@ -151,3 +151,27 @@ def apply_event(view: dict[Any, list[tuple[Pid, Any]]], event: Any) -> None:
             entries.append((pid, new))
     if not entries:
         del view[event.key]
+
+
+@contextlib.asynccontextmanager
+async def registry_cluster(count: int, cookie: str, keys: str = "duplicate", listeners: tuple[str, ...] = (),
+                           last_node_options: dict[str, Any] | None = None,
+                           **node_options: Any) -> AsyncIterator[list[tuple[Node, Registry]]]:
+    """`count` connected nodes ``n0``, ``n1``, ... in this loop, each running registry "r".
+
+    `node_options` go to every node, `last_node_options` to the last one only (a node
+    that differs from the others). Yields once the mesh is full and every registry synced.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        members = []
+        for i in range(count):
+            options = {**node_options, **(last_node_options or {})} if i == count - 1 else node_options
+            node = await stack.enter_async_context(Node(f"n{i}", cookie=cookie, **options))
+            members.append((node, await Registry.start(node, "r", keys=keys, listeners=listeners)))
+        for node, _reg in members[1:]:
+            await node.connect(members[0][0].id)
+        for node, _reg in members:
+            await eventually(lambda node=node: len(node.peers()) == count - 1, what="full mesh")
+        for _node, reg in members:
+            await reg.sync()
+        yield members

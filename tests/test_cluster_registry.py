@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -22,28 +22,16 @@ from pgregistry.registry import Registry
 from pgregistry.server import Server, call
 from pgregistry.testing import LinkProxy
 
-from .helpers import eventually, run_as, spawn_agent, stop_agent
+from .helpers import eventually, registry_cluster, run_as, spawn_agent, stop_agent
 
 COOKIE = "cluster-registry-tests"
 FAST = {"tick_interval": 0.05, "down_after": 0.3}
 
 
-@contextlib.asynccontextmanager
-async def cluster(count: int, keys: str = "duplicate", listeners: tuple[str, ...] = (),
-                  **node_options: Any) -> AsyncIterator[list[tuple[Node, Registry]]]:
+def cluster(count: int, keys: str = "duplicate", listeners: tuple[str, ...] = (),
+            **node_options: Any) -> contextlib.AbstractAsyncContextManager[list[tuple[Node, Registry]]]:
     """`count` connected nodes, each running registry "r"."""
-    async with contextlib.AsyncExitStack() as stack:
-        members = []
-        for i in range(count):
-            node = await stack.enter_async_context(Node(f"n{i}", cookie=COOKIE, **node_options))
-            members.append((node, await Registry.start(node, "r", keys=keys, listeners=listeners)))
-        for node, _reg in members[1:]:
-            await node.connect(members[0][0].id)
-        for node, _reg in members:
-            await eventually(lambda node=node: len(node.peers()) == count - 1, what="full mesh")
-        for _node, reg in members:
-            await reg.sync()
-        yield members
+    return registry_cluster(count, COOKIE, keys, listeners, **node_options)
 
 
 def view(reg: Registry) -> dict[Any, list]:

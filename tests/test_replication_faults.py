@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -30,28 +30,15 @@ from pgregistry.registry import Registry
 from pgregistry.spec import V1, V2, V3
 from pgregistry.terms import MAX_TERM_DEPTH
 
-from .helpers import eventually, run_as, spawn_agent, stop_agent
+from .helpers import eventually, registry_cluster, run_as, spawn_agent, stop_agent
 
 COOKIE = "replication-faults"
 FAST = {"tick_interval": 0.05, "down_after": 0.5}
 
 
-@contextlib.asynccontextmanager
-async def nodes(count: int, **last_options: Any) -> AsyncIterator[list[tuple[Node, Registry]]]:
+def nodes(count: int, **last_options: Any) -> contextlib.AbstractAsyncContextManager[list[tuple[Node, Registry]]]:
     """`count` connected nodes running registry "r"; `last_options` go to the last one."""
-    async with contextlib.AsyncExitStack() as stack:
-        members = []
-        for i in range(count):
-            options = last_options if i == count - 1 else {}
-            node = await stack.enter_async_context(Node(f"n{i}", cookie=COOKIE, **FAST, **options))
-            members.append((node, await Registry.start(node, "r")))
-        for node, _reg in members[1:]:
-            await node.connect(members[0][0].id)
-        for node, _reg in members:
-            await eventually(lambda node=node: len(node.peers()) == count - 1, what="full mesh")
-        for _node, reg in members:
-            await reg.sync()
-        yield members
+    return registry_cluster(count, COOKIE, last_node_options=last_options, **FAST)
 
 
 def nested(levels: int, leaf: Any = 0, kind: type = list) -> Any:

@@ -299,49 +299,47 @@ async def test_call_to_a_dead_or_unknown_server_raises_no_process() -> None:
         await assert_mailbox_empty()
 
 
-async def test_call_to_a_server_that_exits_while_handling() -> None:
-    release = asyncio.Event()
-    outcome: asyncio.Future[NoProcess] = asyncio.get_running_loop().create_future()
+async def call_while_the_server_exits(node: Node, server: Pid, reason: Any) -> BaseException:
+    """What a `call` to `server` raises when the server exits with `reason` while handling it.
 
-    async def waiting_caller(server: Pid, notify: Pid) -> None:
-        try:
-            await call(server, ("wait", release, notify))
-        except NoProcess as exc:
-            outcome.set_result(exc)
-
-    async with Node("a") as node:
-        log: list[Any] = []
-        pid = await Recorder.start(node, log)
-        ref = monitor(pid)
-        node.spawn(waiting_caller, pid, self_pid())
-        assert await receive(T) == "waiting"  # the server is inside handle_call
-        exit(pid, "shutdown")
-        exc = await asyncio.wait_for(outcome, T)
-        assert "shutdown" in str(exc)
-        assert exc.__cause__ is None
-        assert await expect_down(ref) == Down(ref, pid, "shutdown")
-        assert log[-1] == ("terminate", "shutdown")
-        assert not release.is_set()
-
-
-async def test_a_huge_int_exit_reason_gives_a_short_no_process_message() -> None:
-    big = 10**10000  # beyond Python's int-to-str limit (4300 digits)
+    A caller process calls ``("wait", ...)``, which the server answers only when
+    released; once the server is inside `handle_call`, it is exited with `reason`.
+    """
     release = asyncio.Event()
     outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
-    async def waiting_caller(server: Pid, notify: Pid) -> None:
+    async def waiting_caller(notify: Pid) -> None:
         try:
             await call(server, ("wait", release, notify))
         except BaseException as exc:
             outcome.set_result(exc)
 
+    node.spawn(waiting_caller, self_pid())
+    assert await receive(T) == "waiting"  # the server is inside handle_call
+    exit(server, reason)
+    exc = await asyncio.wait_for(outcome, T)
+    assert not release.is_set()
+    return exc
+
+
+async def test_call_to_a_server_that_exits_while_handling() -> None:
+    async with Node("a") as node:
+        log: list[Any] = []
+        pid = await Recorder.start(node, log)
+        ref = monitor(pid)
+        exc = await call_while_the_server_exits(node, pid, "shutdown")
+        assert type(exc) is NoProcess and "shutdown" in str(exc)
+        assert exc.__cause__ is None
+        assert await expect_down(ref) == Down(ref, pid, "shutdown")
+        assert log[-1] == ("terminate", "shutdown")
+
+
+async def test_a_huge_int_exit_reason_gives_a_short_no_process_message() -> None:
+    big = 10**10000  # beyond Python's int-to-str limit (4300 digits)
     async with Node("a") as node:
         pid = await Recorder.start(node, [])
         ref = monitor(pid)
-        node.spawn(waiting_caller, pid, self_pid())
-        assert await receive(T) == "waiting"
-        exit(pid, big)
-        exc = await asyncio.wait_for(outcome, T)
+        exc = await call_while_the_server_exits(node, pid, big)
         assert type(exc) is NoProcess
         assert "int of 33220 bits" in str(exc) and len(str(exc)) < 300
         assert await expect_down(ref) == Down(ref, pid, big)
