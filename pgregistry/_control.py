@@ -88,7 +88,8 @@ START_TIMEOUT: Final = 20.0
 #: Seconds `NodeProcess.stop` waits after SIGTERM before it sends SIGKILL.
 STOP_GRACE: Final = 5.0
 
-_SELECT_ALL: Final = [((V1, V2, V3), [], [(V1, V2, V3)])]
+SELECT_ALL: Final[list[tuple[Any, list[Any], list[Any]]]] = [((V1, V2, V3), [], [(V1, V2, V3)])]
+"""The match spec of every row as ``(key, pid, value)``."""
 
 # Command name -> its arguments, for validation and error messages.
 _COMMANDS: Final[dict[str, tuple[str, ...]]] = {
@@ -236,7 +237,7 @@ class Control(Server):
         return self._registry(scope).lookup(key)
 
     async def _cmd_select_all(self, scope: Any) -> list[Any]:
-        return self._registry(scope).select(_SELECT_ALL)
+        return self._registry(scope).select(SELECT_ALL)
 
     async def _cmd_count(self, scope: Any) -> int:
         return self._registry(scope).count()

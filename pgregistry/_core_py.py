@@ -115,10 +115,12 @@ class _Row:
         return f"_Row({short_repr(self.key)}, {short_repr(self.pid)}, {short_repr(self.value)}, {short_repr(self.tag)})"
 
 
-class _Rows(dict):  # type: ignore[type-arg]  # dict[_Row, None]
+class _Rows(dict["_Row", None]):
     """An insertion-ordered set of rows, with a count of deletions since its last compaction."""
 
     __slots__ = ("removed",)
+
+    removed: int
 
 
 def _new_rows() -> _Rows:

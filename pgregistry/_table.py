@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
-if os.environ.get("PGREGISTRY_PURE_PYTHON") == "1":
+if TYPE_CHECKING:
+    # Both implementations honour _core.pyi; the checker follows the twin.
+    from ._core_py import Matcher, Table
+
+    IMPLEMENTATION: str
+elif os.environ.get("PGREGISTRY_PURE_PYTHON") == "1":
     from ._core_py import Matcher, Table
     IMPLEMENTATION = "python"
 else:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Final, Sequence
 
 from . import _table
-from ._control import CONTROL_NAME, Control, NodeProcess, control
+from ._control import CONTROL_NAME, SELECT_ALL, Control, NodeProcess, control
 from .errors import RegistryError
 from .events import Join, Leave, NodeDown, NodeUp, Update
 from .node import Node
@@ -126,7 +126,6 @@ DOWN_AFTER: Final = 1.0
 SCOPE: Final = "services"
 CHILDREN: Final = ("a", "b", "c")
 WAIT: Final = 10.0  # seconds any one step of the demo may take before it gives up
-_SELECT_ALL: Final = [((V1, V2, V3), [], [(V1, V2, V3)])]
 
 
 def _say(text: str = "") -> None:
@@ -364,7 +363,7 @@ async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition,
     spec = [(("web", V1, {"node": V2, "load": V3}), [V3 > 2], [(V2, V3)])]
     _say("  select([(('web', V1, {'node': V2, 'load': V3}), [V3 > 2], [(V2, V3)])])")
     _say(f"    -> {sorted(reg.select(spec))}")
-    view = _view(reg.select(_SELECT_ALL))
+    view = _view(reg.select(SELECT_ALL))
     same = [_view(await control(child.id, ("select_all", SCOPE))) == view for child in nodes]
     _say(f"  every entry (select_all) on a, b and c equals the narrator's view: {all(same)}")
     _say()
@@ -410,7 +409,7 @@ async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition,
     _say(f"  the other side's entries were back on a after {obs.after('a', 'Join', web_b + split_b + web_c, since)}"
          f", on b after {obs.after('b', 'Join', web_a + split_a, since)}"
          f", on c after {obs.after('c', 'Join', web_a + split_a, since)}")
-    view = _view(reg.select(_SELECT_ALL))
+    view = _view(reg.select(SELECT_ALL))
 
     async def converged() -> bool:
         return all([_view(await control(child.id, ("select_all", SCOPE))) == view for child in nodes])
@@ -450,8 +449,7 @@ def _run(coro: Any) -> Any:
             if choice == "uvloop":
                 raise SystemExit("pgregistry: PGREGISTRY_LOOP=uvloop but uvloop is not installed") from None
         else:
-            return asyncio.run(coro, loop_factory=uvloop.new_event_loop) if sys.version_info >= (3, 12) \
-                else uvloop.run(coro)
+            return uvloop.run(coro)
     return asyncio.run(coro)
 
 

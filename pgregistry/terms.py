@@ -88,7 +88,7 @@ class _Id(tuple):
     def _order(self, other: object) -> tuple:
         if type(other) is not type(self):
             raise TypeError(f"'<' not supported between {type(self).__name__} and {type(other).__name__}")
-        return tuple(self), tuple(other)  # type: ignore[arg-type]
+        return tuple(self), tuple(other)
 
     def __lt__(self, other: object) -> bool:
         a, b = self._order(other)
@@ -172,7 +172,7 @@ def _render(x: Any, out: list[str], budget: list[int], depth: int) -> None:
         if depth >= _REPR_DEPTH:
             _emit(out, budget, "...")
             return
-        opening, closing = {tuple: "()", list: "[]", dict: "{}"}[t]
+        opening, closing = ("(", ")") if t is tuple else ("[", "]") if t is list else ("{", "}")
         _emit(out, budget, opening)
         if t is dict:
             for i, (k, v) in enumerate(x.items()):
