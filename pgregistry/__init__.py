@@ -23,6 +23,7 @@ from .errors import (
     AuthenticationError,
     CallTimeout,
     NoProcess,
+    NotReplicated,
     NotLocal,
     RegistryError,
     RemoteError,
@@ -41,6 +42,6 @@ __all__ = [
     "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
     "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown",
     "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
-    "CallTimeout", "AuthenticationError", "RemoteError",
+    "CallTimeout", "AuthenticationError", "RemoteError", "NotReplicated",
     "spec", "TABLE_IMPLEMENTATION", "__version__",
 ]

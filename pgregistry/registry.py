@@ -266,7 +266,11 @@ class Registry:
 
     def lookup(self, key: Any) -> list[tuple[Pid, Any]]:
         """``[(pid, value)]`` under `key`, every node's entries, in insertion order."""
-        entries = self._table.lookup(key)
+        try:
+            entries = self._table.lookup(key)
+        except TypeError:  # unhashable: say which rule the key breaks
+            check_key(key)
+            raise
         if not entries:
             check_key(key)
         return entries

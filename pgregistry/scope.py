@@ -780,8 +780,14 @@ class ScopeServer:
         elif kind == "ops":
             if len(payload) != 2 or type(payload[1]) is not list:
                 raise _Malformed("ops needs one list")
-            for op in payload[1]:
-                self._apply_op(peer, op)
+            bad = []
+            for op in payload[1]:  # each op stands alone: a bad one costs only itself
+                try:
+                    self._apply_op(peer, op)
+                except _Malformed as exc:
+                    bad.append(str(exc))
+            if bad:
+                raise _Malformed(f"{len(bad)} of {len(payload[1])} ops dropped, the first: {bad[0]}")
         elif kind == "pong":
             self._pong(peer, payload[1] if len(payload) == 2 else None)
         elif kind == "bye":

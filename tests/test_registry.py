@@ -729,3 +729,11 @@ async def test_via_names_validate_their_key() -> None:
             reg.via([1])
         with pytest.raises(TypeError):
             reg.via("k", object())
+
+
+async def test_lookup_of_an_unhashable_key_names_the_rule_it_breaks() -> None:
+    async with Node("a") as node:
+        reg = await Registry.start(node, "r")
+        for key in ([1], {"a": 1}, _):
+            with pytest.raises(TypeError, match="is not a key term"):
+                reg.lookup(key)

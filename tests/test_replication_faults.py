@@ -250,3 +250,15 @@ async def test_nan_keys_are_refused_locally_and_from_peers(caplog: pytest.LogCap
         refusals = [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()]
         assert len(refusals) == 6, refusals
         assert b.id in a.peers()
+
+
+async def test_a_malformed_op_costs_only_itself_not_its_batch(caplog: pytest.LogCaptureFixture) -> None:
+    async with nodes(2) as [(a, ra), (b, rb)]:
+        first, second = spawn_agent(b), spawn_agent(b)
+        with caplog.at_level(logging.WARNING, logger="pgregistry.scope"):
+            assert b.send_service(a.id, "r", ["ops", [["j", first, ["before", 1, 1]],
+                                                      ["j", first, [[1], 2, 2]],  # a list is no key
+                                                      ["j", second, ["after", 3, 3]]]])
+            await rb.sync()
+        assert ra.lookup("before") == [(first, 1)] and ra.lookup("after") == [(second, 3)]
+        assert any("1 of 3 ops dropped" in r.getMessage() for r in caplog.records)
