@@ -56,6 +56,8 @@ __all__ = [
     "Router",
     "NamingService",
     "Via",
+    "Call",
+    "Cast",
     "Reply",
     "current_process",
     "task_process",
@@ -105,6 +107,24 @@ def _fast_current_task() -> Callable[[], asyncio.Task | None]:
 
 
 _current_task = _fast_current_task()
+
+
+# The three messages of a call (`pgregistry.server.call`): they live here, below the
+# server, because the node layer carries them between nodes.
+
+
+class Call(NamedTuple):
+    """A synchronous request: answer ``Reply(ref, value)`` to ``caller``."""
+
+    ref: Ref
+    caller: Pid
+    request: Any
+
+
+class Cast(NamedTuple):
+    """An asynchronous request for ``handle_cast``."""
+
+    msg: Any
 
 
 class Reply(NamedTuple):
