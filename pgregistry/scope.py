@@ -40,9 +40,10 @@ from .events import Join, Leave, Registered, Unregistered, Update
 from .logbudget import LogBudget
 from .node import REPLACED, Node
 from .process import Process
+from .scope_checks import BadPeerMessage, check_key, check_pid, check_rows, parse_leave, parse_sync
 from .service import DISCOVER, PeerDiscovery
 from .terms import SCALAR_TYPES as _SCALARS
-from .terms import Pid, Ref, is_value, key_problem, keys_problem, same_term, short_repr
+from .terms import Pid, Ref, is_value, same_term, short_repr
 
 __all__ = ["FAN_OUT_STALL", "ScopeServer", "SYNC_PART_ROWS"]
 
@@ -51,8 +52,6 @@ log = logging.getLogger("pgregistry.scope")
 SYNC_PART_ROWS: Final = 4096
 """Rows per part of a sync round (a part closes after the pid that reaches it)."""
 
-_TAG_MIN: Final = -(2**63)  # tags are int64 in the table
-_TAG_MAX: Final = 2**63 - 1
 
 FAN_OUT_STALL: Final = 0.05
 """Seconds a single event's fan-out may hold the loop before it is logged."""
@@ -72,10 +71,6 @@ class _Subscription:
         self.target = target
         self.process = process
         self.deliver = process.deliver  # bound once: fan-out calls it per event
-
-
-class _BadPeerMessage(Exception):
-    """A message from a scope peer that does not have the scope protocol's shape."""
 
 
 class _Round:
@@ -710,12 +705,12 @@ class ScopeServer:
             return
         try:
             self._dispatch(peer, payload)
-        except _BadPeerMessage as exc:
+        except BadPeerMessage as exc:
             self._input_log.warning("scope %r: dropped a malformed message from %s: %s", self.name, peer, exc)
 
     def _dispatch(self, peer: str, payload: Any) -> None:
         if type(payload) is not list or not payload or type(payload[0]) is not str:
-            raise _BadPeerMessage(f"not a tagged list: {short_repr(payload)}")
+            raise BadPeerMessage(f"not a tagged list: {short_repr(payload)}")
         kind = payload[0]
         if kind == DISCOVER:
             asked_already = self._discovery.answered(peer)
@@ -725,13 +720,10 @@ class ScopeServer:
                 if not asked_already:
                     self._send(peer, [DISCOVER])
         elif kind == "sync":
-            if len(payload) != 4 or type(payload[1]) is not int or type(payload[2]) is not list \
-                    or type(payload[3]) is not bool:
-                raise _BadPeerMessage("sync needs a part number, a list of groups and a bool")
-            n, groups, last = payload[1], self._parse_part(peer, payload[2]), payload[3]
+            n, groups, last = parse_sync(peer, payload)
             round_ = self._receiving.get(peer)
             if n != (0 if round_ is None or n == 0 else round_[0]):
-                raise _BadPeerMessage(f"sync part {n} out of sequence")
+                raise BadPeerMessage(f"sync part {n} out of sequence")
             self._discovery.answered(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
@@ -742,7 +734,7 @@ class ScopeServer:
             return  # stale: from before the peer was lost, or from outside the overlay
         elif kind == "ops":
             if len(payload) != 2 or type(payload[1]) is not list:
-                raise _BadPeerMessage("ops needs one list")
+                raise BadPeerMessage("ops needs one list")
             for op in payload[1]:
                 self._apply_op(peer, op)
         elif kind == "pong":
@@ -750,42 +742,24 @@ class ScopeServer:
         elif kind == "bye":
             self._forget_peer(peer)
         else:
-            raise _BadPeerMessage(f"unknown message kind {short_repr(kind)}")
+            raise BadPeerMessage(f"unknown message kind {short_repr(kind)}")
 
     # -- gossip: applying a peer's changes ------------------------------------------------
 
-    def _check_pid(self, peer: str, pid: Any) -> Pid:
-        if type(pid) is not Pid or pid.node != peer:
-            raise _BadPeerMessage(f"{short_repr(pid)} is not a pid of {peer}")
-        return pid
-
-    @staticmethod
-    def _check_tag(tag: Any) -> int:
-        if type(tag) is not int or not _TAG_MIN <= tag <= _TAG_MAX:
-            raise _BadPeerMessage(f"tag {short_repr(tag)} is not an int64")
-        return tag
-
-    @staticmethod
-    def _check_key(key: Any) -> Any:
-        problem = key_problem(key)  # a NaN would leave a row nobody can find or remove
-        if problem is not None:
-            raise _BadPeerMessage(f"key {problem}")
-        return key
-
     def _apply_op(self, peer: str, op: Any) -> None:
         if type(op) is not list or not op:
-            raise _BadPeerMessage(f"op {short_repr(op)} is not a tagged list")
+            raise BadPeerMessage(f"op {short_repr(op)} is not a tagged list")
         kind = op[0]
         if kind == "j" and len(op) == 3 and type(op[2]) is list:
-            pid = self._check_pid(peer, op[1])
-            self._remote_joins(peer, pid, self._check_rows(pid, op[2]))
+            pid = check_pid(peer, op[1])
+            self._remote_joins(peer, pid, check_rows(pid, op[2]))
         elif kind == "l" and len(op) == 2 and type(op[1]) is list:
-            self._remote_leave(peer, op[1])
+            self._remote_leave(peer, parse_leave(peer, op[1]))
         elif kind == "u" and len(op) == 4:
             _kind, key, pid, value = op
-            self._remote_update(self._check_key(key), self._check_pid(peer, pid), value)
+            self._remote_update(check_key(key), check_pid(peer, pid), value)
         else:
-            raise _BadPeerMessage(f"unknown op {short_repr(op)}")
+            raise BadPeerMessage(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
         """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
@@ -804,13 +778,7 @@ class ScopeServer:
             for i in range(0, len(flat), 3):
                 self._publish_join(flat[i], [(pid, flat[i + 1])])
 
-    def _remote_leave(self, peer: str, triples: list[Any]) -> None:
-        checked = []
-        for triple in triples:  # all checked before any row goes
-            if type(triple) is not list or len(triple) != 3:
-                raise _BadPeerMessage(f"leave entry {short_repr(triple)} is not [key, pid, tag]")
-            key, pid, tag = triple
-            checked.append((self._check_key(key), self._check_pid(peer, pid), self._check_tag(tag)))
+    def _remote_leave(self, peer: str, checked: list[tuple[Any, Pid, int]]) -> None:
         removed: dict[Any, list[tuple[Pid, Any]]] = {}
         touched: set[Pid] = set()
         for key, pid, tag in checked:
@@ -829,33 +797,6 @@ class ScopeServer:
         changed = self.table.update(key, pid, value)
         if changed and (self._scope_subs or key in self._key_subs):
             self._publish_update(key, [(pid, old, value) for _tag, old in changed])
-
-    def _parse_part(self, peer: str, groups: list[Any]) -> list[tuple[Pid, list[Any]]]:
-        """Check a whole sync part before any of it is applied; ``[(pid, flat rows)]``."""
-        parsed = []
-        for group in groups:
-            if type(group) is not list or len(group) != 2 or type(group[1]) is not list:
-                raise _BadPeerMessage(f"sync group {short_repr(group)} is not [pid, rows]")
-            pid = self._check_pid(peer, group[0])
-            parsed.append((pid, self._check_rows(pid, group[1])))
-        if len({pid for pid, _flat in parsed}) != len(parsed):
-            raise _BadPeerMessage("a sync part lists a pid twice")
-        return parsed
-
-    @staticmethod
-    def _check_rows(pid: Pid, flat: list[Any]) -> list[Any]:
-        """Check flat ``key, value, tag`` rows of `pid` (a sync part's or a join op's)."""
-        if len(flat) % 3:
-            raise _BadPeerMessage(f"rows of {pid!r} are not key, value, tag triples")
-        tags = flat[2::3]
-        if tags and not (set(map(type, tags)) == {int} and _TAG_MIN <= min(tags) and max(tags) <= _TAG_MAX):
-            raise _BadPeerMessage(f"rows of {pid!r} have a tag that is not an int64")
-        if len(set(tags)) != len(tags):
-            raise _BadPeerMessage(f"rows of {pid!r} repeat a tag")
-        problem = keys_problem(flat[0::3])
-        if problem is not None:
-            raise _BadPeerMessage(f"rows of {pid!r} have a key that is not a key: {problem}")
-        return flat
 
     def _apply_part(self, peer: str, n: int, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
         """Make this node's view of each pid in `groups` what part `n` says (see the protocol)."""
