@@ -32,7 +32,6 @@ import itertools
 import logging
 import random
 import secrets
-import ssl as _ssl
 from typing import Any, Callable, Final, Mapping
 
 from .logbudget import LogBudget
@@ -158,8 +157,9 @@ PeerHandler = Callable[[PeerRecord, list], None]
 class Mesh:
     """The connections of one node: confirm step, membership gossip, redials.
 
-    Made by the node with its endpoint's settings (the mesh owns the `Endpoint`), its
-    gossip caps and three callbacks: ``running()`` (may the mesh connect and redial?),
+    Made by the node with its id, ``make_endpoint(on_connection=, on_message=,
+    on_close=)`` (the node's `Endpoint` with every setting but the mesh's callbacks:
+    the mesh owns it), its gossip caps and three callbacks: ``running()`` (may the mesh connect and redial?),
     ``on_peer_up(record)`` once a connection is confirmed and ``on_peer_down(record,
     reason)`` once it is lost (the record's monitor tables still full). The node gives
     its timeouts to `start` and sets the id once the endpoint is bound (`set_id`).
@@ -168,17 +168,9 @@ class Mesh:
 
     def __init__(
         self,
-        name: str,
-        cookie: str,
+        node_id: str,
+        make_endpoint: Callable[..., Endpoint],
         *,
-        host: str,
-        port: int,
-        ssl: _ssl.SSLContext | None,
-        client_ssl: _ssl.SSLContext | None,
-        tick_interval: float,
-        down_after: float,
-        max_frame: int,
-        handshake_timeout: float,
         max_members_per_message: int,
         max_gossip_peers: int,
         max_gossip_dials: int,
@@ -186,7 +178,7 @@ class Mesh:
         on_peer_up: Callable[[PeerRecord], None],
         on_peer_down: Callable[[PeerRecord, str], None],
     ) -> None:
-        self.id = f"{name}@{host}:{port}"
+        self.id = node_id
         self.max_members_per_message = max_members_per_message
         self.max_gossip_peers = max_gossip_peers
         # The node's settings of the same names, given to `start`.
@@ -196,20 +188,8 @@ class Mesh:
         self._running = running
         self._on_peer_up = on_peer_up
         self._on_peer_down = on_peer_down
-        self.endpoint = Endpoint(
-            name,
-            cookie,
-            host=host,
-            port=port,
-            ssl=ssl,
-            client_ssl=client_ssl,
-            tick_interval=tick_interval,
-            down_after=down_after,
-            max_frame=max_frame,
-            handshake_timeout=handshake_timeout,
-            on_connection=self._on_connection,
-            on_message=self._on_message,
-            on_close=self._on_close,
+        self.endpoint = make_endpoint(
+            on_connection=self._on_connection, on_message=self._on_message, on_close=self._on_close
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peers: dict[str, PeerRecord] = {}
@@ -221,7 +201,7 @@ class Mesh:
         self._disconnects = 0  # `disconnect` calls so far: a connect begun before one yields to it
         self._links: dict[Connection, _PeerLink] = {}
         self._next_link_seq: Callable[[], int] = itertools.count(1).__next__
-        self._input_log = LogBudget(logger, f"node {name}")
+        self._input_log = LogBudget(logger, f"node {self.endpoint.name}")
         self._handlers: dict[str, PeerHandler] = {
             "members": self._on_members,
             "disconnect": self._on_disconnect,

@@ -28,6 +28,7 @@ The full protocol is in docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -208,17 +209,14 @@ class Node:
         self._services: dict[str, Service] = {}
         self._node_monitors: dict[Pid, None] = {}
         self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
-        self._mesh = Mesh(
-            self.name,
-            cookie,
-            host=self.host,
-            port=port,
-            ssl=ssl,
-            client_ssl=client_ssl,
-            tick_interval=self.tick_interval,
-            down_after=self.down_after,
-            max_frame=self.max_frame,
+        make_endpoint = functools.partial(
+            Endpoint, self.name, cookie, host=self.host, port=port, ssl=ssl, client_ssl=client_ssl,
+            tick_interval=self.tick_interval, down_after=self.down_after, max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
+        )
+        self._mesh = Mesh(
+            self.id,
+            make_endpoint,
             max_members_per_message=self.max_members_per_message,
             max_gossip_peers=self.max_gossip_peers,
             max_gossip_dials=self.max_gossip_dials,
