@@ -269,7 +269,12 @@ class Mesh:
     # -- what the node's public face asks -----------------------------------------------
 
     async def connect(self, address: str) -> str:
-        """See `Node.connect`: dial `address`, wait for the confirm step, return the peer's id."""
+        """See `Node.connect`: dial `address`, wait for the confirm step, return the peer's id.
+
+        The dial is bounded by the transport's ``handshake_timeout``, the wait for the
+        verdict by ``confirm_timeout`` (`TimeoutError`). Cancellation ends the wait only:
+        a connection already proposed may still be confirmed.
+        """
         host, port = parse_address(address)
         expect: str | None = None
         dial = address

@@ -229,6 +229,7 @@ class Node:
         # The mesh's own objects, under the names tests and tools have always read.
         self._endpoint: Endpoint = self._mesh.endpoint
         self._peers: dict[str, PeerRecord] = self._mesh.peers
+
     def __repr__(self) -> str:
         return f"<Node {self.id} {self._state} {len(self._mesh.up)} peers>"
 

@@ -20,7 +20,9 @@ Call protocol: the caller monitors the destination and sends ``Call(ref, caller,
 with the monitor's ref; the reply or the monitor's ``Down`` resolves a future in the
 caller (see `pgregistry.process.Process.expect_reply`), so neither enters its mailbox.
 To another node, the monitor and the call travel as one message
-(`pgregistry.process.Router.call_remote`).
+(`pgregistry.process.Router.call_remote`). `Call`, `Cast` and `Reply` are defined in
+`pgregistry.process`, below the node layer that carries them; this module re-exports
+`Call` and `Cast`.
 """
 
 from __future__ import annotations
