@@ -11,11 +11,14 @@ Listener messages (sent to locally registered names given as ``listeners=``):
     ``Registered(scope, key, pid, value)`` and ``Unregistered(scope, key, pid)``.
 Process and node monitoring:
     ``Down(ref, pid, reason)``, ``NodeUp(node)``, ``NodeDown(node, reason)``.
+
+Every one of them may also be sent to a process of another node: `MESSAGE_TYPES` names
+the types the node protocol rebuilds from a type name and its fields.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown"]
 
@@ -64,3 +67,12 @@ class NodeUp(NamedTuple):
 class NodeDown(NamedTuple):
     node: str
     reason: Any
+
+
+MESSAGE_TYPES: Final[dict[str, type]] = {
+    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered)
+}
+"""The message types above by name: what a ``send_t`` message of the node protocol may carry."""
+
+MESSAGE_TYPE_NAMES: Final[dict[type, str]] = {cls: name for name, cls in MESSAGE_TYPES.items()}
+"""`MESSAGE_TYPES` the other way round: the wire name of each type."""

@@ -48,6 +48,7 @@ from typing import Any, Awaitable, Callable, Hashable, NamedTuple, Protocol
 
 from .errors import AlreadyStarted, NoProcess, NotLocal
 from .events import Down
+from .naming import NamingService, Via
 from .terms import Counter, Pid, Ref, short_repr
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "Router",
     "NamingService",
     "Via",
+    "Call",
+    "Cast",
     "Reply",
     "current_process",
     "task_process",
@@ -107,6 +110,24 @@ def _fast_current_task() -> Callable[[], asyncio.Task | None]:
 _current_task = _fast_current_task()
 
 
+# The three messages of a call (`pgregistry.server.call`): they live here, below the
+# server, because the node layer carries them between nodes.
+
+
+class Call(NamedTuple):
+    """A synchronous request: answer ``Reply(ref, value)`` to ``caller``."""
+
+    ref: Ref
+    caller: Pid
+    request: Any
+
+
+class Cast(NamedTuple):
+    """An asynchronous request for ``handle_cast``."""
+
+    msg: Any
+
+
 class Reply(NamedTuple):
     """The answer to a call: sent to the caller, consumed by its pending future.
 
@@ -152,55 +173,6 @@ class Router(Protocol):
     def down_remote(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None: ...
 
     def call_remote(self, caller: "Process", ref: Ref, dest: Any, request: Any) -> None: ...
-
-
-class NamingService(Protocol):
-    """A name service usable through `Via` (a unique `Registry` is one)."""
-
-    def whereis_name(self, key: Any) -> Pid | None: ...
-
-    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool: ...
-
-    def unregister_name(self, key: Any) -> None: ...
-
-
-class Via:
-    """A name resolved by a `NamingService`: ``Via(service, key, value=None)``.
-
-    Accepted by `send`, `pgregistry.server.call` and `~pgregistry.server.cast`, and as
-    ``name=`` of `Server.start` (which registers the new process with ``value``).
-    Immutable; equal and hashed by ``(id(service), key)``, so ``value`` does not count.
-    """
-
-    __slots__ = ("service", "key", "value")
-
-    service: NamingService
-    key: Any
-    value: Any
-
-    def __init__(self, service: NamingService, key: Any, value: Any = None) -> None:
-        object.__setattr__(self, "service", service)
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "value", value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Via is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError("Via is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Via:
-            return NotImplemented
-        return self.service is other.service and self.key == other.key
-
-    def __hash__(self) -> int:
-        return hash((id(self.service), self.key))
-
-    def __repr__(self) -> str:
-        if self.value is None:
-            return f"Via({self.service!r}, {short_repr(self.key)})"
-        return f"Via({self.service!r}, {short_repr(self.key)}, value={short_repr(self.value)})"
 
 
 def _wake(waiter: asyncio.Future) -> None:
@@ -606,6 +578,18 @@ async def _run(proc: Process, fn: Callable[..., Awaitable[Any]], args: tuple, kw
         proc._finish(request[0] if request is not None else "normal")
 
 
+def _checked_node_id(value: Any) -> str:
+    if type(value) is not str or not value:
+        raise TypeError(f"node_id must be a non-empty str, got {short_repr(value)}")
+    return value
+
+
+def _checked_creation(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError(f"creation must be a non-negative int, got {short_repr(value)}")
+    return value
+
+
 class Runtime:
     """The process table of one node.
 
@@ -637,12 +621,8 @@ class Runtime:
     closed: bool
 
     def __init__(self, node_id: str, creation: int = 0) -> None:
-        if type(node_id) is not str or not node_id:
-            raise TypeError(f"node_id must be a non-empty str, got {short_repr(node_id)}")
-        if type(creation) is not int or creation < 0:
-            raise TypeError(f"creation must be a non-negative int, got {short_repr(creation)}")
-        self._node_id = node_id
-        self._creation = creation
+        self._node_id = _checked_node_id(node_id)
+        self._creation = _checked_creation(creation)
         self._frozen = False
         self.loop = None
         self.loop_thread = None
@@ -664,9 +644,7 @@ class Runtime:
     def node_id(self, value: str) -> None:
         if self._frozen:
             raise RuntimeError("node_id cannot change once pids or refs have been made")
-        if type(value) is not str or not value:
-            raise TypeError(f"node_id must be a non-empty str, got {short_repr(value)}")
-        self._node_id = value
+        self._node_id = _checked_node_id(value)
 
     @property
     def creation(self) -> int:
@@ -676,9 +654,7 @@ class Runtime:
     def creation(self, value: int) -> None:
         if self._frozen:
             raise RuntimeError("creation cannot change once pids or refs have been made")
-        if type(value) is not int or value < 0:
-            raise TypeError(f"creation must be a non-negative int, got {short_repr(value)}")
-        self._creation = value
+        self._creation = _checked_creation(value)
 
     def _check_writable(self, what: str) -> None:
         if self.closed:
@@ -704,12 +680,6 @@ class Runtime:
         return pid.node == self._node_id and pid.creation == self._creation
 
     def is_remote(self, dest: Any) -> bool:
-        """True if `dest` (a pid or a ``(name, node_id)`` tuple) lives on another node."""
-        if type(dest) is Pid:
-            return dest.node != self._node_id
-        return dest[1] != self._node_id
-
-    def _is_remote(self, dest: Any) -> bool:
         """True if `dest` (a pid or a ``(name, node_id)`` tuple) lives on another node."""
         if type(dest) is Pid:
             return dest.node != self._node_id
@@ -904,7 +874,7 @@ class Runtime:
         proc = self._procs.get(target)
         if proc is not None:
             proc.deliver(msg)
-        elif self.router is not None and self._is_remote(target):
+        elif self.router is not None and self.is_remote(target):
             self.router.send_remote(target, msg)
 
     # -- monitors -------------------------------------------------------------------
@@ -928,7 +898,7 @@ class Runtime:
             if watchers is None:
                 watchers = proc._monitored_by = {}
             watchers[ref] = watcher.pid
-        elif not self._is_remote(target):
+        elif not self.is_remote(target):
             watcher.deliver_down(ref, target, "noproc")
         elif self.router is None:
             watcher.deliver_down(ref, target, "noconnection")
@@ -959,7 +929,7 @@ class Runtime:
         if proc is not None:
             if proc._monitored_by:
                 proc._monitored_by.pop(ref, None)
-        elif self.router is not None and self._is_remote(target):
+        elif self.router is not None and self.is_remote(target):
             self.router.demonitor_remote(ref, target)
 
     def _notify_down(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None:

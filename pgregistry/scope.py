@@ -1,99 +1,26 @@
 """The scope server: one per registry name per node, the only writer of its table.
 
-A scope server owns a `Table` of rows ``(key, pid, value, tag)`` — this node's view of
-the scope, its own processes' rows and those learned from peers — and everything that
-reacts to a change of it:
+A scope server owns a `Table` of rows ``(key, pid, value, tag)``: its own processes' rows
+and those learned from peers. Like Erlang's pg, it watches every local process that has
+a row or a subscription (an exit removes all of its rows at once), fans each change out
+(whole-scope subscribers, then the key's, most recent first, then listeners; one event
+per key an operation touched), and replicates its own processes' rows to the same scope
+on every connected node. Tags come from a per-scope counter, so ``(pid, tag)`` names a
+row across the cluster. Writes are synchronous, run on the node's loop thread and
+never await.
 
-* it watches every local process that has a row or a subscription (an exit hook on the
-  process), so a process's exit removes all of its rows at once;
-* it fans every change out, in this order: whole-scope subscribers, then that key's
-  subscribers (most recent subscription first), then listeners (one message per row
-  per listener, to a locally registered name; a missing name is skipped);
-* it gossips its own processes' changes to the same scope on every connected node, and
-  applies theirs;
-* it keeps the node-local scope metadata.
+Replication, a `pgregistry.service.Service` over `Node.send_service`: a scope discovers
+which nodes run it (``discover``; a node without it answers "no such service"), then each
+sends the other a *sync round* (its local rows, streamed in parts of about
+`SYNC_PART_ROWS` rows, reconciled pid by pid on arrival), and after that ``ops``
+(joins, leaves, updates, batched once per loop iteration, flushed before any other
+message). ``ping``/``pong`` make the `sync` barrier; ``bye`` says the scope stops. A
+lost peer's rows leave with events, except across a replaced connection, where the next
+round reconciles them. What fits no frame of a peer, or a value mutated into a
+non-term, is left out for that peer, logged and reported by `sync` (`NotReplicated`).
+Malformed messages and rows a peer sends for another node's pids are dropped.
 
-Event shapes (DESIGN.md §4): ``Join(ref, key, [(pid, value)])``,
-``Leave(ref, key, [(pid, value)])``, ``Update(ref, key, [(pid, old, new)])`` to
-subscribers; ``Registered(scope, key, pid, value)`` and ``Unregistered(scope, key, pid)``
-to listeners, which never see updates. One operation emits one event per key it
-touched: a process exit emits one ``Leave`` per key listing all of that process's rows.
-
-Every write is a synchronous method that must run on the node's loop thread (the
-`Registry` façade checks that and validates arguments); it mutates the table, emits
-events, queues gossip and returns. Nothing awaits. Tags come from a per-scope counter,
-so ``(pid, tag)`` names a row uniquely across the cluster (a pid carries its node).
-
-Peer protocol
--------------
-Scope servers of the same name talk through their nodes' connections
-(`Node.send_service`); per connection, messages arrive in the order sent. Payloads are
-lists of terms:
-
-``["discover"]``
-    "I run this scope". Sent to every peer node when the scope starts and when a node
-    connection comes up. The receiver answers with a sync round; if the sender was not
-    yet a scope peer it becomes one, and unless the receiver had itself sent a
-    ``discover`` that is still unanswered, it gets a ``discover`` back (so two nodes
-    that discover each other at once exchange one round each, not two).
-``["sync", n, [[pid, [key, value, tag, key, value, tag, ...]], ...], last]``
-    Part `n` (0, 1, 2, ...) of a *sync round*: the sender's complete set of local rows,
-    grouped by pid, each pid's rows flat (no list per row) and whole in one part, each
-    pid once in the round; ``last`` (a bool) ends the round. Parts hold about
-    `SYNC_PART_ROWS` rows; part 0 goes out at once, the rest one per loop iteration,
-    waiting while the connection's output is above its high-water mark, so neither
-    side's loop is blocked for long by a big scope and no frame grows with the scope.
-    The round lists the pids that had rows when it began, then those that join while
-    it runs; a pid whose rows went before its part was built is listed with none. The
-    receiver applies each part as it arrives: its view of each listed pid becomes what
-    the part says (rows it no longer lists leave with ``Leave``, changed values give
-    ``Update``, new rows ``Join``); at the last part, the sender's pids it holds that
-    the round did not list leave. A part out of sequence is malformed. Idempotent.
-    ``ops`` may interleave with the parts: a pid's part always carries its state at the
-    moment the part was built, after every op about it sent before.
-``["ops", [op, ...]]``
-    Changes of the sender's own rows, batched once per loop iteration, in order:
-    ``["j", pid, [key, value, tag, key, value, tag, ...]]`` joins of one pid (consecutive
-    joins of a pid share one op, flat like a sync part), ``["l", [[key, pid, tag], ...]]``
-    leave (one op per local leave, unregister_match or process exit),
-    ``["u", key, pid, value]`` update of every row of pid under key.
-``["ping", n]`` / ``["pong", n]``
-    Barrier for `sync`: the answer comes after everything the receiver got before it,
-    and after the rest of a sync round the answering side is still sending to the
-    pinger (so a node's first `sync` returns once it holds the whole scope).
-``["bye"]``
-    The sender's scope stops: drop its rows as if its node was lost.
-
-A node that does not run the scope answers ``discover`` at the node level ("no such
-service", `peer_absent`), so a scope knows when discovery of every connected node is
-settled; `sync` waits for that before its barrier.
-
-When a peer's connection is *replaced* (it reconnected before this node noticed the old
-connection was dead, DESIGN.md §4.1), its rows stay: the round it sends on the new
-connection reconciles them, so a value changed meanwhile arrives as an ``Update``, not
-as a ``Leave`` and a ``Join``. If the new connection says the scope is not running
-there, or goes down too, the rows leave then.
-
-An ``ops`` batch goes to every peer whose frame limit it fits, encoded once; a peer
-whose limit it exceeds gets it split for itself alone (halves of the batch, halves of
-a burst of joins), so one peer's small limit never holds up the others. A sync part too
-large for its peer is split into one part per pid. What fits in no frame of that peer
-(one row, or one process's rows in a round) is left out for that peer only.
-
-Values are stored by reference: a value mutated after it was registered may no longer
-be a term. Before anything is sent, rows whose values are containers are checked
-again (scalar values cannot change, so the common case costs one type check per
-row); a row that fails is left out, alone, from that batch or round. Every row left
-out is logged with its key and pid and reported by the next `sync` as
-`errors.NotReplicated`: a `sync` never reports as applied what was not sent. A later
-``update_value`` of a row that was left out starts a new sync round to every peer,
-so the row reaches the peers that lack it once it can.
-
-Messages from a node that is not a scope peer (other than ``discover`` and ``sync``)
-are ignored; so are malformed messages, and rows whose pid does not belong to the
-sending node (a peer only ever speaks for its own processes). When a peer is lost
-(``peer_down``) or says ``bye``, its rows leave with events. Queued ``ops`` are always
-flushed before any other message to a peer, so a ``sync`` never overtakes them.
+The full protocol is in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -113,8 +40,10 @@ from .events import Join, Leave, Registered, Unregistered, Update
 from .logbudget import LogBudget
 from .node import REPLACED, Node
 from .process import Process
+from .scope_checks import BadPeerMessage, check_key, check_pid, check_rows, parse_leave, parse_sync
+from .service import DISCOVER, PeerDiscovery
 from .terms import SCALAR_TYPES as _SCALARS
-from .terms import Pid, Ref, is_value, key_problem, keys_problem, same_term, short_repr
+from .terms import Pid, Ref, is_value, same_term, short_repr
 
 __all__ = ["FAN_OUT_STALL", "ScopeServer", "SYNC_PART_ROWS"]
 
@@ -123,8 +52,6 @@ log = logging.getLogger("pgregistry.scope")
 SYNC_PART_ROWS: Final = 4096
 """Rows per part of a sync round (a part closes after the pid that reaches it)."""
 
-_TAG_MIN: Final = -(2**63)  # tags are int64 in the table
-_TAG_MAX: Final = 2**63 - 1
 
 FAN_OUT_STALL: Final = 0.05
 """Seconds a single event's fan-out may hold the loop before it is logged."""
@@ -144,10 +71,6 @@ class _Subscription:
         self.target = target
         self.process = process
         self.deliver = process.deliver  # bound once: fan-out calls it per event
-
-
-class _Malformed(Exception):
-    """A peer message that does not have the protocol's shape."""
 
 
 class _Round:
@@ -213,10 +136,9 @@ class ScopeServer:
         self._flush_scheduled = False
         self._next_ping: Callable[[], int] = itertools.count(1).__next__
         self._barriers: dict[int, tuple[set[str], asyncio.Future[None]]] = {}
-        # Nodes sent a ``discover`` that have not yet answered (a sync, a discover, or
-        # "not running this scope"), and the `sync` calls waiting for them to answer.
-        self._discovering: set[str] = set()
-        self._discovery_waiters: list[asyncio.Future[None]] = []
+        # Which connected nodes run this scope: a sync, a discover or "not running this
+        # scope" answers our discover; `sync` waits for every answer.
+        self._discovery = PeerDiscovery(self._send)
         # Sync rounds: being sent, per peer; being received, per peer: the number of
         # the next part and the pids the round listed so far.
         self._sending: dict[str, _Round] = {}
@@ -234,20 +156,7 @@ class ScopeServer:
     def start(self) -> None:
         """Announce the scope to every connected node (after `Node.attach_service`)."""
         for peer in self.node.peers():
-            self._discover(peer)
-
-    def _discover(self, peer: str) -> None:
-        self._discovering.add(peer)
-        self._send(peer, ["discover"])
-
-    def _discovered(self, peer: str) -> None:
-        """`peer` answered our discover, one way or another (or is gone)."""
-        self._discovering.discard(peer)
-        if not self._discovering and self._discovery_waiters:
-            for waiter in self._discovery_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._discovery_waiters.clear()
+            self._discovery.discover(peer)
 
     def close(self) -> None:
         """Stop serving: tell peers, forget every row, subscription and meta."""
@@ -268,19 +177,69 @@ class ScopeServer:
         self._subs_of_pid.clear()
         self._peers.clear()
         self._outbox.clear()
-        self._discovering.clear()
+        self._discovery.close(lambda: RuntimeError(f"registry {self.name!r} stopped"))
         for peer in list(self._sending):
             self._stop_round(peer)
         self._receiving.clear()
-        for waiter in self._discovery_waiters:
-            if not waiter.done():
-                waiter.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
-        self._discovery_waiters.clear()
         for _waiting, future in self._barriers.values():
             if not future.done():
                 future.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
         self._barriers.clear()
         self.node.detach_service(self.name)
+
+    def stat(self) -> dict[str, Any]:
+        """Sizes and counters of this scope on this node, for status and metrics (O(1)).
+
+        ``rows``: entries in the table (local and replicated); ``peers``: nodes whose
+        scope this one exchanges rows with; ``subscribers``: subscriptions
+        (``monitor_scope`` and per key); ``rounds_sending`` / ``rounds_receiving``: sync
+        rounds under way to / from peers; ``discovering``: peers that have not answered
+        our discover yet; ``barriers``: `sync` calls waiting for pongs; ``queued_ops``:
+        local changes not flushed to peers yet; ``unsent``: entries left out of
+        replication since the last `sync` reported them; ``held_back``: rows some peer
+        lacks until they are updated; ``meta``: metadata keys; ``closed``.
+        """
+        return {
+            "rows": len(self.table),
+            "peers": len(self._peers),
+            "subscribers": len(self._subs),
+            "rounds_sending": len(self._sending),
+            "rounds_receiving": len(self._receiving),
+            "discovering": self._discovery.pending,
+            "barriers": len(self._barriers),
+            "queued_ops": len(self._outbox),
+            "unsent": len(self._unsent) + self._unsent_more,
+            "held_back": len(self._held_back),
+            "meta": len(self.meta),
+            "closed": self.closed,
+        }
+
+    async def drain(self, timeout: float) -> None:
+        """Before a graceful stop: send the queued ops, then wait for the sync rounds under way.
+
+        The ops queued for the next flush go to every peer at once; then this waits
+        until each sync round this server is streaming to a peer has sent its last part
+        (a round whose peer is lost meanwhile ends with it). It does not wait for peers
+        to apply what they got: that is `sync`. `TimeoutError` if rounds are still
+        being sent after `timeout` seconds. On timeout or cancellation only the wait
+        ends: the rounds go on, nothing is dropped. Returns at once on a closed scope.
+        """
+        if self.closed:
+            return
+        if self._outbox:
+            self._flush()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # A failed round stays registered with its task done: nothing left to wait for.
+            streaming = [r.task for r in self._sending.values() if r.task is not None and not r.task.done()]
+            if not streaming:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"scope {self.name!r}: {len(streaming)} sync rounds still being sent "
+                                   f"after {timeout} s")
+            await asyncio.wait(streaming, timeout=remaining)
 
     def _watch(self, process: Process) -> None:
         process.add_exit_hook(self, self._on_exit)
@@ -722,11 +681,11 @@ class ScopeServer:
     def peer_up(self, peer: str) -> None:
         """A node connection came up: ask whether it runs this scope."""
         if not self.closed:
-            self._discover(peer)
+            self._discovery.discover(peer)
 
     def peer_down(self, peer: str, reason: str) -> None:
         """A node connection was lost: its processes' rows leave (not when it was `REPLACED`)."""
-        self._discovered(peer)
+        self._discovery.answered(peer)
         if reason == REPLACED and peer in self._peers:
             # Keep the rows: the peer's next round, on the new connection, reconciles.
             self._stop_round(peer)
@@ -737,7 +696,7 @@ class ScopeServer:
 
     def peer_absent(self, peer: str) -> None:
         """`peer`'s node does not run this scope (answer to a message we sent it)."""
-        self._discovered(peer)
+        self._discovery.answered(peer)
         self._forget_peer(peer)  # rows kept across a replaced connection, if any
 
     def peer_message(self, peer: str, payload: Any) -> None:
@@ -746,30 +705,26 @@ class ScopeServer:
             return
         try:
             self._dispatch(peer, payload)
-        except _Malformed as exc:
+        except BadPeerMessage as exc:
             self._input_log.warning("scope %r: dropped a malformed message from %s: %s", self.name, peer, exc)
 
     def _dispatch(self, peer: str, payload: Any) -> None:
         if type(payload) is not list or not payload or type(payload[0]) is not str:
-            raise _Malformed(f"not a tagged list: {short_repr(payload)}")
+            raise BadPeerMessage(f"not a tagged list: {short_repr(payload)}")
         kind = payload[0]
-        if kind == "discover":
-            asked_already = peer in self._discovering
-            self._discovered(peer)
+        if kind == DISCOVER:
+            asked_already = self._discovery.answered(peer)
             self._start_round(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
                 if not asked_already:
-                    self._send(peer, ["discover"])
+                    self._send(peer, [DISCOVER])
         elif kind == "sync":
-            if len(payload) != 4 or type(payload[1]) is not int or type(payload[2]) is not list \
-                    or type(payload[3]) is not bool:
-                raise _Malformed("sync needs a part number, a list of groups and a bool")
-            n, groups, last = payload[1], self._parse_part(peer, payload[2]), payload[3]
+            n, groups, last = parse_sync(peer, payload)
             round_ = self._receiving.get(peer)
             if n != (0 if round_ is None or n == 0 else round_[0]):
-                raise _Malformed(f"sync part {n} out of sequence")
-            self._discovered(peer)
+                raise BadPeerMessage(f"sync part {n} out of sequence")
+            self._discovery.answered(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
             self._apply_part(peer, n, groups, last)
@@ -779,56 +734,38 @@ class ScopeServer:
             return  # stale: from before the peer was lost, or from outside the overlay
         elif kind == "ops":
             if len(payload) != 2 or type(payload[1]) is not list:
-                raise _Malformed("ops needs one list")
+                raise BadPeerMessage("ops needs one list")
             bad = []
             for op in payload[1]:  # each op stands alone: a bad one costs only itself
                 try:
                     self._apply_op(peer, op)
-                except _Malformed as exc:
+                except BadPeerMessage as exc:
                     bad.append(str(exc))
             if bad:
-                raise _Malformed(f"{len(bad)} of {len(payload[1])} ops dropped, the first: {bad[0]}")
+                raise BadPeerMessage(f"{len(bad)} of {len(payload[1])} ops dropped, the first: {bad[0]}")
         elif kind == "pong":
             self._pong(peer, payload[1] if len(payload) == 2 else None)
         elif kind == "bye":
             self._forget_peer(peer)
         else:
-            raise _Malformed(f"unknown message kind {short_repr(kind)}")
+            raise BadPeerMessage(f"unknown message kind {short_repr(kind)}")
 
     # -- gossip: applying a peer's changes ------------------------------------------------
 
-    def _check_pid(self, peer: str, pid: Any) -> Pid:
-        if type(pid) is not Pid or pid.node != peer:
-            raise _Malformed(f"{short_repr(pid)} is not a pid of {peer}")
-        return pid
-
-    @staticmethod
-    def _check_tag(tag: Any) -> int:
-        if type(tag) is not int or not _TAG_MIN <= tag <= _TAG_MAX:
-            raise _Malformed(f"tag {short_repr(tag)} is not an int64")
-        return tag
-
-    @staticmethod
-    def _check_key(key: Any) -> Any:
-        problem = key_problem(key)  # a NaN would leave a row nobody can find or remove
-        if problem is not None:
-            raise _Malformed(f"key {problem}")
-        return key
-
     def _apply_op(self, peer: str, op: Any) -> None:
         if type(op) is not list or not op:
-            raise _Malformed(f"op {short_repr(op)} is not a tagged list")
+            raise BadPeerMessage(f"op {short_repr(op)} is not a tagged list")
         kind = op[0]
         if kind == "j" and len(op) == 3 and type(op[2]) is list:
-            pid = self._check_pid(peer, op[1])
-            self._remote_joins(peer, pid, self._check_rows(pid, op[2]))
+            pid = check_pid(peer, op[1])
+            self._remote_joins(peer, pid, check_rows(pid, op[2]))
         elif kind == "l" and len(op) == 2 and type(op[1]) is list:
-            self._remote_leave(peer, op[1])
+            self._remote_leave(peer, parse_leave(peer, op[1]))
         elif kind == "u" and len(op) == 4:
             _kind, key, pid, value = op
-            self._remote_update(self._check_key(key), self._check_pid(peer, pid), value)
+            self._remote_update(check_key(key), check_pid(peer, pid), value)
         else:
-            raise _Malformed(f"unknown op {short_repr(op)}")
+            raise BadPeerMessage(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
         """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
@@ -847,13 +784,7 @@ class ScopeServer:
             for i in range(0, len(flat), 3):
                 self._publish_join(flat[i], [(pid, flat[i + 1])])
 
-    def _remote_leave(self, peer: str, triples: list[Any]) -> None:
-        checked = []
-        for triple in triples:  # all checked before any row goes
-            if type(triple) is not list or len(triple) != 3:
-                raise _Malformed(f"leave entry {short_repr(triple)} is not [key, pid, tag]")
-            key, pid, tag = triple
-            checked.append((self._check_key(key), self._check_pid(peer, pid), self._check_tag(tag)))
+    def _remote_leave(self, peer: str, checked: list[tuple[Any, Pid, int]]) -> None:
         removed: dict[Any, list[tuple[Pid, Any]]] = {}
         touched: set[Pid] = set()
         for key, pid, tag in checked:
@@ -872,33 +803,6 @@ class ScopeServer:
         changed = self.table.update(key, pid, value)
         if changed and (self._scope_subs or key in self._key_subs):
             self._publish_update(key, [(pid, old, value) for _tag, old in changed])
-
-    def _parse_part(self, peer: str, groups: list[Any]) -> list[tuple[Pid, list[Any]]]:
-        """Check a whole sync part before any of it is applied; ``[(pid, flat rows)]``."""
-        parsed = []
-        for group in groups:
-            if type(group) is not list or len(group) != 2 or type(group[1]) is not list:
-                raise _Malformed(f"sync group {short_repr(group)} is not [pid, rows]")
-            pid = self._check_pid(peer, group[0])
-            parsed.append((pid, self._check_rows(pid, group[1])))
-        if len({pid for pid, _flat in parsed}) != len(parsed):
-            raise _Malformed("a sync part lists a pid twice")
-        return parsed
-
-    @staticmethod
-    def _check_rows(pid: Pid, flat: list[Any]) -> list[Any]:
-        """Check flat ``key, value, tag`` rows of `pid` (a sync part's or a join op's)."""
-        if len(flat) % 3:
-            raise _Malformed(f"rows of {pid!r} are not key, value, tag triples")
-        tags = flat[2::3]
-        if tags and not (set(map(type, tags)) == {int} and _TAG_MIN <= min(tags) and max(tags) <= _TAG_MAX):
-            raise _Malformed(f"rows of {pid!r} have a tag that is not an int64")
-        if len(set(tags)) != len(tags):
-            raise _Malformed(f"rows of {pid!r} repeat a tag")
-        problem = keys_problem(flat[0::3])
-        if problem is not None:
-            raise _Malformed(f"rows of {pid!r} have a key that is not a key: {problem}")
-        return flat
 
     def _apply_part(self, peer: str, n: int, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
         """Make this node's view of each pid in `groups` what part `n` says (see the protocol)."""
@@ -996,12 +900,9 @@ class ScopeServer:
             raise RuntimeError(f"registry {self.name!r} is stopped")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self._discovering:
-            # A node just connected may run this scope without having said so yet;
-            # wait until every connected node has answered our discover.
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._discovery_waiters.append(waiter)
-            await asyncio.wait_for(waiter, timeout)
+        # A node just connected may run this scope without having said so yet: wait
+        # until every connected node has answered our discover.
+        await self._discovery.settled(timeout)
         peers = set(self._peers)
         if not peers:
             self._raise_unsent()

@@ -20,36 +20,24 @@ Call protocol: the caller monitors the destination and sends ``Call(ref, caller,
 with the monitor's ref; the reply or the monitor's ``Down`` resolves a future in the
 caller (see `pgregistry.process.Process.expect_reply`), so neither enters its mailbox.
 To another node, the monitor and the call travel as one message
-(`pgregistry.process.Router.call_remote`).
+(`pgregistry.process.Router.call_remote`). `Call`, `Cast` and `Reply` are defined in
+`pgregistry.process`, below the node layer that carries them; this module re-exports
+`Call` and `Cast`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from .errors import AlreadyStarted, CallTimeout, NoProcess
-from .process import Process, Reply, Runtime, Via, check_timeout, current_process, receive
-from .terms import Pid, Ref, short_repr
+from .process import Call, Cast, Process, Reply, Runtime, Via, check_timeout, current_process, receive
+from .terms import Pid, short_repr
 
 __all__ = ["Server", "Call", "Cast", "call", "cast"]
 
 logger = logging.getLogger("pgregistry.server")
-
-
-class Call(NamedTuple):
-    """A synchronous request: answer ``Reply(ref, value)`` to ``caller``."""
-
-    ref: Ref
-    caller: Pid
-    request: Any
-
-
-class Cast(NamedTuple):
-    """An asynchronous request for ``handle_cast``."""
-
-    msg: Any
 
 
 class _HasRuntime(Protocol):

@@ -95,7 +95,7 @@ class ProxiedCluster:
     mode (``"blackhole"``: silent, detected after ``down_after``; ``"cut"``: connections
     closed). `node_options` go to every `Node` (tick_interval, down_after, ...);
     `attributes` are set on every node before it starts (handshake_timeout,
-    reconnect_initial, reconnect_max).
+    confirm_timeout, reconnect_initial, reconnect_max).
     """
 
     def __init__(self, names: Iterable[str] = ("A", "B", "C"), *, mode: LinkMode | str = "blackhole",

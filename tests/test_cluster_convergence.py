@@ -42,7 +42,7 @@ from .helpers import eventually, run_as, spawn_agent, stop_agent
 TICK = 0.05
 DOWN = 0.3
 # Faster reconnects after a heal than the defaults (handshake 1 s, backoff up to 0.6 s).
-FAST_RECONNECT = {"handshake_timeout": 0.5, "reconnect_max": 0.25}
+FAST_RECONNECT = {"handshake_timeout": 0.5, "confirm_timeout": 0.5, "reconnect_max": 0.25}
 
 
 def entries_of(events: list[Any], kind: type) -> View:
@@ -383,7 +383,7 @@ SEVERING = st.sampled_from(["cut", "cut", "blackhole"])
 MAX_SPLITS = 5
 # Liveness for the machine: fast detection and fast redials after a heal.
 MACHINE_NODE = {"tick_interval": 0.05, "down_after": 0.3}
-MACHINE_ATTRS = {"handshake_timeout": 0.4, "reconnect_max": 0.1}
+MACHINE_ATTRS = {"handshake_timeout": 0.4, "confirm_timeout": 0.4, "reconnect_max": 0.1}
 # Bound on each wait of the machine (a split observed, convergence): healthy runs take
 # well under a second even on a loaded machine; a failing example must fail, and be
 # replayed once, well within the 60 s pytest-timeout.

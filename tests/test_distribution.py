@@ -19,7 +19,8 @@ import pytest
 
 from pgregistry.errors import AuthenticationError, CallTimeout, NoProcess, NotLocal, RemoteError
 from pgregistry.events import Down, Join, NodeDown, NodeUp
-from pgregistry.node import _L_HELLO_SENT, Node
+from pgregistry.mesh import PROPOSED
+from pgregistry.node import Node
 from pgregistry.process import demonitor, exit, monitor, receive, self as self_pid, send
 from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
@@ -465,9 +466,9 @@ async def test_a_peer_that_takes_only_small_frames_still_learns_every_member() -
             await asyncio.wait_for(events.get(), 0.2)
 
 
-async def test_a_late_hello_from_a_dead_incarnation_does_not_take_the_new_one_down() -> None:
-    # x dials y through a slow link and stops right after sending its hello; x restarts
-    # on the same port and connects directly, well before the old hello arrives at y.
+async def test_a_late_proposal_from_a_dead_incarnation_does_not_take_the_new_one_down() -> None:
+    # x dials y through a slow link and stops right after proposing the connection; x restarts
+    # on the same port and connects directly, well before the old proposal arrives at y.
     slow = {"tick_interval": 0.5, "down_after": 5.0}
     async with started(make_node("y", **slow)) as (y,):
         events = await node_watcher(y)
@@ -476,9 +477,9 @@ async def test_a_late_hello_from_a_dead_incarnation_does_not_take_the_new_one_do
         async with LinkProxy(address(y)) as proxy:
             proxy.delay(0.4)
             dialling = asyncio.ensure_future(run_on(x_old, x_old.connect, proxy.address))
-            # staging: wait until x_old's hello is on its way
-            await eventually(lambda: any(link.state == _L_HELLO_SENT for peer in x_old._peers.values()
-                                         for link in peer.links), "x_old's hello to be sent")
+            # staging: wait until x_old's proposal is on its way
+            await eventually(lambda: any(link.state == PROPOSED for peer in x_old._peers.values()
+                                         for link in peer.links), "x_old's proposal to be sent")
             await run_on(y, x_old.stop)
             x_new = make_node("x", port=x_old.port, **slow)
             await run_on(y, x_new.start)
@@ -992,10 +993,10 @@ async def test_a_peer_that_breaks_the_set_up_protocol_is_closed(caplog: pytest.L
         try:
             with caplog.at_level(logging.WARNING, logger="pgregistry.node"):
                 conn = await evil.connect(address(a))
-                conn.send(["send", self_pid(), "before hello"])  # not allowed before the set-up
+                conn.send(["send", self_pid(), "before propose"])  # not allowed before the confirm step
                 await eventually(lambda: bool(closes), "a to close the connection")
                 conn = await evil.connect(address(a))
-                conn.send(["hello", "not an int", True])
+                conn.send(["propose", "not an int", True])
                 await eventually(lambda: len(closes) == 2, "a to close the second connection")
                 conn = await evil.connect(address(a))  # says nothing at all
                 await eventually(lambda: len(closes) == 3, "the set-up timeout", timeout=a.handshake_timeout + T)

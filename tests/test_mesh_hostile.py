@@ -156,7 +156,7 @@ class Peak:
 async def test_a_flood_of_fake_member_ids_leaves_the_node_up_with_its_peers_and_is_forgotten() -> None:
     # Default caps. The victim gives up on a silent dial after 0.5 s, so the test stays short.
     victim = make_node("victim")
-    victim.handshake_timeout = 0.5
+    victim.handshake_timeout = victim.confirm_timeout = 0.5
     async with targets() as (closer, silent, refused), \
             started(victim, make_node("real"), make_node("mallory")) as (a, b, m):
         await b.connect(a.id)
@@ -190,7 +190,7 @@ async def test_a_flood_of_fake_member_ids_leaves_the_node_up_with_its_peers_and_
 
 async def test_gossip_dials_and_gossiped_ids_stay_within_the_configured_caps() -> None:
     victim = make_node("victim", max_gossip_peers=40, max_gossip_dials=3)
-    victim.handshake_timeout = 0.4
+    victim.handshake_timeout = victim.confirm_timeout = 0.4
     async with targets() as (closer, silent, refused), \
             started(victim, make_node("mallory")) as (a, m):
         await m.connect(a.id)
@@ -233,8 +233,8 @@ async def test_a_member_list_goes_out_in_messages_every_peer_takes_whole() -> No
             await listener.connect(address(a))
             [conn] = [c for c in a._endpoint.connections if c.peer_id == listener.node_id]
             ids = [f"member{i}@127.0.0.1:{1000 + i}" for i in range(600)]
-            a._send_members(conn, ids)
-            a._send_members(conn, [])
+            a._mesh.send_members(conn, ids)
+            a._mesh.send_members(conn, [])
             await eventually(lambda: sum(len(term[1]) for term in received) == 600 and received[-1] == ["members", []],
                              5.0, "every member list to arrive")
         finally:
