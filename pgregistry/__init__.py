@@ -23,8 +23,8 @@ from .errors import (
     AuthenticationError,
     CallTimeout,
     NoProcess,
-    NotReplicated,
     NotLocal,
+    NotReplicated,
     RegistryError,
     RemoteError,
 )

@@ -35,7 +35,7 @@ import secrets
 from typing import Any, Callable, Final, Mapping
 
 from .logbudget import LogBudget
-from .terms import Ref, Pid, short_repr
+from .terms import Pid, Ref, short_repr
 from .transport import MAX_NODE_ID_LEN, Connection, Endpoint, parse_address
 from .wire import encode
 

@@ -40,8 +40,9 @@ from typing import Any, Awaitable, Callable, Iterable
 from .errors import AlreadyStarted, NotLocal
 from .events import NodeDown, NodeUp
 from .mesh import GOSSIP_ATTEMPTS, MEMBERS_PER_MESSAGE, REPLACED, Mesh, PeerRecord
-from .process import Process, Runtime, current_process, task_process
+from .process import Process, current_process, task_process
 from .remote import Remote
+from .runtime import Runtime
 from .service import Service
 from .terms import Pid, short_repr
 from .transport import Endpoint, check_int, check_max_frame, check_seconds, parse_address

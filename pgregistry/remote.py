@@ -31,8 +31,9 @@ from typing import Any, Final, Iterable, Mapping
 
 from .errors import RemoteError
 from .events import MESSAGE_TYPE_NAMES, MESSAGE_TYPES
-from .mesh import Mesh, MalformedMessage, PeerHandler, PeerRecord, need
-from .process import Call, Cast, Process, Reply, Runtime
+from .mesh import MalformedMessage, Mesh, PeerHandler, PeerRecord, need
+from .process import Call, Cast, Process, Reply
+from .runtime import Runtime
 from .service import Service
 from .terms import Pid, Ref, check_value, is_value
 from .transport import Connection

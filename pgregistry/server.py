@@ -32,7 +32,8 @@ import logging
 from typing import Any, Protocol
 
 from .errors import AlreadyStarted, CallTimeout, NoProcess
-from .process import Call, Cast, Process, Reply, Runtime, Via, check_timeout, current_process, receive
+from .process import Call, Cast, Process, Reply, Via, check_timeout, current_process, receive
+from .runtime import Runtime
 from .terms import Pid, short_repr
 
 __all__ = ["Server", "Call", "Cast", "call", "cast"]
@@ -102,8 +103,7 @@ class Server:
             if holder is not None:
                 raise AlreadyStarted(holder, via)
         elif name is not None:
-            runtime.check_name(name)
-            holder = runtime.whereis(name)
+            holder = runtime.whereis(runtime.check_name(name))
             if holder is not None:
                 raise AlreadyStarted(holder, name)
 
