@@ -73,8 +73,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -296,7 +297,8 @@ class _ChildServer:
             self.subscriber = None
 
     async def cmd_lat_run(self, n: int, warmup: int) -> dict:
-        from pgregistry import receive, self as self_pid
+        from pgregistry import receive
+        from pgregistry import self as self_pid
 
         reg, node = self.reg, self.node
 
@@ -481,14 +483,15 @@ class _ChildServer:
             # The count can only change in a peer message (timed above), so no polling.
             try:
                 await asyncio.wait_for(done.wait(), limit)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"catch-up: count {reg.count()} after {limit} s, want {expect}; "
                                    f"connected to {node.peers()}") from None
             t_done = done_at[0]
             stats_done = node.connection_stats(peer) or {}
             # Whatever else the holder sends for the catch-up: wait until the bytes
             # received stop growing (ticks aside) for 0.3 s, at most `settle` s.
-            last, quiet_since, give_up = stats_done.get("bytes_received", 0), time.monotonic(), time.monotonic() + settle
+            last = stats_done.get("bytes_received", 0)
+            quiet_since, give_up = time.monotonic(), time.monotonic() + settle
             while time.monotonic() < give_up and time.monotonic() - quiet_since < 0.3:
                 await asyncio.sleep(0.05)
                 got = (node.connection_stats(peer) or {}).get("bytes_received", 0)
@@ -544,7 +547,7 @@ class _ChildServer:
         record, noticed = self.purge[victim]
         try:
             await asyncio.wait_for(noticed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"{self.node.id}: {victim} not declared down within {timeout} s: {record}") from None
         if "end" not in record:
             raise ChildError(f"{self.node.id}: NodeDown for {victim} came without the scope's purge: {record}")
@@ -722,7 +725,7 @@ class ChildNode:
         except OSError:
             return ""
 
-    async def start(self, timeout: float = 30.0) -> "ChildNode":
+    async def start(self, timeout: float = 30.0) -> ChildNode:
         args = [sys.executable, str(Path(__file__).resolve()), "--child", "--name", self.name, "--loop", self.loop,
                 "--tick", str(self.tick), "--down-after", str(self.down_after)]
         with open(self.log_path, "ab") as log:
@@ -736,7 +739,7 @@ class ChildNode:
         self._reader = asyncio.ensure_future(self._read())
         try:
             info = await asyncio.wait_for(ready, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ChildError(f"node {self.name} ({self.loop}) did not start within {timeout} s; "
                              f"log:\n{self.log_tail()}") from None
         self.id = info["id"]
@@ -783,7 +786,7 @@ class ChildNode:
         self.proc.stdin.write((json.dumps({"id": n, "cmd": cmd, "args": args}) + "\n").encode())
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ChildError(f"node {self.name} ({self.loop}): {cmd} took more than {timeout} s") from None
         finally:
             self._waiting.pop(n, None)
@@ -802,7 +805,7 @@ class ChildNode:
                 self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.signal(signal.SIGKILL)
                 await self.proc.wait()
         if self._reader is not None:
@@ -1053,7 +1056,8 @@ def build_lines(results: dict[str, dict], opts: argparse.Namespace) -> list[Line
         lambda v: "-" if v is None else f"{v:,.0f}/s", ">= 200 000/s", min_value=200_000)
     add("  of which A registering locally", lambda r: (r["throughput"]["t_local"] - r["throughput"]["t0"]) / 1e9,
         fmt_time)
-    add("  then until sync (B and C applied all)", lambda r: (r["throughput"]["t_end"] - r["throughput"]["t_local"]) / 1e9,
+    add("  then until sync (B and C applied all)",
+        lambda r: (r["throughput"]["t_end"] - r["throughput"]["t_local"]) / 1e9,
         fmt_time)
 
     for i, size in enumerate(opts.catchup_sizes):
@@ -1260,7 +1264,7 @@ async def main_async(opts: argparse.Namespace) -> int:
             import uvloop  # noqa: F401
         except ImportError:
             if opts.loop == "uvloop":
-                raise SystemExit("uvloop is not installed (pip install -e '.[uvloop]')")
+                raise SystemExit("uvloop is not installed (pip install -e '.[uvloop]')") from None
             print("uvloop is not installed: the standard loop only", file=sys.stderr)
             loops = ["asyncio"]
     os.environ["PGREGISTRY_COOKIE"] = secrets.token_urlsafe(24)
@@ -1310,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminated)
     try:
         return asyncio.run(asyncio.wait_for(main_async(opts), opts.timeout))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"cluster bench: gave up after {opts.timeout:g} s (--timeout)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

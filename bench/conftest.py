@@ -9,9 +9,8 @@ Cython table, the pure twin and the baselines run one right after the other.
 
 from __future__ import annotations
 
-import pytest
-
 import _support  # noqa: F401  (puts the repository root on sys.path)
+import pytest
 
 #: Order of implementations inside one figure.
 IMPL_ORDER = {"cython": 0, "python": 1, "dict": 2, "dict_lock": 3}

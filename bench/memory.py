@@ -52,13 +52,15 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _support import DictRegistry, extension_status, make_registry  # noqa: E402
+
 from pgregistry.node import Node  # noqa: E402
 from pgregistry.process import receive  # noqa: E402
 

@@ -22,8 +22,9 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 # Run against the working tree (in-place build of the extension included).
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent

@@ -187,7 +187,7 @@ def build_table(times: dict[tuple[str, str], float], mem: list[dict[str, Any]], 
             if not any(s == shape for s, _i, _c in by):
                 continue
 
-            def cell(impl: str) -> tuple[float | None, str]:
+            def cell(impl: str, shape: str = shape, field: str = field) -> tuple[float | None, str]:
                 rss, tm = by.get((shape, impl, "rss")), by.get((shape, impl, "tracemalloc"))
                 value = rss[field] if rss else None
                 text = fmt_bytes(value) + (f" (tm {tm[field]:.0f})" if tm else "")

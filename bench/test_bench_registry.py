@@ -20,11 +20,12 @@ Each benchmark stores in ``benchmark.extra_info``: ``figure`` (the row of the re
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
 from _support import DictRegistry, LockedDictRegistry, extension_status, make_registry, pure_python_forced
+
 from pgregistry.node import Node
 from pgregistry.process import exit as exit_process
 from pgregistry.process import receive, send

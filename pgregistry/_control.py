@@ -61,8 +61,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Final, Iterable
+from typing import Any, Final
 
 from .errors import RegistryError
 from .events import Down, Join, Leave, Update
@@ -193,7 +194,8 @@ class Control(Server):
     def _registry(self, scope: Any) -> Registry:
         reg = self.registries.get(scope) if type(scope) is str else None
         if reg is None:
-            raise ValueError(f"no registry {short_repr(scope, 80)} on {self.node.id}; it runs {sorted(self.registries)}")
+            raise ValueError(f"no registry {short_repr(scope, 80)} on {self.node.id}; "
+                             f"it runs {sorted(self.registries)}")
         return reg
 
     async def _cmd_register(self, scope: Any, key: Any, value: Any, n: Any) -> list[Pid]:
@@ -207,7 +209,8 @@ class Control(Server):
             pid = self.node.spawn(_worker)
             if not reg.register_name(key, pid, value):
                 exit_process(pid, "kill")
-                raise ValueError(f"{short_repr(key, 80)} is held by {short_repr(reg.whereis_name(key))} in unique registry {short_repr(scope)}")
+                raise ValueError(f"{short_repr(key, 80)} is held by {short_repr(reg.whereis_name(key))} "
+                                 f"in unique registry {short_repr(scope)}")
             pids.append(pid)
         self.workers.setdefault((scope, key), []).extend(pids)
         return pids
@@ -337,7 +340,7 @@ class NodeProcess:
         down_after: float = 5.0,
         log: Path | None = None,
         timeout: float = START_TIMEOUT,
-    ) -> "NodeProcess":
+    ) -> NodeProcess:
         """Start ``python -m pgregistry node`` with these options and wait for its id.
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints

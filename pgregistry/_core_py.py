@@ -69,7 +69,8 @@ from __future__ import annotations
 import itertools
 import operator
 import threading
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .spec import (
     MISSING,
@@ -168,7 +169,7 @@ _BASE = 3
 
 _PatFn = Callable[[Any, list], bool]
 _Eval = Callable[[list], Any]
-_Test = Callable[[Any, Any, Any], Optional[list]]
+_Test = Callable[[Any, Any, Any], list | None]
 
 # Comparisons, arithmetic and indexing are Python's operators (spec.OPERATORS says so);
 # the C functions of `operator` compute exactly ``a == b``, ``a + b``, ``a[i]`` ... and
@@ -473,7 +474,8 @@ class Matcher:
         clauses = tuple(clauses)
         for c in clauses:
             if type(c) is not Clause:
-                raise TypeError(f"Matcher takes spec.Clause objects (from check_spec/check_match), got {short_repr(c, 80)}")
+                raise TypeError(f"Matcher takes spec.Clause objects (from check_spec/check_match), "
+                                f"got {short_repr(c, 80)}")
         self.clauses = clauses
         self._tests: tuple[_Test, ...] = tuple(map(_compile_test, clauses))
         bodies = tuple(_compile_body(c.body) for c in clauses)

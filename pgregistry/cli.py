@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Final, Sequence
+from typing import Any, Final
 
 from . import _table
 from ._control import CONTROL_NAME, SELECT_ALL, Control, NodeProcess, control

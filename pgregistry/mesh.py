@@ -32,7 +32,8 @@ import itertools
 import logging
 import random
 import secrets
-from typing import Any, Callable, Final, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from .logbudget import LogBudget
 from .terms import Pid, Ref, short_repr

@@ -35,7 +35,8 @@ import os
 import secrets
 import ssl as _ssl
 import threading
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from .errors import AlreadyStarted, NotLocal
 from .events import NodeDown, NodeUp
@@ -256,7 +257,7 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def __aenter__(self) -> "Node":
+    async def __aenter__(self) -> Node:
         await self.start()
         return self
 

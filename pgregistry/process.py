@@ -44,7 +44,8 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable, Hashable, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, NamedTuple, Protocol
 
 from .errors import NoProcess
 from .events import Down
@@ -79,7 +80,7 @@ _NOT_A_PROCESS = (
 
 # Every live process, by the task it runs in. Module-level because `current_process`
 # does not know which runtime the calling task belongs to.
-_tasks: dict[asyncio.Task, "Process"] = {}
+_tasks: dict[asyncio.Task, Process] = {}
 
 
 def _fast_current_task() -> Callable[[], asyncio.Task | None]:
@@ -169,7 +170,7 @@ class Router(Protocol):
 
     def down_remote(self, watcher: Pid, ref: Ref, pid: Pid, reason: Any) -> None: ...
 
-    def call_remote(self, caller: "Process", ref: Ref, dest: Any, request: Any) -> None: ...
+    def call_remote(self, caller: Process, ref: Ref, dest: Any, request: Any) -> None: ...
 
 
 class ProcessTable(Protocol):
@@ -356,7 +357,8 @@ class Process:
         deadline = None if timeout is None else loop.time() + timeout
         while not mailbox:
             if not self.alive:
-                raise RuntimeError(f"process {short_repr(self.pid)} exited ({short_repr(self.exit_reason)}) while receiving")
+                raise RuntimeError(f"process {short_repr(self.pid)} exited ({short_repr(self.exit_reason)}) "
+                                   "while receiving")
             waiter = loop.create_future()
             self._waiter = waiter
             if deadline is None:
@@ -558,7 +560,8 @@ class Process:
                     continue
                 if self.adopted:
                     # The task lives on: fail its call instead of faking a cancellation.
-                    fut.set_exception(RuntimeError(f"process {short_repr(pid)} exited ({short_repr(reason)}) during a call"))
+                    fut.set_exception(RuntimeError(f"process {short_repr(pid)} exited ({short_repr(reason)}) "
+                                                   "during a call"))
                 else:
                     fut.cancel()
         self._mailbox.clear()
@@ -593,7 +596,8 @@ async def _run(proc: Process, fn: Callable[..., Awaitable[Any]], args: tuple, kw
     try:
         awaitable = fn(*args, **kwargs)
         if not inspect.isawaitable(awaitable):
-            raise TypeError(f"spawn: {short_repr(fn)} returned {type(awaitable).__name__}, not an awaitable; pass an async function")
+            raise TypeError(f"spawn: {short_repr(fn)} returned {type(awaitable).__name__}, not an awaitable; "
+                            "pass an async function")
         await awaitable
     except asyncio.CancelledError:
         request = proc.exit_request

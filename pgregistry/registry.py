@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from ._table import Matcher
 from .errors import AlreadyStarted, NoProcess, NotLocal
@@ -71,7 +72,7 @@ class Registry:
 
     @classmethod
     async def start(cls, node: Node, name: str, *, keys: str = "duplicate",
-                    listeners: tuple[str, ...] | list[str] = (), partitions: int = 1) -> "Registry":
+                    listeners: tuple[str, ...] | list[str] = (), partitions: int = 1) -> Registry:
         """Start the scope `name` on `node` and return its registry.
 
         `keys` is ``"duplicate"`` (process groups: any number of entries per key) or
@@ -92,7 +93,8 @@ class Registry:
                      "the load)" if type(partitions) is int and partitions > 1 else "")
             raise ValueError(f"partitions must be 1, got partitions={short_repr(partitions, 60)}{extra}")
         if type(listeners) not in (tuple, list) or not all(type(n) is str and n for n in listeners):
-            raise ValueError(f"listeners must be a list of registered process names (str), got {short_repr(listeners, 60)}")
+            raise ValueError("listeners must be a list of registered process names (str), "
+                             f"got {short_repr(listeners, 60)}")
         node.require_loop_thread("Registry.start")
         existing = node.service(name)
         if existing is not None:

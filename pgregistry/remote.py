@@ -27,7 +27,8 @@ The full protocol is in docs/protocol.md.
 from __future__ import annotations
 
 import logging
-from typing import Any, Final, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
 from .errors import RemoteError
 from .events import MESSAGE_TYPE_NAMES, MESSAGE_TYPES

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .errors import AlreadyStarted, NoProcess, NotLocal
 from .events import Down
@@ -313,7 +314,8 @@ class Runtime:
             if pid is None:
                 raise NoProcess(f"no process is registered under {short_repr(dest, 200)}")
             return pid
-        raise TypeError(f"a destination must be a Pid, a name, a (name, node_id) tuple or a Via, got {short_repr(dest)}")
+        raise TypeError("a destination must be a Pid, a name, a (name, node_id) tuple or a Via, "
+                        f"got {short_repr(dest)}")
 
     def send(self, dest: Any, msg: Any) -> None:
         """Send `msg` to `dest` (see `resolve`); never waits.

@@ -30,8 +30,9 @@ import gc
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, Callable, Final, Iterable
+from typing import Any, Final
 
 from . import _table
 from ._table import Matcher

@@ -13,7 +13,8 @@ Everything here runs on the node's loop thread.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
 
 __all__ = ["Service", "PeerDiscovery", "DISCOVER"]
 

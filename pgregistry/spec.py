@@ -47,7 +47,8 @@ that is wrong.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Final, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from .terms import MAX_DEPTH, Pid, Ref, is_value, short_repr
 
@@ -75,79 +76,79 @@ class Expression:
             "(not and/or/not), and write a < V1 < b as (a < V1) & (V1 < b)"
         )
 
-    def __eq__(self, other: object) -> "Op":  # type: ignore[override]
+    def __eq__(self, other: object) -> Op:  # type: ignore[override]
         return Op("eq", (self, other))
 
-    def __ne__(self, other: object) -> "Op":  # type: ignore[override]
+    def __ne__(self, other: object) -> Op:  # type: ignore[override]
         return Op("ne", (self, other))
 
-    def __lt__(self, other: object) -> "Op":
+    def __lt__(self, other: object) -> Op:
         return Op("lt", (self, other))
 
-    def __le__(self, other: object) -> "Op":
+    def __le__(self, other: object) -> Op:
         return Op("le", (self, other))
 
-    def __gt__(self, other: object) -> "Op":
+    def __gt__(self, other: object) -> Op:
         return Op("gt", (self, other))
 
-    def __ge__(self, other: object) -> "Op":
+    def __ge__(self, other: object) -> Op:
         return Op("ge", (self, other))
 
-    def __and__(self, other: object) -> "Op":
+    def __and__(self, other: object) -> Op:
         return Op("and", (self, other))
 
-    def __rand__(self, other: object) -> "Op":
+    def __rand__(self, other: object) -> Op:
         return Op("and", (other, self))
 
-    def __or__(self, other: object) -> "Op":
+    def __or__(self, other: object) -> Op:
         return Op("or", (self, other))
 
-    def __ror__(self, other: object) -> "Op":
+    def __ror__(self, other: object) -> Op:
         return Op("or", (other, self))
 
-    def __invert__(self) -> "Op":
+    def __invert__(self) -> Op:
         return Op("not", (self,))
 
-    def __add__(self, other: object) -> "Op":
+    def __add__(self, other: object) -> Op:
         return Op("add", (self, other))
 
-    def __radd__(self, other: object) -> "Op":
+    def __radd__(self, other: object) -> Op:
         return Op("add", (other, self))
 
-    def __sub__(self, other: object) -> "Op":
+    def __sub__(self, other: object) -> Op:
         return Op("sub", (self, other))
 
-    def __rsub__(self, other: object) -> "Op":
+    def __rsub__(self, other: object) -> Op:
         return Op("sub", (other, self))
 
-    def __mul__(self, other: object) -> "Op":
+    def __mul__(self, other: object) -> Op:
         return Op("mul", (self, other))
 
-    def __rmul__(self, other: object) -> "Op":
+    def __rmul__(self, other: object) -> Op:
         return Op("mul", (other, self))
 
-    def __truediv__(self, other: object) -> "Op":
+    def __truediv__(self, other: object) -> Op:
         return Op("truediv", (self, other))
 
-    def __rtruediv__(self, other: object) -> "Op":
+    def __rtruediv__(self, other: object) -> Op:
         return Op("truediv", (other, self))
 
-    def __floordiv__(self, other: object) -> "Op":
+    def __floordiv__(self, other: object) -> Op:
         return Op("floordiv", (self, other))
 
-    def __rfloordiv__(self, other: object) -> "Op":
+    def __rfloordiv__(self, other: object) -> Op:
         return Op("floordiv", (other, self))
 
-    def __mod__(self, other: object) -> "Op":
+    def __mod__(self, other: object) -> Op:
         return Op("mod", (self, other))
 
-    def __rmod__(self, other: object) -> "Op":
+    def __rmod__(self, other: object) -> Op:
         return Op("mod", (other, self))
 
-    def __neg__(self) -> "Op":
+    def __neg__(self) -> Op:
         return Op("neg", (self,))
 
-    def __getitem__(self, index: object) -> "Op":
+    def __getitem__(self, index: object) -> Op:
         return Op("getitem", (self, index))
 
 

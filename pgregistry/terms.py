@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Final, Iterable
+from collections.abc import Iterable
+from typing import Any, Final
 
 __all__ = [
     "ENVELOPE_DEPTH",

@@ -52,7 +52,8 @@ import logging
 import math
 import time
 import types
-from typing import Callable, Iterable, Mapping, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 __all__ = ["DirectedLink", "LinkMode", "LinkProxy", "Partition", "parse_address"]
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pgregistry.events import Join, Leave, Update
 from pgregistry.node import Node

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from pgregistry.events import Down, Join, Leave, Update
 from pgregistry.node import Node

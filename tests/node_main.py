@@ -66,7 +66,8 @@ class Control(Server):
         node = self.node
         match request:
             case "info":
-                return {"id": node.id, "creation": node.creation, "peers": node.peers(), "worker": node.whereis("worker")}
+                return {"id": node.id, "creation": node.creation, "peers": node.peers(),
+                        "worker": node.whereis("worker")}
             case ("echo", value):
                 return value
             case ("watch", Pid() as pid, Pid() as report_to, str(label)):

@@ -25,15 +25,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from pgregistry.events import Join, Leave, NodeDown, Update
 import pgregistry.scope as scope_module
+from pgregistry.events import Join, Leave, NodeDown, Update
 from pgregistry.scope import SYNC_PART_ROWS
 
 from .cluster_helpers import ProxiedCluster, View, clean, local_view, merge, multiset
@@ -48,9 +49,9 @@ FAST_RECONNECT = {"handshake_timeout": 0.5, "confirm_timeout": 0.5, "reconnect_m
 def entries_of(events: list[Any], kind: type) -> View:
     """The entries carried by events of `kind`, as a view."""
     out: dict[Any, Counter] = {}
-    for event in events:
-        if isinstance(event, kind):
-            out[event.key] = out.get(event.key, Counter()) + multiset(event.entries)
+    for message in events:
+        if isinstance(message, kind):
+            out[message.key] = out.get(message.key, Counter()) + multiset(message.entries)
     return clean(out)
 
 
@@ -408,7 +409,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.part_rows = scope_module.SYNC_PART_ROWS
-        setattr(scope_module, "SYNC_PART_ROWS", MACHINE_PART_ROWS)
+        scope_module.SYNC_PART_ROWS = MACHINE_PART_ROWS
         self.loop = asyncio.new_event_loop()
         self.cluster = ProxiedCluster(NAMES, mode="cut", attributes=MACHINE_ATTRS, **MACHINE_NODE)
         self.groups: list[set[str]] | None = None
@@ -420,7 +421,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.run(self.cluster.close(), timeout=MACHINE_WAIT)
             finally:
                 self.loop.close()
-                setattr(scope_module, "SYNC_PART_ROWS", self.part_rows)
+                scope_module.SYNC_PART_ROWS = self.part_rows
             raise
 
     def run(self, coro: Any, timeout: float = MACHINE_WAIT + 2) -> Any:
@@ -518,7 +519,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.run(self.cluster.close(), timeout=MACHINE_WAIT)
             finally:
                 self.loop.close()
-                setattr(scope_module, "SYNC_PART_ROWS", self.part_rows)
+                scope_module.SYNC_PART_ROWS = self.part_rows
 
 
 # No shrink phase: a failing example costs up to MACHINE_WAIT per wait, so shrinking

@@ -39,7 +39,7 @@ def view(reg: Registry) -> dict[Any, list]:
 
 
 async def test_joins_leaves_and_updates_replicate_in_order() -> None:
-    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+    async with cluster(3) as [(a, ra), (b, rb), (_c, rc)]:
         worker = spawn_agent(a)
         await run_as(worker, lambda: [ra.register("k", i) for i in range(3)])
         await ra.sync()
@@ -62,7 +62,7 @@ async def test_joins_leaves_and_updates_replicate_in_order() -> None:
 
 
 async def test_interleaved_joins_of_several_processes_keep_their_order_on_peers() -> None:
-    async with cluster(2) as [(a, ra), (b, rb)]:
+    async with cluster(2) as [(a, ra), (_b, rb)]:
         p, q = spawn_agent(a), spawn_agent(a)
 
         async def register_in_bursts(bursts: list[list[int]]) -> None:
@@ -123,7 +123,7 @@ async def test_a_value_holding_nan_is_not_an_update_when_a_peer_sends_its_rows_a
 
 
 async def test_process_exit_removes_its_entries_everywhere() -> None:
-    async with cluster(3) as [(a, ra), (b, rb), (c, rc)]:
+    async with cluster(3) as [(a, ra), (_b, rb), (c, rc)]:
         inbox: list[Any] = []
         watcher = spawn_agent(c, inbox)
         ref, _snapshot = await run_as(watcher, rc.monitor_scope)

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,8 @@ from pgregistry.errors import AuthenticationError, CallTimeout, NoProcess, NotLo
 from pgregistry.events import Down, Join, NodeDown, NodeUp
 from pgregistry.mesh import PROPOSED
 from pgregistry.node import Node
-from pgregistry.process import demonitor, exit, monitor, receive, self as self_pid, send
+from pgregistry.process import demonitor, exit, monitor, receive, send
+from pgregistry.process import self as self_pid
 from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
 from pgregistry.testing import LinkProxy, Partition

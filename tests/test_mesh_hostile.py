@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ class Listener:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def __aenter__(self) -> "Listener":
+    async def __aenter__(self) -> Listener:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, backlog=1024)
         return self
 

@@ -13,14 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from pgregistry.events import Down, NodeDown, NodeUp
 from pgregistry.node import Node
-from pgregistry.process import monitor, receive, self as self_pid
+from pgregistry.process import monitor, receive
+from pgregistry.process import self as self_pid
 from pgregistry.server import call
 
 pytestmark = pytest.mark.multiprocess

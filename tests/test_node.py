@@ -12,7 +12,8 @@ import pytest
 from pgregistry.errors import AlreadyStarted, NoProcess, NotLocal
 from pgregistry.events import Down
 from pgregistry.node import Node
-from pgregistry.process import exit, monitor, receive, self as self_pid, send
+from pgregistry.process import exit, monitor, receive, send
+from pgregistry.process import self as self_pid
 from pgregistry.terms import Pid, Ref
 
 T = 5.0

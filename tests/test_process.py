@@ -18,8 +18,10 @@ from pgregistry.process import (
     exit,
     monitor,
     receive,
-    self as self_pid,
     send,
+)
+from pgregistry.process import (
+    self as self_pid,
 )
 from pgregistry.terms import Pid, Ref
 

@@ -13,14 +13,14 @@ from pgregistry.events import Join, Leave, Registered, Unregistered, Update
 from pgregistry.node import Node
 from pgregistry.process import self as self_pid
 from pgregistry.process import send
-from pgregistry.server import Server, call, cast
 from pgregistry.registry import Registry
+from pgregistry.server import Server, call, cast
 from pgregistry.spec import BINDINGS, V1, V2, V3, WHOLE, _, is_int, is_str, var
-
-V4, V5 = var(4), var(5)
 from pgregistry.terms import Pid, same_term
 
 from .helpers import drain, run_as, spawn_agent, started_registry, stop_agent
+
+V4, V5 = var(4), var(5)
 
 pytestmark = pytest.mark.usefixtures("registry_table")
 

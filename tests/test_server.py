@@ -11,7 +11,8 @@ import pytest
 from pgregistry.errors import AlreadyStarted, CallTimeout, NoProcess
 from pgregistry.events import Down
 from pgregistry.node import Node
-from pgregistry.process import Via, exit, monitor, receive, self as self_pid, send
+from pgregistry.process import Via, exit, monitor, receive, send
+from pgregistry.process import self as self_pid
 from pgregistry.server import Server, call, cast
 from pgregistry.terms import Pid, Ref
 

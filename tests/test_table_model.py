@@ -19,8 +19,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -423,7 +424,7 @@ def head_vars(x: Any, found: set[int]) -> set[int]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expressions(numbers: tuple[int, ...]) -> st.SearchStrategy[Any]:
     """Guard and body expressions over the variables `numbers` (strategies are cached:
     building one per draw makes drawing, and above all shrinking, very slow)."""
@@ -450,7 +451,7 @@ def expressions(numbers: tuple[int, ...]) -> st.SearchStrategy[Any]:
     return st.recursive(leaves, extend, max_leaves=5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def likely_guards(numbers: tuple[int, ...]) -> st.SearchStrategy[Any]:
     """Guards that often hold, so that guarded clauses select something."""
     bound = [VARS[n - 1] for n in numbers]
@@ -473,7 +474,7 @@ def bound_vars(head: Any) -> tuple[int, ...]:
     return tuple(sorted(head_vars(head, set())))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def guard_lists(numbers: tuple[int, ...]) -> st.SearchStrategy[list]:
     return st.one_of(
         st.just([]),
@@ -482,7 +483,7 @@ def guard_lists(numbers: tuple[int, ...]) -> st.SearchStrategy[list]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bodies(numbers: tuple[int, ...]) -> st.SearchStrategy[list]:
     return st.one_of(
         st.sampled_from([[WHOLE], [BINDINGS], [True], [False]]),

@@ -80,7 +80,8 @@ def test_short_repr_never_raises_and_stays_within_its_limit() -> None:
     huge_dict = {i: BIG for i in range(1000)}
     hostile: list[Any] = [
         BIG, -BIG, [BIG] * 100_000, (BIG, (BIG,)), {"k": BIG}, huge_dict, _deep(100_000),
-        Pid("n@h:1", 1), Pid("n" * 1_000_000, BIG, BIG), "s" * 1_000_000, b"\x00" * 1_000_000, ValueError(BIG), KeyError((BIG, "k")),
+        Pid("n@h:1", 1), Pid("n" * 1_000_000, BIG, BIG), "s" * 1_000_000, b"\x00" * 1_000_000,
+        ValueError(BIG), KeyError((BIG, "k")),
         _BadRepr(), [_BadRepr()], recursive, {BIG, 1}, frozenset({(BIG,)}), range(10**30),
     ]
     for x in hostile:

@@ -18,7 +18,8 @@ import logging
 import random
 import socket
 import time
-from typing import AsyncIterator, cast
+from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 
@@ -196,7 +197,7 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
 async def test_start_reports_a_loopback_address(echo: EchoServer) -> None:
     p = LinkProxy(echo.address)
     with pytest.raises(RuntimeError):
-        p.address
+        _ = p.address
     address = await p.start()
     try:
         assert address == p.address
@@ -606,7 +607,7 @@ async def test_partition_split_and_heal_on_three_nodes(
         for link, p in part.proxies.items():
             assert p.mode is (LinkMode.BLACKHOLE if link in cross else LinkMode.PASS)
 
-        for reader, writer in mesh.values():
+        for _reader, writer in mesh.values():
             writer.write(b"?")
         # Inside a group the bytes flow; across groups nothing arrives, on any link at once.
         await asyncio.gather(*(read_exactly(mesh[link][0], 1)
@@ -617,7 +618,7 @@ async def test_partition_split_and_heal_on_three_nodes(
         part.heal()
         assert part.severed == frozenset() and part.groups is None
         assert all(p.mode is LinkMode.PASS for p in part.proxies.values())
-        for link, (reader, writer) in mesh.items():
+        for reader, writer in mesh.values():
             await roundtrip(reader, writer, b"healed")  # only new bytes: the "?" was dropped
         for _reader, writer in mesh.values():
             await close_writer(writer)
