@@ -1,4 +1,4 @@
-"""Cluster benchmark: nodes in separate OS processes on loopback; one table against DESIGN.md §7.
+"""Cluster benchmark: nodes in separate OS processes on loopback; one table against the targets in docs/performance.md.
 
 Usage, from the repository root::
 

@@ -1,4 +1,4 @@
-"""Run the registry benchmarks and the memory probe; print one table against DESIGN.md §7.
+"""Run the registry benchmarks and the memory probe; print one table against the targets in docs/performance.md.
 
 Usage, from the repository root::
 
@@ -9,7 +9,7 @@ It runs ``pytest bench/test_bench_registry.py --benchmark-json=...`` in a child 
 (Cython table, pure twin and dict baselines in that one process, figure by figure),
 then ``bench/memory.py`` (one fresh interpreter per implementation and counter), and
 prints one table: figure | cython median | pure median | baseline | cython/pure |
-us/baseline | DESIGN §7 target | met?, then the machine. The suite runs ``--passes``
+us/baseline | target | met?, then the machine. The suite runs ``--passes``
 times (default 2) and each (figure, implementation) keeps its lowest median, so a burst
 of load from other processes during one pass does not decide a ratio. "us" is the Cython table
 (the pure twin, marked ``*``, when the extension is not built). Batch figures
@@ -40,7 +40,7 @@ from _support import extension_status  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A DESIGN §7 target: an upper bound on the Cython median and/or a minimum speed-up
+    """A target of docs/performance.md: an upper bound on the Cython median and/or a minimum speed-up
     of the Cython table over the pure twin."""
 
     text: str
@@ -167,7 +167,7 @@ def build_table(times: dict[tuple[str, str], float], mem: list[dict[str, Any]], 
     """The rows of the report, header first."""
     star = "" if ours_impl == "cython" else "*"
     rows = [["figure", "cython median", "pure median", "baseline (dict)", "cython/pure",
-             f"us{star}/baseline", "DESIGN §7 target", "met?"]]
+             f"us{star}/baseline", "target", "met?"]]
     for row in TIME_ROWS:
         cy, py = times.get((row.figure, "cython")), times.get((row.figure, "python"))
         base, locked = times.get((row.figure, "dict")), times.get((row.figure, "dict_lock"))

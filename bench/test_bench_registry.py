@@ -1,4 +1,4 @@
-"""Registry benchmarks (pytest-benchmark): the figures of DESIGN.md §7 for one node.
+"""Registry benchmarks (pytest-benchmark): the single-node figures of docs/performance.md.
 
 Run with ``pytest bench/`` (``bench/report.py`` runs them and prints the table). Every
 figure runs on the Cython table (``impl=cython``) and on the pure-Python twin

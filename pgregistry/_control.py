@@ -1,6 +1,6 @@
 """Driving nodes from outside: the control server, its client, node processes (layer 7).
 
-Beside the CLI (DESIGN.md §1), used by ``pgregistry node``, ``pgregistry demo`` and the
+Beside the CLI (the top layer), used by ``pgregistry node``, ``pgregistry demo`` and the
 multi-process tests. Two halves:
 
 * **in a node**: `Control`, the `~pgregistry.server.Server` that ``pgregistry node``

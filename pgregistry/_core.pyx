@@ -54,7 +54,7 @@ and never build tracebacks, so a guard that raises on most rows stays cheap.
 
 Re-entrancy and threads
 -----------------------
-Reads may run on any thread while the loop thread writes (DESIGN §2), and anything that
+Reads may run on any thread while the loop thread writes (docs/contract.md, "Threads"), and anything that
 runs Python code (an ``__eq__`` of a `Pid`, a GC-triggered finalizer, an allocation)
 may let another thread run or re-enter the table. Hence:
 

@@ -43,7 +43,7 @@ function ``(key, pid, value) -> slots | None`` and the body into one evaluator
 ``WHOLE`` is ``slots[0:3]`` as a tuple and ``BINDINGS`` is ``slots[3:]``. Nothing
 walks the normalized node tree per row.
 
-Concurrency: reads may come from any thread while the loop thread writes (DESIGN §2),
+Concurrency: reads may come from any thread while the loop thread writes (see docs/contract.md, "Threads"),
 and pure-Python iteration can be interrupted by a thread switch, so every operation
 that reads more than one index entry runs under the table's lock; each operation is
 therefore atomic.

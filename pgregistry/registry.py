@@ -5,7 +5,7 @@ be called from any thread. Writes (`register`, `unregister`, `update_value`, `pu
 …) are synchronous and must run on the node's event-loop thread; they validate every
 argument *before* touching the table, so a write that raises changes nothing.
 
-Semantics follow PgRegistry (see DESIGN.md §4, §5): `unregister` removes the caller's
+Semantics follow PgRegistry (docs/contract.md has every rule and the differences): `unregister` removes the caller's
 most recent entry under a key; `unregister_name` removes every local entry under a key;
 `keys` is distinct; `dispatch` passes pids; unique mode is per node; `whereis_name`,
 `send` and via names resolve to the holder on the calling node only.

@@ -1,6 +1,6 @@
 """Fault injection for tests: a TCP proxy per link, and partitions built from such proxies.
 
-This module sits on top of the house, beside the CLI (DESIGN.md §1). It uses only the
+This module sits on top of the house, beside the CLI (docs/architecture.md). It uses only the
 standard library and knows nothing about nodes: it moves bytes, so the faults it injects
 are real TCP events that the node layer sees exactly as it would on a bad network.
 

@@ -7,14 +7,14 @@ real TCP fault: ``blackhole`` (silent: detected by missing ticks after ``down_af
 ``cut`` (connections closed, redials refused). A watcher process on every node holds a
 ``monitor_scope`` subscription; after every heal each node's full view must equal the
 union of all nodes' local entries, and each watcher's snapshot + events must give exactly
-its node's view (DESIGN.md §4.1, §6).
+its node's view (docs/contract.md, "Distribution").
 
 * `test_split_register_heal_converges_with_every_event_accounted_for`: {A} | {B, C},
   changes on both sides, heal; checks Leaves at the split and Joins at the heal exactly.
 * `test_a_blip_shorter_than_down_after_gives_update_not_leave_and_join`: a link slowed
   (not severed) for less than ``down_after`` while a value changes: one `Update`.
 * `test_a_peer_that_reconnects_before_it_was_declared_down_gives_update`: the reconnect
-  case of DESIGN.md §4.1: the connection is replaced, the rows stay, and the new
+  case of docs/contract.md's replaced connections: the connection is replaced, the rows stay, and the new
   connection's sync round reports the changed value as one `Update`.
 * `ClusterMachine`: hypothesis stateful test, random register / unregister / update /
   exit / split / heal over 3 nodes, convergence checked after each heal and at the end.
@@ -199,7 +199,7 @@ async def test_a_peer_that_reconnects_before_it_was_declared_down_gives_update()
     # A dialled B (through proxy A->B). That connection goes silent, and B loses it (its
     # "disconnect" and FIN are held by the blackhole): to A it is still up, as when B's
     # side was reset and A never saw it. B changes its entries, then dials A again
-    # through B->A, well within down_after. DESIGN.md 4.1: the changed value comes as an
+    # through B->A, well within down_after. The contract: the changed value comes as an
     # Update; only what really went or came gives a Leave or a Join.
     async with pair_for_blips() as cluster:
         A, B = cluster["A"], cluster["B"]

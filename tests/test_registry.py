@@ -1,4 +1,4 @@
-"""Registry behaviour on one node: the PgRegistry semantics (reference §3–6, §11)."""
+"""Registry behaviour on one node: the PgRegistry semantics, with the differences docs/contract.md lists."""
 
 from __future__ import annotations
 

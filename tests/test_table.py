@@ -5,11 +5,11 @@ module ``pgregistry._core_py`` always, the Cython module ``pgregistry._core`` un
 ``PGREGISTRY_PURE_PYTHON=1`` (then those tests are skipped). A Cython module that fails
 to import makes its tests ERROR, never skip: a broken build must be visible.
 
-Match-spec tests follow the worked examples of
-``/work/shared/reference/pg_registry_semantics.md`` §9.6 in our vocabulary (atoms become
-strings). Where our documented divergences apply (Python equality: ``1 == 1.0``, DESIGN
-§3; ``WHOLE`` is ``(key, pid, value)`` without the tag, DESIGN §5 S5; ``unregister_match``
-with any variable, S2), the expected result is ours and the test says so.
+Match-spec tests follow the worked examples of PgRegistry's match-spec documentation,
+in our vocabulary (atoms become strings). Where our documented differences apply
+(docs/contract.md: Python equality, ``1 == 1.0``; ``WHOLE`` is ``(key, pid, value)``
+without the tag; ``unregister_match`` works with any variable), the expected result is
+ours and the test says so.
 """
 
 from __future__ import annotations
@@ -458,7 +458,7 @@ def test_heavy_removal_keeps_every_order(table: Any) -> None:
 
 
 def test_equal_keys_and_pids_use_python_equality(core: ModuleType, table: Any) -> None:
-    """``1 == 1.0 == True`` is one key, as in a dict (DESIGN §3).
+    """``1 == 1.0 == True`` is one key, as in a dict (docs/contract.md, "Terms").
 
     Each row keeps the key object it was inserted with (per-row reads: `rows`,
     `pid_entries`, `keys`, ``WHOLE``); a group is reported under the key object of the
@@ -492,7 +492,7 @@ def test_equal_keys_and_pids_use_python_equality(core: ModuleType, table: Any) -
 
 
 def test_reads_are_atomic_under_threads(core: ModuleType) -> None:
-    """A reader thread never sees a half-done write (DESIGN §2: reads from any thread)."""
+    """A reader thread never sees a half-done write (docs/contract.md: reads from any thread)."""
     table = core.Table()
     n = 50
     for i in range(n):
@@ -537,7 +537,7 @@ def test_reads_are_atomic_under_threads(core: ModuleType) -> None:
 
 
 # ======================================================================================
-# Match specs: the worked examples of §9.6
+# Match specs: the worked examples of PgRegistry's documentation
 # ======================================================================================
 
 V_1 = (1, "atom", 1)
@@ -557,7 +557,7 @@ def hello(table: Any) -> Any:
     [
         ((1, _, _), [], [V_1]),
         ((2, _, _), [], [V_2]),
-        # Divergence (DESIGN §3): literals compare with Python equality, 1.0 == 1.
+        # Divergence (docs/contract.md, "Terms"): literals compare with Python equality, 1.0 == 1.
         ((1.0, _, _), [], [V_1]),
         ((2.0, _, _), [], [V_2]),
         ((_, "atom", _), [], [V_1, V_2]),
@@ -630,7 +630,7 @@ def test_select_worked_examples(core: ModuleType, table: Any) -> None:
     assert sel([((V1, V2, value), [], [(V1, V2, const(value))])]) == want
     assert sel([((V1, V2, value), [], [(V1, V2, value)])]) == want  # a term is its own constant
     assert sel([(("world", V2, V3), [], [("world", V2, V3)])]) == []
-    # Divergence (DESIGN §3): 1.0 == 1, so this matches; WHOLE is (key, pid, value) (S5).
+    # Divergence (docs/contract.md, "Terms"): 1.0 == 1, so this matches; WHOLE is (key, pid, value).
     assert sel([((V1, V2, (1.0, _, _)), [], [WHOLE])]) == want
     assert sel([((V1, V2, (V3, "atom", V4)), [], [(V1, V2, (V3, "atom", V4))])]) == want
     assert sel([((V1, V2, (V3, V4, V3)), [], [(V1, V2, (V3, V4, V3))])]) == want
@@ -725,7 +725,7 @@ def test_pop_match_worked_examples(core: ModuleType, table: Any) -> None:
     assert t.pop_match("hello", ME, pattern(core, (2, _, _))) == [(2, V_2)]
     assert t.lookup("hello") == [(ME, V_1)]
     t.insert("hello", ME, V_2, 3)
-    # Divergence (DESIGN §3): 2.0 == 2, so this removes the entry (Erlang keeps it).
+    # Divergence (docs/contract.md, "Terms"): 2.0 == 2, so this removes the entry (Erlang keeps it).
     assert t.pop_match("hello", ME, pattern(core, (2.0, _, _))) == [(3, V_2)]
     t.insert("hello", ME, V_2, 4)
     assert t.pop_match("hello", ME, pattern(core, (_, "atom", _))) == [(1, V_1), (4, V_2)]
