@@ -142,7 +142,7 @@ No ``on_message`` follows a close. Two nodes that connect to each other at the s
 get two connections; the layer above keeps one (both sides can decide alike from
 ``initiated`` and the two ids).
 
-Run ``python -m pgregistry.transport [--asyncio | --uvloop]`` for latency and throughput figures.
+``bench/transport.py`` measures latency and throughput.
 """
 
 from __future__ import annotations
@@ -157,7 +157,6 @@ import secrets
 import socket
 import ssl as _ssl
 import struct
-import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -1315,98 +1314,3 @@ class Endpoint:
     def _log_unauthenticated(self, msg: str, *args: Any) -> None:
         """A warning about an unauthenticated peer, within its own budget (floods are cheap)."""
         self._unauthenticated_log.warning("endpoint %s: " + msg, self._node_id, *args)
-
-
-# --------------------------------------------------------------------------- benchmark
-
-async def _bench_run(round_trips: int, stream: int) -> None:
-    """Two endpoints in this loop: ping-pong latency, then a one-way stream of small messages."""
-    loop = asyncio.get_running_loop()
-    waiter: list[asyncio.Future[Any]] = []
-    received = 0
-    stream_done = loop.create_future()
-
-    def on_pong(conn: Connection, term: Any) -> None:
-        waiter[0].set_result(term)
-
-    def on_server_message(conn: Connection, term: Any) -> None:
-        nonlocal received
-        if type(term) is tuple and term[0] == "ping":
-            conn.send(term)
-            return
-        received += 1
-        if received == stream and not stream_done.done():
-            stream_done.set_result(None)
-
-    a = Endpoint("bench-a", "bench", on_message=on_pong)
-    b = Endpoint("bench-b", "bench", on_message=on_server_message)
-    await a.start()
-    await b.start()
-    try:
-        conn = await a.connect(f"{b.host}:{b.port}")
-        rtts: list[int] = []
-        for i in range(1000 + round_trips):
-            waiter[:] = [loop.create_future()]
-            start = time.perf_counter_ns()
-            conn.send(("ping", i))
-            await waiter[0]
-            if i >= 1000:
-                rtts.append(time.perf_counter_ns() - start)
-        rtts.sort()
-        p50, p99 = rtts[len(rtts) // 2] / 1e3, rtts[len(rtts) * 99 // 100] / 1e3
-        print(
-            f"  ping-pong over {round_trips} round trips: one-way p50 {p50 / 2:6.1f} us, p99 {p99 / 2:6.1f} us"
-            f"  (round trip p50 {p50:6.1f} us, p99 {p99:6.1f} us)"
-        )
-        pid_like = ("bench-a@127.0.0.1:1", 42, 1)
-        batch = 1000
-        encoded = encode(("join", "reg", 12345, pid_like))
-        for label, pre_encoded in (("send", False), ("send_encoded", True)):
-            received = 0
-            stream_done = loop.create_future()
-            bytes_before = conn.bytes_sent
-            start = time.perf_counter()
-            for i in range(0, stream, batch):
-                if pre_encoded:
-                    for _ in range(batch):
-                        conn.send_encoded(encoded)
-                else:
-                    for j in range(i, i + batch):
-                        conn.send(("join", "reg", j, pid_like))
-                await conn.drain()
-                await asyncio.sleep(0)
-            await stream_done
-            elapsed = time.perf_counter() - start
-            print(
-                f"  stream of {stream} small messages with {label} (sender and receiver on this one loop): "
-                f"{stream / elapsed:,.0f} messages/s, {(conn.bytes_sent - bytes_before) / elapsed / 1e6:.1f} MB/s"
-            )
-    finally:
-        await a.close()
-        await b.close()
-
-
-def _bench() -> None:
-    import sys
-
-    round_trips = 10_000
-    stream = 500_000  # a multiple of the batch size
-    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
-    try:
-        import uvloop
-    except ImportError:
-        print("(uvloop not installed: standard loop only)")
-    else:
-        factories.append(("uvloop", uvloop.new_event_loop))
-    if "--uvloop" in sys.argv[1:]:
-        factories = factories[1:]
-    elif "--asyncio" in sys.argv[1:]:
-        factories = factories[:1]
-    for name, factory in factories:
-        print(f"{name} loop:")
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_bench_run(round_trips, stream))
-
-
-if __name__ == "__main__":
-    _bench()

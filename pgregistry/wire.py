@@ -69,8 +69,7 @@ API
 ``frame(payload) -> bytes``, ``frame_many(payloads) -> bytes``
 ``FrameDecoder(max_frame).feed(chunk) -> list[bytes]``
 
-Running ``python -m pgregistry.wire`` prints encode/decode throughput for a typical
-registry message.
+``bench/wire.py`` measures encode/decode throughput for a typical registry message.
 """
 
 from __future__ import annotations
@@ -548,35 +547,3 @@ class FrameDecoder:
         self._size = -1
         self._have = 0
         return pos + missing
-
-
-# --------------------------------------------------------------------------- benchmark
-
-def _bench(rows: int = 1000, rounds: int = 200) -> None:
-    """Print encode/decode throughput of one typical scope-sync message."""
-    import time
-
-    pids = [Pid("node1@127.0.0.1:4369", serial, 1) for serial in range(1, 51)]
-    messages = {
-        "str keys": [[f"user:{i}", pids[i % 50], {"role": "worker", "shard": i % 16}, i] for i in range(rows)],
-        "tuple keys": [[("user", i), pids[i % 50], {"role": "worker", "shard": i % 16}, i] for i in range(rows)],
-    }
-    print(f"one message = a list of {rows} [key, pid, {{role, shard}}, tag] rows, 50 distinct pids")
-    for label, message in messages.items():
-        data = encode(message)
-        assert decode(data) == message
-        for name, fn, arg in (("encode", encode, message), ("decode", decode, data)):
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                for _ in range(rounds // 5):
-                    fn(arg)
-                best = min(best, (time.perf_counter() - start) / (rounds // 5))
-            print(
-                f"  {label:10s} {name}: {best * 1e6:8.1f} us/message  "
-                f"{rows / best / 1e6:5.2f} M rows/s  {len(data) / best / 1e6:6.1f} MB/s  ({len(data)} bytes)"
-            )
-
-
-if __name__ == "__main__":
-    _bench()
