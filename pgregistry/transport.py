@@ -149,11 +149,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import math
-import secrets
 import socket
 import ssl as _ssl
 import struct
@@ -161,6 +158,16 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from .errors import AuthenticationError
+from .handshake import (
+    HANDSHAKE_MAX_FRAME,
+    MAX_NODE_ID_LEN,
+    MIN_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Handshake,
+    HandshakeError,
+    certificate_names,
+    certificate_proves,
+)
 from .logbudget import LogBudget
 from .terms import short_repr
 from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
@@ -186,74 +193,20 @@ __all__ = [
 
 logger = logging.getLogger("pgregistry.transport")
 
-PROTOCOL_VERSION: Final = 1
-MAGIC: Final = "pgregistry"
-HANDSHAKE_MAX_FRAME: Final = 4096
-"""Largest handshake frame payload accepted, in bytes."""
-NONCE_SIZE: Final = 32
-MAC_SIZE: Final = 32
-MAX_NODE_ID_LEN: Final = 1024
-MIN_MAX_FRAME: Final = 64 * 1024
-"""The smallest frame limit a peer may announce, or an endpoint be configured with.
-
-Below it, ordinary messages (a member list, a registry sync part) would have to be split
-into ever smaller pieces, or could not be sent at all; a node id (at most
-`MAX_NODE_ID_LEN` characters) always fits many times over.
-"""
-
 REASON_TIMEOUT: Final = "timeout"
 REASON_OVERLOADED: Final = "overloaded"
 REASON_PEER_CLOSED: Final = "closed by peer"
 REASON_ENDPOINT_CLOSED: Final = "endpoint closed"
 
-_CLIENT_LABEL: Final = b"pgregistry/1 client proof\0"
-_SERVER_LABEL: Final = b"pgregistry/1 server proof\0"
 _TICK: Final = b"\0\0\0\0"
 _HEADER: Final = struct.Struct(">I")
 _pack_header: Final = _HEADER.pack
-_HANDSHAKE_LIMITS: Final = Limits(
-    max_size=HANDSHAKE_MAX_FRAME,
-    max_str_len=HANDSHAKE_MAX_FRAME,
-    max_bin_len=HANDSHAKE_MAX_FRAME,
-    max_array_len=16,
-    max_map_len=16,
-    max_ext_len=64,
-)
-_REFUSAL_KINDS: Final = frozenset({"version", "auth", "protocol", "self", "identity"})
 
 # Connection states.
-_AWAIT_HELLO: Final = 1  # accepting side, before the client's hello
-_AWAIT_CHALLENGE: Final = 2  # connecting side, hello sent
-_AWAIT_RESPONSE: Final = 3  # accepting side, challenge sent
-_AWAIT_ACCEPT: Final = 4  # connecting side, response sent
-_OPEN: Final = 5
-_CLOSED: Final = 6
-_NEW: Final = 0
-
-
-
-class HandshakeError(ConnectionError):
-    """The handshake failed for a reason other than the cookie.
-
-    ``kind`` is ``"version"``, ``"protocol"``, ``"self"``, ``"identity"`` (with TLS, a
-    node id its certificate does not prove: see "Trust model" in the module docstring),
-    or ``"closed"`` (the peer closed the connection during the handshake without saying
-    why).
-    """
-
-    def __init__(self, kind: str, detail: str) -> None:
-        self.kind = kind
-        self.detail = detail
-        super().__init__(f"handshake failed ({kind}): {detail}")
-
-
-class _Refusal(Exception):
-    """Raised inside the handshake: refuse the peer with `kind` and `detail`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
+_NEW: Final = 0  # no socket yet
+_HANDSHAKING: Final = 1
+_OPEN: Final = 2
+_CLOSED: Final = 3
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -273,66 +226,6 @@ def parse_address(address: str) -> tuple[str, int]:
     if not 0 < port <= 65535:
         raise ValueError(f"port must be in 1..65535, got {port} in {short_repr(address)}")
     return host, port
-
-
-def _mac(key: bytes, label: bytes, hello_frame: bytes, challenge_frame: bytes) -> bytes:
-    return hmac.new(key, label + hello_frame + challenge_frame, hashlib.sha256).digest()
-
-
-def _handshake_frame(kind: str, *fields: Any) -> bytes:
-    payload = encode((MAGIC, PROTOCOL_VERSION, kind, *fields))
-    return _pack_header(len(payload)) + payload
-
-
-def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
-    """The ``(id, creation, max_frame, nonce)`` of a hello or challenge, checked."""
-    if len(msg) != 7:
-        raise _Refusal("protocol", f"{kind} with {len(msg)} items instead of 7")
-    _, _, _, node_id, creation, max_frame, nonce = msg
-    if type(node_id) is not str or not 0 < len(node_id) <= MAX_NODE_ID_LEN or not node_id.isprintable():
-        raise _Refusal("protocol", f"{kind}: bad node id {short_repr(node_id, 80)}")
-    if type(creation) is not int or not 0 <= creation < 2**64:
-        raise _Refusal("protocol", f"{kind}: bad creation {short_repr(creation, 40)}")
-    if type(max_frame) is not int or not 0 <= max_frame <= 0xFFFFFFFF:
-        raise _Refusal("protocol", f"{kind}: bad max_frame {short_repr(max_frame, 40)}")
-    if max_frame < MIN_MAX_FRAME:
-        raise _Refusal(
-            "protocol",
-            f"{kind}: the peer announces a frame limit of {max_frame} bytes, below the floor of {MIN_MAX_FRAME}",
-        )
-    if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
-        raise _Refusal("protocol", f"{kind}: the nonce is not {NONCE_SIZE} bytes")
-    return node_id, creation, max_frame, nonce
-
-
-def certificate_names(cert: dict[str, Any]) -> list[str]:
-    """The names a peer certificate (as `ssl.SSLSocket.getpeercert` gives it) vouches for.
-
-    Its subjectAltName DNS entries, then its subject commonName attributes.
-    """
-    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
-    for rdn in cert.get("subject", ()):
-        names.extend(value for key, value in rdn if key == "commonName")
-    return names
-
-
-def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
-    """True if `cert` names `node_id` whole, or its name part.
-
-    The name part of ``name@host:port`` is what comes before the last ``"@"`` (as in
-    `parse_address`; a node's name has no ``"@"``), the whole id if it has none. Names
-    are compared exactly: case-sensitive, no wildcards.
-    """
-    names = certificate_names(cert)
-    name, at, _address = node_id.rpartition("@")
-    return node_id in names or (name if at else node_id) in names
-
-
-def _check_mac_message(msg: tuple, kind: str) -> bytes:
-    if len(msg) != 4 or type(msg[3]) is not bytes or len(msg[3]) != MAC_SIZE:
-        raise _Refusal("protocol", f"malformed {kind} message")
-    mac: bytes = msg[3]
-    return mac
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -384,7 +277,7 @@ class Connection(asyncio.Protocol):
         "messages_dropped",
         "_transport",
         "_state",
-        "_buf",
+        "_handshake",
         "_decoder",
         "_limits",
         "_on_message",
@@ -400,8 +293,6 @@ class Connection(asyncio.Protocol):
         "_idle_checks",
         "_hs_timer",
         "_hs_future",
-        "_hello",
-        "_challenge",
         "_linger",
         "_lost",
     )
@@ -423,7 +314,7 @@ class Connection(asyncio.Protocol):
         self.messages_dropped = 0
         self._transport: asyncio.Transport | None = None
         self._state = _NEW
-        self._buf = bytearray()  # handshake input not yet parsed
+        self._handshake: Handshake | None = None  # while handshaking
         self._decoder: FrameDecoder | None = None
         self._limits = endpoint._limits
         self._on_message = endpoint._on_message
@@ -439,8 +330,6 @@ class Connection(asyncio.Protocol):
         self._idle_checks = 0
         self._hs_timer: asyncio.TimerHandle | None = None
         self._hs_future: asyncio.Future[None] | None = loop.create_future() if initiated else None
-        self._hello = b""  # the hello frame as sent, kept for the MACs
-        self._challenge = b""  # the challenge frame as sent
         self._linger: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = loop.create_future()
 
@@ -570,14 +459,17 @@ class Connection(asyncio.Protocol):
             return
         _set_nodelay(transport)
         self._hs_timer = self._loop.call_later(endpoint.handshake_timeout, self._handshake_timed_out)
-        if self.initiated:
-            self._hello = _handshake_frame(
-                "hello", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
-            )
-            self._state = _AWAIT_CHALLENGE
-            self._write_raw(self._hello)
-        else:
-            self._state = _AWAIT_HELLO
+        handshake = Handshake(
+            endpoint,
+            endpoint._key,
+            initiated=self.initiated,
+            write=self._write_raw,
+            ssl_object=transport.get_extra_info("ssl_object"),
+        )
+        self._handshake = handshake
+        self._state = _HANDSHAKING
+        handshake.begin()
+        if not self.initiated:
             endpoint._admit(self)
 
     def data_received(self, data: bytes) -> None:
@@ -596,7 +488,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._close(REASON_PEER_CLOSED)
         elif self._state != _CLOSED:
-            if self._buf:
+            if self._handshake is not None and self._handshake.pending:
                 self._fail_handshake(HandshakeError("closed", "truncated handshake frame at end of stream"))
             else:
                 self._fail_handshake(HandshakeError("closed", "the peer closed the connection during the handshake"))
@@ -736,132 +628,26 @@ class Connection(asyncio.Protocol):
     # -- handshake ----------------------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        while True:
-            if len(buf) < 4:
-                break
-            size = _HEADER.unpack_from(buf)[0]
-            if size > HANDSHAKE_MAX_FRAME:
-                self._refuse(_Refusal("protocol", f"handshake frame of {size} bytes exceeds {HANDSHAKE_MAX_FRAME}"))
-                return
-            end = 4 + size
-            if len(buf) < end:
-                break
-            frame_bytes = bytes(buf[:end])
-            del buf[:end]
-            try:
-                self._handshake_step(frame_bytes)
-            except _Refusal as refusal:
-                self._refuse(refusal)
-                return
-            if self._state == _CLOSED:
-                return
-            if self._state == _OPEN:
-                rest = bytes(buf)
-                self._buf = bytearray()
-                if rest:
-                    self._receive(rest)
-                return
-
-    def _handshake_step(self, frame_bytes: bytes) -> None:
+        handshake = self._handshake
+        assert handshake is not None
+        rest: bytes | None = None
+        failure: Exception | None = None
         try:
-            msg = decode(memoryview(frame_bytes)[4:], _HANDSHAKE_LIMITS)
-        except WireError as exc:
-            raise _Refusal("protocol", f"undecodable handshake message: {exc}") from None
-        if (
-            type(msg) is not tuple
-            or len(msg) < 3
-            or type(msg[0]) is not str
-            or msg[0] != MAGIC
-            or type(msg[1]) is not int
-            or type(msg[2]) is not str
-        ):
-            raise _Refusal("protocol", f"not a pgregistry handshake message: {short_repr(msg, 80)}")
-        kind: str = msg[2]
-        if kind == "refuse":
-            self._peer_refused(msg)
-            return
-        if msg[1] != PROTOCOL_VERSION:
-            raise _Refusal("version", f"this node speaks protocol {PROTOCOL_VERSION}, the peer {msg[1]}")
-        state = self._state
-        endpoint = self._endpoint
-        if state == _AWAIT_HELLO and kind == "hello":
-            peer_id, creation, max_frame, _client_nonce = _check_identity(msg, kind)
-            if peer_id == endpoint.node_id and creation == endpoint.creation:
-                raise _Refusal("self", f"node {short_repr(peer_id)} connected to itself")
-            self._check_certificate(peer_id, kind)
-            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
-            self._hello = frame_bytes
-            self._challenge = _handshake_frame(
-                "challenge", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
-            )
-            self._state = _AWAIT_RESPONSE
-            self._write_raw(self._challenge)
-        elif state == _AWAIT_CHALLENGE and kind == "challenge":
-            peer_id, creation, max_frame, _server_nonce = _check_identity(msg, kind)
-            self._check_certificate(peer_id, kind)
-            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
-            self._challenge = frame_bytes
-            proof = _mac(endpoint._key, _CLIENT_LABEL, self._hello, frame_bytes)
-            self._state = _AWAIT_ACCEPT
-            self._write_raw(_handshake_frame("response", proof))
-        elif state == _AWAIT_RESPONSE and kind == "response":
-            proof = _check_mac_message(msg, kind)
-            expected = _mac(endpoint._key, _CLIENT_LABEL, self._hello, self._challenge)
-            if not hmac.compare_digest(proof, expected):
-                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
-            self._write_raw(
-                _handshake_frame("accept", _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge))
-            )
+            rest = handshake.receive(data)
+        except (AuthenticationError, HandshakeError) as exc:
+            failure = exc
+        # From the peer's hello or challenge on, logs and callbacks name the peer.
+        self.peer_id, self.peer_creation, self.peer_max_frame = (
+            handshake.peer_id,
+            handshake.peer_creation,
+            handshake.peer_max_frame,
+        )
+        if failure is not None:
+            self._fail_handshake(failure)
+        elif rest is not None:
             self._establish()
-        elif state == _AWAIT_ACCEPT and kind == "accept":
-            proof = _check_mac_message(msg, kind)
-            expected = _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge)
-            if not hmac.compare_digest(proof, expected):
-                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
-            self._establish()
-        else:
-            raise _Refusal("protocol", f"unexpected handshake message {short_repr(kind, 40)}")
-
-    def _check_certificate(self, peer_id: str, kind: str) -> None:
-        """With TLS that verifies the peer, `peer_id` must be proven by its certificate."""
-        transport = self._transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if ssl_object is None or ssl_object.context.verify_mode == _ssl.CERT_NONE:
-            return  # nothing verified the peer: its id is asserted, as with the cookie alone
-        cert = ssl_object.getpeercert()
-        if not cert:
-            raise _Refusal("identity", f"{kind}: node {short_repr(peer_id, 100)} presented no certificate to prove its id")
-        if not certificate_proves(cert, peer_id):
-            raise _Refusal(
-                "identity",
-                f"{kind}: the peer's certificate names {certificate_names(cert)!r:.200}, "
-                f"which does not prove node id {short_repr(peer_id, 100)}",
-            )
-
-    def _peer_refused(self, msg: tuple) -> None:
-        if len(msg) != 5 or type(msg[3]) is not str or type(msg[4]) is not str:
-            raise _Refusal("protocol", "malformed refuse message")
-        kind, detail = msg[3], msg[4][:300]
-        text = f"the peer refused the handshake ({short_repr(kind, 40)}): {short_repr(detail, 300)}"
-        exc: Exception
-        if kind == "auth":
-            exc = AuthenticationError(text)
-        else:
-            exc = HandshakeError(kind if kind in _REFUSAL_KINDS else "protocol", text)
-        self._fail_handshake(exc)
-
-    def _refuse(self, refusal: _Refusal) -> None:
-        """Tell the peer why, then close; the connecting side's `connect` raises."""
-        if self._state not in (_CLOSED, _OPEN):
-            self._write_raw(_handshake_frame("refuse", refusal.kind, refusal.detail[:300]))
-        exc: Exception
-        if refusal.kind == "auth":
-            exc = AuthenticationError(f"authentication failed: {refusal.detail}")
-        else:
-            exc = HandshakeError(refusal.kind, refusal.detail)
-        self._fail_handshake(exc)
+            if rest and self._state == _OPEN:
+                self._receive(rest)  # messages that came in the same read as the last handshake frame
 
     def _fail_handshake(self, exc: Exception) -> None:
         if self._state in (_CLOSED, _OPEN):
@@ -887,7 +673,7 @@ class Connection(asyncio.Protocol):
         endpoint._pending_inbound.pop(self, None)
         endpoint._connecting.discard(self)
         self._state = _OPEN
-        self._hello = self._challenge = b""
+        self._handshake = None
         self._decoder = FrameDecoder(endpoint.max_frame)
         self._last_heard = self._loop.time()
         transport = self._transport
@@ -917,6 +703,7 @@ class Connection(asyncio.Protocol):
             return
         was_open = state == _OPEN
         self._state = _CLOSED
+        self._handshake = None
         self.close_reason = reason
         endpoint = self._endpoint
         endpoint._pending_inbound.pop(self, None)
