@@ -1,148 +1,25 @@
 """Authenticated, framed, batched connections between nodes (layer 3).
 
-The transport moves *terms* (anything `pgregistry.wire.encode` accepts) between nodes
-that share a cookie. It knows nothing of processes, scopes or registries: the node
-layer drives it through an `Endpoint` (one per node: a listener plus the connections it
-accepted or opened) and the `Connection` objects the endpoint reports. Everything runs on
-the event loop that called `Endpoint.start` and must be called from that loop's thread.
+An `Endpoint` (one per node) listens and dials; every stream it accepts or opens (TCP,
+or TLS when given an `ssl.SSLContext`) is a `Connection` carrying the frames of
+`pgregistry.wire`. The transport moves terms between nodes that share a cookie and knows
+nothing of processes or registries. Everything runs on the loop that started the
+endpoint. On each connection:
 
-Stream and frames
-=================
-A connection is a TCP stream (TLS when an `ssl.SSLContext` is configured) carrying the
-frames of `pgregistry.wire`: a 4-byte unsigned big-endian length ``n``, then ``n``
-payload bytes. There are three kinds of frame:
+ * first the handshake of `pgregistry.handshake` (hello, challenge, response, accept, or
+   refuse); then `on_connection(conn)`, on both sides
+ * then every non-empty frame is one message: `send` queues it, one write per loop
+   iteration carries the queue, and the peer's `on_message(conn, term)` gets it in order
+ * a side that wrote nothing for ``tick_interval`` sends a tick (an empty frame)
 
-* **handshake frame**: the payload is one encoded term, a tuple whose first two items
-  are always the magic ``"pgregistry"`` and the sender's protocol version (an int), so
-  any future version can still be recognised and refused cleanly. Only these are valid
-  before the handshake completes, and each must be at most `HANDSHAKE_MAX_FRAME` bytes:
-  an unauthenticated peer can make a node buffer at most that much.
-* **tick**: an empty frame (the four bytes ``00 00 00 00``). Sent by a side that wrote
-  nothing else for ``tick_interval`` seconds; ignored by the receiver except as a sign of
-  life.
-* **message**: after the handshake, every non-empty frame's payload is one encoded term,
-  handed to ``on_message``. The payload is at most the receiver's ``max_frame`` bytes
-  (each side announces its own in the handshake and `Connection.send` refuses larger
-  payloads with `ValueError`, so a valid sender never trips the limit). A frame limit
-  below `MIN_MAX_FRAME` (64 KiB) is refused in the handshake (``"protocol"``, saying so):
-  a peer must take ordinary messages whole.
+What closes a connection (then `on_close(conn, reason)`, once, from a fresh callback):
+ * nothing heard for ``down_after`` ("timeout"); output the peer does not take piling
+   up over ``send_buffer_limit`` ("overloaded"); the peer ("closed by peer"); `close`
+ * a broken stream (bad length, oversized or truncated frame), a failed or slow
+   handshake, an exception from ``on_message`` or ``on_connection``. A well-framed
+   message that does not decode is dropped alone and counted: the connection stays up
 
-Handshake (protocol version 1)
-==============================
-``C`` is the connecting side, ``S`` the accepting side. ``id`` is a node id string,
-``creation`` the node's incarnation (an int, ``0 <= creation < 2**64``), ``max_frame``
-the largest message payload the sender accepts, ``nonce`` 32 fresh random bytes from
-`secrets`::
-
-    C -> S  ("pgregistry", 1, "hello",     id_C, creation_C, max_frame_C, nonce_C)
-    S -> C  ("pgregistry", 1, "challenge", id_S, creation_S, max_frame_S, nonce_S)
-    C -> S  ("pgregistry", 1, "response",  mac_C)
-    S -> C  ("pgregistry", 1, "accept",    mac_S)
-
-    mac_C = HMAC-SHA256(cookie, b"pgregistry/1 client proof\\0" + H + X)
-    mac_S = HMAC-SHA256(cookie, b"pgregistry/1 server proof\\0" + H + X)
-
-where ``cookie`` is the cookie's UTF-8 bytes and ``H`` and ``X`` are the hello and
-challenge frames exactly as they were sent (length prefix and payload). Both nonces, both
-ids, creations and frame limits are thereby covered by both MACs; the cookie itself never
-crosses the wire. The direction labels differ, so a proof cannot be reflected back to
-the side that made it, and ``S`` proves the cookie only after ``C`` did, so an
-unauthenticated client cannot use a node as an oracle. MACs are compared with
-`hmac.compare_digest`.
-
-Either side may instead answer any handshake message with
-``("pgregistry", version, "refuse", kind, detail)`` and close the connection. ``kind``
-is one of ``"version"`` (protocol version mismatch), ``"auth"`` (the peer did not prove
-the cookie), ``"protocol"`` (a malformed or unexpected handshake message), ``"self"``
-(a node connected to itself: same id and creation), ``"identity"`` (with TLS, the
-peer's certificate does not prove the id in its hello or challenge: see "Trust model"
-below); ``detail`` is a human-readable str.
-The connecting side raises `AuthenticationError` for ``"auth"`` (sent by ``S``, or
-decided by ``C`` itself when ``mac_S`` is wrong) and `HandshakeError` for the others.
-A version mismatch is checked on every handshake message, before anything else but a
-``refuse``. The accepting side declares the connection established when it sends
-``accept``, the connecting side when it has checked ``mac_S``; messages may follow
-``accept`` at once (in the same TCP segment). A handshake that does not finish within
-``handshake_timeout`` seconds closes the connection.
-
-Without TLS the handshake authenticates the peer when the connection opens, but the
-stream itself is neither encrypted nor integrity-protected (as in Erlang distribution):
-on an untrusted network configure TLS.
-
-Trust model
-===========
-* **Cookie only** (with or without TLS that does not verify the peer): a peer proves
-  that it knows the cookie, nothing more. Node ids are *asserted*, not proven, as in
-  Erlang: any cookie holder may claim any node id and creation, including those of a
-  live node (which the layer above then takes for a restart of that node). Every
-  cookie holder is a trusted member of the cluster.
-* **TLS with certificate verification**: a node id is *proven*. A peer certificate
-  proves node id ``name@host:port`` when one of its subjectAltName DNS entries, or one
-  of its subject commonName attributes, equals the id's name part (``name``) or the
-  whole id, compared exactly (case-sensitive, no wildcards). A certificate for name
-  ``a`` thus proves ``a@`` at any host and port: give every node of a cluster its own
-  name. The accepting side checks the id in the hello against the dialler's
-  certificate when its context verifies clients (``verify_mode`` ``CERT_REQUIRED``, or
-  ``CERT_OPTIONAL``, where a dialler that presents no certificate is then refused);
-  the connecting side checks the id in the challenge against the acceptor's
-  certificate when its context verifies servers (the default of
-  ``ssl.PROTOCOL_TLS_CLIENT``). Either side refuses a mismatch (``"identity"``) before
-  the cookie exchange goes any further. With mutual TLS, both ids of every connection
-  are proven; a server context that does not ask for client certificates leaves the
-  diallers' ids asserted.
-
-Liveness, batching, backpressure
-================================
-* `Connection.send` never awaits: it encodes the term and appends its frame to the
-  connection's output buffer; the buffer is written with a single ``transport.write``
-  once per event-loop iteration, so many messages sent in one iteration cost one
-  syscall.
-* One timer per endpoint runs every ``tick_interval / 2`` seconds over all established
-  connections: one that wrote nothing for about ``tick_interval`` seconds gets a tick;
-  one that received nothing at all for ``down_after`` seconds (at most ``tick_interval
-  / 2`` more) is closed with reason ``"timeout"``. ``down_after`` must be at least twice
-  ``tick_interval``. A timer run that starts ``tick_interval / 2`` or more late means this
-  loop was blocked, so the silence may be ours: that run sends every peer a tick at once
-  and declares nobody down (the next run judges, after the input that arrived meanwhile
-  has been read).
-* Flow control is asyncio's (``pause_writing``/``resume_writing``): `Connection.drain`
-  waits while the transport's buffer is above its high-water mark. When a connection's
-  unwritten output (its own buffer plus the transport's) exceeds ``send_buffer_limit``
-  bytes, the peer is not reading: the connection is aborted with reason
-  ``"overloaded"`` instead of growing memory without bound.
-
-Failure handling
-================
-Malformed input that leaves the stream unusable (a bad length prefix, an oversized or
-truncated frame, an unexpected handshake message), a peer that fails the cookie
-challenge, or an exception raised by the ``on_message`` or ``on_connection`` callback
-closes *that* connection with a reason logged on the ``pgregistry.transport`` logger,
-and nothing else (messages that arrived in the same read as a bad frame may be lost
-with the connection). A well-framed payload that is not a term (invalid msgpack, an
-unknown ext type, nesting beyond the limit) is dropped alone with a rate-limited
-warning and counted in ``messages_dropped``; the connection stays up, so one message a
-receiver cannot read never costs the sender its place in the cluster, nor starts a
-loop of reconnects that resend it. Nothing received is ever executed (no pickle). More than
-``max_pending_handshakes`` inbound connections still in their handshake make the endpoint
-drop the oldest of them (a legitimate handshake takes one round trip; an idle flood
-connection is what lingers), so a flood of idle connections costs bounded memory and
-cannot lock a legitimate peer out. Log lines about unauthenticated connections are
-rate-limited.
-
-Callbacks
-=========
-``on_connection(conn)`` is called once per established connection, in either direction,
-before any ``on_message`` for it (for an outgoing connection, before `Endpoint.connect`
-returns it). ``on_message(conn, term)`` is called for each message, in the order sent.
-``on_close(conn, reason)`` is called exactly once for every connection that was reported
-to ``on_connection``, whatever closed it (the peer, an error, `Connection.close`,
-`Endpoint.close`), always from a fresh loop callback, never from inside `Connection.send`
-or `Connection.close`, so a caller iterating over its connections is never re-entered.
-No ``on_message`` follows a close. Two nodes that connect to each other at the same time
-get two connections; the layer above keeps one (both sides can decide alike from
-``initiated`` and the two ids).
-
-``bench/transport.py`` measures latency and throughput.
+The full protocol is in docs/protocol.md.
 """
 
 from __future__ import annotations

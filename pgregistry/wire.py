@@ -1,75 +1,21 @@
-"""The wire format: terms as msgpack, and the length-prefixed frames that carry them.
+"""The wire format: terms as msgpack, and the length-prefixed frames that carry them (layer 1).
 
-Nothing here executes code from the network: there is no pickle, and `decode` raises only
-`WireError` for input that is not, exactly, the encoding of a term.
+A term is one msgpack object: None, bool, int, float, str, bytes, list and dict (keys
+str or int) as msgpack's own; a tuple as an array led by the tuple marker (ext 3); a
+`Pid` or `Ref` as ext 1 or 2 (``[node, serial, creation]``); an int beyond 64 bits as
+ext 4. A frame is a 4-byte big-endian length, then that many bytes: one encoded term.
 
-Term encoding
-=============
-One term is one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
-with nothing before or after it:
+ * `encode` checks the term, then packs it (`TypeError` names the part that is not a
+   term); `encode_trusted` packs a term built from checked ones without that walk
+ * `decode` returns a value term, or raises `WireError` and nothing else when the input
+   is not exactly one term within its `Limits` (sizes, ext shapes, 64 levels of nesting)
+ * `frame`/`frame_many` prefix payloads; `FrameDecoder.feed` cuts a stream into them and
+   raises `WireError` for a length over its ``max_frame`` as soon as the 4 bytes arrive,
+   after which the stream is unusable: close the connection
 
-================  ==============================================================
-Python            msgpack
-================  ==============================================================
-``None``          nil
-``bool``          false / true
-``int``           int family when ``-2**63 <= n < 2**64``, else ext 4 (below)
-``float``         float 64 (decoders also accept float 32)
-``str``           str family, UTF-8. A str holding lone surrogates (U+D800..U+DFFF)
-                  is written with Python's ``surrogatepass`` convention (the 3-byte
-                  form of the code point); decoders accept that form.
-``bytes``         bin family
-``list``          array
-``dict``          map, keys ``str`` or ``int`` only, in insertion order; when a map
-                  repeats a key the last pair wins
-``tuple``         array whose **first** element is the tuple marker, ext 3 with an
-                  empty payload (``c7 00 03``), followed by the tuple's items;
-                  ``()`` is ``91 c7 00 03``
-`Pid`             ext 1, payload below
-`Ref`             ext 2, payload below
-================  ==============================================================
+Nothing here executes code from the network: there is no pickle.
 
-Ext types (all codes not listed here, including the msgpack timestamp -1, are invalid):
-
-* **1, Pid** and **2, Ref**: the payload is one msgpack array of exactly three items,
-  ``[node: str, serial: int >= 0, creation: int >= 0]``, each encoded as above (so a
-  serial of ``2**64`` or more is an ext 4 inside the payload), nothing after it.
-* **3, tuple marker**: empty payload. Valid only as the first element of an array.
-* **4, big int**: an ``int`` outside ``[-2**63, 2**64)``. The payload is the number in
-  two's complement, big-endian; the encoder writes the minimal length,
-  ``(n.bit_length() + 8) // 8`` bytes. Decoders accept any non-empty payload.
-
-A decoder rejects (here: raises `WireError`) anything else: invalid msgpack, truncated
-input, trailing bytes, invalid UTF-8 (other than encoded surrogates), an unknown ext code,
-an ext payload of the wrong shape, a tuple marker anywhere but first in an array, a map
-key that is not a str or int, containers (arrays, maps, tuples) nested more than
-`terms.MAX_DEPTH` (64) deep -- the outermost container is level 1, a container at level
-65 is refused -- and anything over the configured `Limits`: the whole input
-(``max_size``), one str (``max_str_len`` bytes), one bin (``max_bin_len``), one array
-(``max_array_len`` items), one map (``max_map_len`` pairs), one ext payload
-(``max_ext_len``); a tuple's marker counts as one of its array's items. Each limit
-defaults to `MAX_FRAME` (``max_map_len`` to half of it); whatever the limits, no array
-may declare more items than the input has bytes, nor a map more pairs than half that.
-
-Framing
-=======
-A stream is a sequence of frames. A frame is a 4-byte unsigned big-endian length ``n``
-followed by ``n`` payload bytes; the payload of every frame is one encoded term (the
-framing layer itself accepts any payload, including an empty one). A reader has a
-maximum, `MAX_FRAME` (64 MiB) unless configured otherwise; a length above it is an
-error as soon as the 4 length bytes have arrived, before any of the body is read, and
-the stream is then unusable (close the connection).
-
-API
-===
-``encode(term) -> bytes``                 raises ``TypeError`` naming the non-term part
-``encode_trusted(term) -> bytes``         the same bytes, for a term built only from
-                                          terms already checked (no second walk)
-``decode(data, limits=DEFAULT_LIMITS)``   raises only `WireError` for bad input
-``frame(payload) -> bytes``, ``frame_many(payloads) -> bytes``
-``FrameDecoder(max_frame).feed(chunk) -> list[bytes]``
-
-``bench/wire.py`` measures encode/decode throughput for a typical registry message.
+The full protocol is in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -224,7 +170,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def encode(term: Any) -> bytes:
-    """Encode one term as msgpack bytes (see the module docstring for the format).
+    """Encode one term as msgpack bytes (the format is in docs/protocol.md).
 
     Raises `TypeError`, naming the offending part, if `term` is not a value term.
     """
