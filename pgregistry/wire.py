@@ -204,14 +204,11 @@ def _id_field_hook(code: int, data: bytes) -> int:
     raise WireError(f"ext {code} inside a pid/ref payload")
 
 
-_unpack_id_fields: Final = partial(
-    msgpack.unpackb,
-    ext_hook=_id_field_hook,
-    use_list=True,
-    raw=False,
-    strict_map_key=True,
-    unicode_errors="surrogatepass",
-)
+# What both unpackers share: arrays as lists, str as str (not bytes), and lone
+# surrogates read back the way `_pack` writes them.
+_unpackb: Final = partial(msgpack.unpackb, use_list=True, raw=False, unicode_errors="surrogatepass")
+
+_unpack_id_fields: Final = partial(_unpackb, ext_hook=_id_field_hook, strict_map_key=True)
 
 _pid_cache: dict[bytes, Pid] = {}
 _ref_cache: dict[bytes, Ref] = {}
@@ -260,13 +257,10 @@ def _list_hook(items: list[Any]) -> Any:
 # msgpack's own per-object limits default to the input's length, which bounds every
 # preallocation by the bytes actually received.
 _unpack_term: Final = partial(
-    msgpack.unpackb,
+    _unpackb,
     ext_hook=_ext_hook,
     list_hook=_list_hook,
-    use_list=True,
-    raw=False,
     strict_map_key=False,  # int keys are allowed; validation refuses the other types
-    unicode_errors="surrogatepass",
 )
 
 
