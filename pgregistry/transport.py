@@ -230,14 +230,6 @@ class Connection(asyncio.Protocol):
         """True between the end of the handshake and the close."""
         return self._state == _OPEN
 
-    @property
-    def write_buffer_size(self) -> int:
-        """Bytes sent but not yet written to the socket (own buffer plus the transport's)."""
-        transport = self._transport
-        if transport is None or self._state == _CLOSED:
-            return 0
-        return self._out_size + transport.get_write_buffer_size()
-
     def send(self, term: Any) -> None:
         """Queue `term` for the peer; it is written with the rest of this loop iteration's output.
 
