@@ -239,23 +239,7 @@ class Connection(asyncio.Protocol):
         unwritten output exceeds ``send_buffer_limit``, the connection is closed with
         reason ``"overloaded"``.
         """
-        payload = encode(term)
-        size = len(payload)
-        if self._state != _OPEN:
-            self._not_open()
-            return
-        if size > self.peer_max_frame:
-            raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        out = self._out
-        out.append(_pack_header(size))
-        out.append(payload)
-        self.messages_sent += 1
-        self._out_size += size + 4
-        if self._out_size > self._send_limit:
-            self._overloaded()
+        self._enqueue(encode(term))
 
     def send_encoded(self, payload: bytes) -> None:
         """Like `send` for a payload already made by ``wire.encode`` (encode once, send to many).
@@ -264,6 +248,10 @@ class Connection(asyncio.Protocol):
         """
         if type(payload) is not bytes:
             raise TypeError(f"send_encoded needs bytes, got {type(payload).__name__}")
+        self._enqueue(payload)
+
+    def _enqueue(self, payload: bytes) -> None:
+        """Queue the frame of one encoded term for the flush at the end of this loop iteration."""
         size = len(payload)
         if self._state != _OPEN:
             self._not_open()
