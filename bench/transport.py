@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgregistry.transport import Connection, Endpoint  # noqa: E402
-from pgregistry.wire import encode  # noqa: E402
+from pgregistry.transport import Connection, Endpoint
+from pgregistry.wire import encode
 
 ROUND_TRIPS = 10_000
 WARM_UP = 1_000

@@ -22,8 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgregistry.terms import Pid  # noqa: E402
-from pgregistry.wire import decode, encode  # noqa: E402
+from pgregistry.terms import Pid
+from pgregistry.wire import decode, encode
 
 
 def best_of_5(fn: Callable[[Any], Any], arg: Any, rounds: int) -> float:

@@ -24,29 +24,30 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-import msgpack
+# msgpack ships neither inline types nor stubs (the third-party msgpack-types has them).
+import msgpack  # type: ignore[import-untyped]
 from msgpack import ExtType
 
 from .errors import RegistryError
 from .terms import Pid, Ref, check_message
 
 __all__ = [
-    "WireError",
-    "Limits",
     "DEFAULT_LIMITS",
-    "MAX_FRAME",
+    "EXT_BIGINT",
     "EXT_PID",
     "EXT_REF",
     "EXT_TUPLE",
-    "EXT_BIGINT",
+    "MAX_FRAME",
+    "FrameDecoder",
+    "Limits",
+    "WireError",
+    "decode",
     "encode",
     "encode_trusted",
-    "decode",
     "frame",
     "frame_many",
-    "FrameDecoder",
 ]
 
 MAX_FRAME: Final = 64 * 1024 * 1024
@@ -160,7 +161,8 @@ def _pack(obj: Any) -> bytes:
         # A str with lone surrogates; the surrogatepass packer is slower for every str,
         # so it is used only when needed.
         _packer_pool.append(packer)
-        return _new_packer("surrogatepass").pack(obj)
+        out = _new_packer("surrogatepass").pack(obj)
+        return out
     except BaseException:
         _packer_pool.append(packer)  # pack() resets the packer's buffer when it raises
         raise
@@ -218,13 +220,16 @@ _pid_cached: Final = _pid_cache.get
 _ref_cached: Final = _ref_cache.get
 
 
-def _id_from(cls: type[Pid] | type[Ref], cache: dict[Any, Any], data: bytes) -> Any:
+_PidOrRef = TypeVar("_PidOrRef", Pid, Ref)
+
+
+def _id_from(cls: type[_PidOrRef], cache: dict[bytes, _PidOrRef], data: bytes) -> _PidOrRef:
     """Decode a pid or ref payload (not found in `cache`) and remember it there."""
     fields = _unpack_id_fields(data)
     if type(fields) is not list or len(fields) != 3:
         raise WireError(f"{cls.__name__} payload is not an array of [node, serial, creation]")
     try:
-        ident = cls(*fields)
+        ident: _PidOrRef = cls(*fields)  # annotated: terms._Id.__new__ is declared to return Any
     except TypeError as exc:
         raise WireError(f"bad {cls.__name__} payload: {exc}") from None
     if len(data) <= _ID_CACHE_MAX_PAYLOAD:
@@ -388,7 +393,7 @@ class FrameDecoder:
     later `feed` raises too.
     """
 
-    __slots__ = ("max_frame", "_head", "_size", "_parts", "_have", "_error")
+    __slots__ = ("_error", "_have", "_head", "_parts", "_size", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame: int = _check_max_frame(max_frame)
