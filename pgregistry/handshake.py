@@ -134,8 +134,8 @@ def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
     """True if `cert` names `node_id` whole, or its name part.
 
     The name part of ``name@host:port`` is what comes before the last ``"@"`` (as in
-    `transport.parse_address`; a node's name has no ``"@"``), the whole id if it has
-    none. Names are compared exactly: case-sensitive, no wildcards.
+    `checks.parse_address`; a node's name has no ``"@"``), the whole id if it has none.
+    Names are compared exactly: case-sensitive, no wildcards.
     """
     names = certificate_names(cert)
     name, at, _address = node_id.rpartition("@")
