@@ -672,17 +672,13 @@ class Endpoint:
         # overload limit stays well above it.
         self._high_water = max(1, min(1024 * 1024, self.send_buffer_limit // 2))
         self._low_water = self._high_water // 4
-        self._limits = (
-            Limits(
-                max_size=self.max_frame,
-                max_str_len=self.max_frame,
-                max_bin_len=self.max_frame,
-                max_array_len=self.max_frame,
-                max_map_len=self.max_frame // 2,
-                max_ext_len=self.max_frame,
-            )
-            if self.max_frame != MAX_FRAME
-            else Limits()
+        self._limits = Limits(
+            max_size=self.max_frame,
+            max_str_len=self.max_frame,
+            max_bin_len=self.max_frame,
+            max_array_len=self.max_frame,
+            max_map_len=self.max_frame // 2,
+            max_ext_len=self.max_frame,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
