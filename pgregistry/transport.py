@@ -215,10 +215,10 @@ class Connection(asyncio.Protocol):
         """Queue `term` for the peer; it is written with the rest of this loop iteration's output.
 
         Never awaits, never calls a callback. `TypeError` if `term` is not a term,
-        `ValueError` if its encoding exceeds the peer's ``max_frame``. On a closed
-        connection the term is dropped silently (``on_close`` tells the owner). If the
-        unwritten output exceeds ``send_buffer_limit``, the connection is closed with
-        reason ``"overloaded"``.
+        `ValueError` if its encoding exceeds the peer's ``max_frame``, `RuntimeError` on a
+        connection still in its handshake. On a closed connection the term is dropped
+        silently (``on_close`` tells the owner). If the unwritten output exceeds
+        ``send_buffer_limit``, the connection is closed with reason ``"overloaded"``.
         """
         self._enqueue(encode(term))
 
@@ -256,7 +256,10 @@ class Connection(asyncio.Protocol):
         """Write the queued output now, then wait until the transport is below its low-water mark.
 
         For bulk senders (a sync of many entries): ``send`` a batch, ``await drain()``.
-        Raises `ConnectionError` if the connection is or becomes closed.
+        Raises `ConnectionError` if the connection is or becomes closed. There is no
+        timeout here: a peer that stops reading is cut off by ``send_buffer_limit`` or
+        ``down_after``, which ends the wait. Cancelling the wait loses nothing: the output
+        stays queued.
         """
         if self._state == _OPEN:
             self._flush()
@@ -278,7 +281,10 @@ class Connection(asyncio.Protocol):
         self._close(reason)
 
     async def wait_closed(self) -> None:
-        """Wait until the socket is closed (after `close`, or after the peer went away)."""
+        """Wait until the socket is closed (after `close`, or after the peer went away).
+
+        Cancelling the wait does not touch the connection.
+        """
         await asyncio.shield(self._lost)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -739,7 +745,8 @@ class Endpoint:
     async def start(self) -> tuple[str, int]:
         """Listen on ``host:port``; return ``(host, port)`` with the real port (when 0 was asked).
 
-        `OSError` if the address cannot be bound; `RuntimeError` if already started.
+        `OSError` if the address cannot be bound; `RuntimeError` if already started. An
+        endpoint whose start failed or was cancelled stays closed: make a new one.
         """
         if self._loop is not None:
             raise RuntimeError("the endpoint was already started")
@@ -788,8 +795,11 @@ class Endpoint:
         Returns the established connection (already reported to ``on_connection``).
         Raises `AuthenticationError` if either side fails the cookie challenge,
         `HandshakeError` for a version mismatch or a malformed handshake, `TimeoutError`
-        if connecting and the handshake take longer than ``handshake_timeout``, and
-        `OSError`/`ConnectionError` when the peer cannot be reached or goes away.
+        if connecting, TLS and the handshake together take longer than
+        ``handshake_timeout``, `OSError`/`ConnectionError` when the peer cannot be reached
+        or goes away (or ``on_connection`` closed the connection), and `RuntimeError` if
+        the endpoint is not started or is closed. On a timeout, an error or cancellation
+        the connection is aborted (``on_close`` follows only if it was established).
         """
         loop = self._require_loop()
         if self._closing:
@@ -826,8 +836,12 @@ class Endpoint:
     async def close(self) -> None:
         """Stop listening and close every connection; idempotent, concurrent calls wait.
 
-        Queued output is written first where the peer takes it; ``on_close`` is called
-        (reason ``"endpoint closed"``) for every established connection before this returns.
+        Queued output is written first where the peer takes it; a socket still open after
+        ``min(1 s, down_after)`` is aborted. ``on_close`` is called (reason ``"endpoint
+        closed"``) for every established connection before this returns. If this call is
+        cancelled, the endpoint still counts as closed and every connection was told to
+        close (``on_close`` still follows), but a socket slow to go is then left to its
+        connection's own linger timer (``down_after``; ``handshake_timeout`` in a handshake).
         """
         if self._closing:
             await self._closed.wait()
