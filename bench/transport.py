@@ -15,6 +15,10 @@ in this process's one event loop, so every figure includes both sides' work.
   after each batch; the clock stops when B has received the last one. ``send`` encodes
   each message; ``send_encoded`` sends one payload encoded beforehand (the encode-once,
   send-to-many path). MB/s counts the framed bytes A handed to its socket.
+
+On glibc the standard loop's ping-pong is bimodal (asyncio's 256 KiB read buffer comes
+from the heap or from mmap, by the heap's state): see bench/README.md for the
+environment that pins it when comparing two versions.
 """
 
 from __future__ import annotations
