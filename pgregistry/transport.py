@@ -1,182 +1,65 @@
 """Authenticated, framed, batched connections between nodes (layer 3).
 
-The transport moves *terms* (anything `pgregistry.wire.encode` accepts) between nodes
-that share a cookie. It knows nothing of processes, scopes or registries: the node
-layer drives it through an `Endpoint` (one per node: a listener plus the connections it
-accepted or opened) and the `Connection` objects the endpoint reports. Everything runs on
-the event loop that called `Endpoint.start` and must be called from that loop's thread.
+An `Endpoint` (one per node) listens and dials; every stream it accepts or opens (TCP,
+or TLS when given an `ssl.SSLContext`) is a `Connection` carrying the frames of
+`pgregistry.wire`. The transport moves terms between nodes that share a cookie and knows
+nothing of processes or registries. Everything runs on the loop that started the
+endpoint. On each connection:
 
-Stream and frames
-=================
-A connection is a TCP stream (TLS when an `ssl.SSLContext` is configured) carrying the
-frames of `pgregistry.wire`: a 4-byte unsigned big-endian length ``n``, then ``n``
-payload bytes. There are three kinds of frame:
+ * first the handshake of `pgregistry.handshake` (hello, challenge, response, accept, or
+   refuse); then `on_connection(conn)`, on both sides
+ * then every non-empty frame is one message: `send` queues it, one write per loop
+   iteration carries the queue, and the peer's `on_message(conn, term)` gets it in order
+ * a side that wrote nothing for ``tick_interval`` sends a tick (an empty frame)
 
-* **handshake frame**: the payload is one encoded term, a tuple whose first two items
-  are always the magic ``"pgregistry"`` and the sender's protocol version (an int), so
-  any future version can still be recognised and refused cleanly. Only these are valid
-  before the handshake completes, and each must be at most `HANDSHAKE_MAX_FRAME` bytes:
-  an unauthenticated peer can make a node buffer at most that much.
-* **tick**: an empty frame (the four bytes ``00 00 00 00``). Sent by a side that wrote
-  nothing else for ``tick_interval`` seconds; ignored by the receiver except as a sign of
-  life.
-* **message**: after the handshake, every non-empty frame's payload is one encoded term,
-  handed to ``on_message``. The payload is at most the receiver's ``max_frame`` bytes
-  (each side announces its own in the handshake and `Connection.send` refuses larger
-  payloads with `ValueError`, so a valid sender never trips the limit). A frame limit
-  below `MIN_MAX_FRAME` (64 KiB) is refused in the handshake (``"protocol"``, saying so):
-  a peer must take ordinary messages whole.
+What closes a connection (then `on_close(conn, reason)`, once, from a fresh callback):
+ * nothing heard for ``down_after`` ("timeout"); output the peer does not take piling
+   up over ``send_buffer_limit`` ("overloaded"); the peer ("closed by peer"); `close`
+ * a broken stream (bad length, oversized or truncated frame), a failed or slow
+   handshake, an exception from ``on_message`` or ``on_connection``. A well-framed
+   message that does not decode is dropped alone and counted: the connection stays up
 
-Handshake (protocol version 1)
-==============================
-``C`` is the connecting side, ``S`` the accepting side. ``id`` is a node id string,
-``creation`` the node's incarnation (an int, ``0 <= creation < 2**64``), ``max_frame``
-the largest message payload the sender accepts, ``nonce`` 32 fresh random bytes from
-`secrets`::
-
-    C -> S  ("pgregistry", 1, "hello",     id_C, creation_C, max_frame_C, nonce_C)
-    S -> C  ("pgregistry", 1, "challenge", id_S, creation_S, max_frame_S, nonce_S)
-    C -> S  ("pgregistry", 1, "response",  mac_C)
-    S -> C  ("pgregistry", 1, "accept",    mac_S)
-
-    mac_C = HMAC-SHA256(cookie, b"pgregistry/1 client proof\\0" + H + X)
-    mac_S = HMAC-SHA256(cookie, b"pgregistry/1 server proof\\0" + H + X)
-
-where ``cookie`` is the cookie's UTF-8 bytes and ``H`` and ``X`` are the hello and
-challenge frames exactly as they were sent (length prefix and payload). Both nonces, both
-ids, creations and frame limits are thereby covered by both MACs; the cookie itself never
-crosses the wire. The direction labels differ, so a proof cannot be reflected back to
-the side that made it, and ``S`` proves the cookie only after ``C`` did, so an
-unauthenticated client cannot use a node as an oracle. MACs are compared with
-`hmac.compare_digest`.
-
-Either side may instead answer any handshake message with
-``("pgregistry", version, "refuse", kind, detail)`` and close the connection. ``kind``
-is one of ``"version"`` (protocol version mismatch), ``"auth"`` (the peer did not prove
-the cookie), ``"protocol"`` (a malformed or unexpected handshake message), ``"self"``
-(a node connected to itself: same id and creation), ``"identity"`` (with TLS, the
-peer's certificate does not prove the id in its hello or challenge: see "Trust model"
-below); ``detail`` is a human-readable str.
-The connecting side raises `AuthenticationError` for ``"auth"`` (sent by ``S``, or
-decided by ``C`` itself when ``mac_S`` is wrong) and `HandshakeError` for the others.
-A version mismatch is checked on every handshake message, before anything else but a
-``refuse``. The accepting side declares the connection established when it sends
-``accept``, the connecting side when it has checked ``mac_S``; messages may follow
-``accept`` at once (in the same TCP segment). A handshake that does not finish within
-``handshake_timeout`` seconds closes the connection.
-
-Without TLS the handshake authenticates the peer when the connection opens, but the
-stream itself is neither encrypted nor integrity-protected (as in Erlang distribution):
-on an untrusted network configure TLS.
-
-Trust model
-===========
-* **Cookie only** (with or without TLS that does not verify the peer): a peer proves
-  that it knows the cookie, nothing more. Node ids are *asserted*, not proven, as in
-  Erlang: any cookie holder may claim any node id and creation, including those of a
-  live node (which the layer above then takes for a restart of that node). Every
-  cookie holder is a trusted member of the cluster.
-* **TLS with certificate verification**: a node id is *proven*. A peer certificate
-  proves node id ``name@host:port`` when one of its subjectAltName DNS entries, or one
-  of its subject commonName attributes, equals the id's name part (``name``) or the
-  whole id, compared exactly (case-sensitive, no wildcards). A certificate for name
-  ``a`` thus proves ``a@`` at any host and port: give every node of a cluster its own
-  name. The accepting side checks the id in the hello against the dialler's
-  certificate when its context verifies clients (``verify_mode`` ``CERT_REQUIRED``, or
-  ``CERT_OPTIONAL``, where a dialler that presents no certificate is then refused);
-  the connecting side checks the id in the challenge against the acceptor's
-  certificate when its context verifies servers (the default of
-  ``ssl.PROTOCOL_TLS_CLIENT``). Either side refuses a mismatch (``"identity"``) before
-  the cookie exchange goes any further. With mutual TLS, both ids of every connection
-  are proven; a server context that does not ask for client certificates leaves the
-  diallers' ids asserted.
-
-Liveness, batching, backpressure
-================================
-* `Connection.send` never awaits: it encodes the term and appends its frame to the
-  connection's output buffer; the buffer is written with a single ``transport.write``
-  once per event-loop iteration, so many messages sent in one iteration cost one
-  syscall.
-* One timer per endpoint runs every ``tick_interval / 2`` seconds over all established
-  connections: one that wrote nothing for about ``tick_interval`` seconds gets a tick;
-  one that received nothing at all for ``down_after`` seconds (at most ``tick_interval
-  / 2`` more) is closed with reason ``"timeout"``. ``down_after`` must be at least twice
-  ``tick_interval``. A timer run that starts ``tick_interval / 2`` or more late means this
-  loop was blocked, so the silence may be ours: that run sends every peer a tick at once
-  and declares nobody down (the next run judges, after the input that arrived meanwhile
-  has been read).
-* Flow control is asyncio's (``pause_writing``/``resume_writing``): `Connection.drain`
-  waits while the transport's buffer is above its high-water mark. When a connection's
-  unwritten output (its own buffer plus the transport's) exceeds ``send_buffer_limit``
-  bytes, the peer is not reading: the connection is aborted with reason
-  ``"overloaded"`` instead of growing memory without bound.
-
-Failure handling
-================
-Malformed input that leaves the stream unusable (a bad length prefix, an oversized or
-truncated frame, an unexpected handshake message), a peer that fails the cookie
-challenge, or an exception raised by the ``on_message`` or ``on_connection`` callback
-closes *that* connection with a reason logged on the ``pgregistry.transport`` logger,
-and nothing else (messages that arrived in the same read as a bad frame may be lost
-with the connection). A well-framed payload that is not a term (invalid msgpack, an
-unknown ext type, nesting beyond the limit) is dropped alone with a rate-limited
-warning and counted in ``messages_dropped``; the connection stays up, so one message a
-receiver cannot read never costs the sender its place in the cluster, nor starts a
-loop of reconnects that resend it. Nothing received is ever executed (no pickle). More than
-``max_pending_handshakes`` inbound connections still in their handshake make the endpoint
-drop the oldest of them (a legitimate handshake takes one round trip; an idle flood
-connection is what lingers), so a flood of idle connections costs bounded memory and
-cannot lock a legitimate peer out. Log lines about unauthenticated connections are
-rate-limited.
-
-Callbacks
-=========
-``on_connection(conn)`` is called once per established connection, in either direction,
-before any ``on_message`` for it (for an outgoing connection, before `Endpoint.connect`
-returns it). ``on_message(conn, term)`` is called for each message, in the order sent.
-``on_close(conn, reason)`` is called exactly once for every connection that was reported
-to ``on_connection``, whatever closed it (the peer, an error, `Connection.close`,
-`Endpoint.close`), always from a fresh loop callback, never from inside `Connection.send`
-or `Connection.close`, so a caller iterating over its connections is never re-entered.
-No ``on_message`` follows a close. Two nodes that connect to each other at the same time
-get two connections; the layer above keeps one (both sides can decide alike from
-``initiated`` and the two ids).
-
-Run ``python -m pgregistry.transport [--asyncio | --uvloop]`` for latency and throughput figures.
+The full protocol is in docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
-import math
-import secrets
 import socket
 import ssl as _ssl
 import struct
-import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from .checks import check_int, check_max_frame, check_seconds, parse_address
 from .errors import AuthenticationError
+from .handshake import (
+    HANDSHAKE_MAX_FRAME,
+    MAX_NODE_ID_LEN,
+    MIN_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Handshake,
+    HandshakeError,
+    certificate_names,
+    certificate_proves,
+)
 from .logbudget import LogBudget
 from .terms import short_repr
 from .wire import MAX_FRAME, FrameDecoder, Limits, WireError, decode, encode
 
 __all__ = [
-    "PROTOCOL_VERSION",
     "HANDSHAKE_MAX_FRAME",
     "MIN_MAX_FRAME",
-    "REASON_TIMEOUT",
+    "PROTOCOL_VERSION",
+    "REASON_ENDPOINT_CLOSED",
     "REASON_OVERLOADED",
     "REASON_PEER_CLOSED",
-    "REASON_ENDPOINT_CLOSED",
-    "HandshakeError",
+    "REASON_TIMEOUT",
     "Connection",
     "Endpoint",
+    "HandshakeError",
     "certificate_names",
     "certificate_proves",
     "check_int",
@@ -187,153 +70,20 @@ __all__ = [
 
 logger = logging.getLogger("pgregistry.transport")
 
-PROTOCOL_VERSION: Final = 1
-MAGIC: Final = "pgregistry"
-HANDSHAKE_MAX_FRAME: Final = 4096
-"""Largest handshake frame payload accepted, in bytes."""
-NONCE_SIZE: Final = 32
-MAC_SIZE: Final = 32
-MAX_NODE_ID_LEN: Final = 1024
-MIN_MAX_FRAME: Final = 64 * 1024
-"""The smallest frame limit a peer may announce, or an endpoint be configured with.
-
-Below it, ordinary messages (a member list, a registry sync part) would have to be split
-into ever smaller pieces, or could not be sent at all; a node id (at most
-`MAX_NODE_ID_LEN` characters) always fits many times over.
-"""
-
 REASON_TIMEOUT: Final = "timeout"
 REASON_OVERLOADED: Final = "overloaded"
 REASON_PEER_CLOSED: Final = "closed by peer"
 REASON_ENDPOINT_CLOSED: Final = "endpoint closed"
 
-_CLIENT_LABEL: Final = b"pgregistry/1 client proof\0"
-_SERVER_LABEL: Final = b"pgregistry/1 server proof\0"
 _TICK: Final = b"\0\0\0\0"
 _HEADER: Final = struct.Struct(">I")
 _pack_header: Final = _HEADER.pack
-_HANDSHAKE_LIMITS: Final = Limits(
-    max_size=HANDSHAKE_MAX_FRAME,
-    max_str_len=HANDSHAKE_MAX_FRAME,
-    max_bin_len=HANDSHAKE_MAX_FRAME,
-    max_array_len=16,
-    max_map_len=16,
-    max_ext_len=64,
-)
-_REFUSAL_KINDS: Final = frozenset({"version", "auth", "protocol", "self", "identity"})
 
 # Connection states.
-_AWAIT_HELLO: Final = 1  # accepting side, before the client's hello
-_AWAIT_CHALLENGE: Final = 2  # connecting side, hello sent
-_AWAIT_RESPONSE: Final = 3  # accepting side, challenge sent
-_AWAIT_ACCEPT: Final = 4  # connecting side, response sent
-_OPEN: Final = 5
-_CLOSED: Final = 6
-_NEW: Final = 0
-
-
-
-class HandshakeError(ConnectionError):
-    """The handshake failed for a reason other than the cookie.
-
-    ``kind`` is ``"version"``, ``"protocol"``, ``"self"``, ``"identity"`` (with TLS, a
-    node id its certificate does not prove: see "Trust model" in the module docstring),
-    or ``"closed"`` (the peer closed the connection during the handshake without saying
-    why).
-    """
-
-    def __init__(self, kind: str, detail: str) -> None:
-        self.kind = kind
-        self.detail = detail
-        super().__init__(f"handshake failed ({kind}): {detail}")
-
-
-class _Refusal(Exception):
-    """Raised inside the handshake: refuse the peer with `kind` and `detail`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"``, ``"[v6addr]:port"`` or a node id ``"name@host:port"`` -> ``(host, port)``.
-
-    Raises `ValueError` for anything else (`TypeError` for a non-str).
-    """
-    if type(address) is not str:
-        raise TypeError(f"address must be a str, got {short_repr(address)}")
-    text = address.rpartition("@")[2]
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not port_text.isascii():
-        raise ValueError(f"address must be 'host:port' or 'name@host:port', got {short_repr(address)}")
-    port = int(port_text)
-    if not 0 < port <= 65535:
-        raise ValueError(f"port must be in 1..65535, got {port} in {short_repr(address)}")
-    return host, port
-
-
-def _mac(key: bytes, label: bytes, hello_frame: bytes, challenge_frame: bytes) -> bytes:
-    return hmac.new(key, label + hello_frame + challenge_frame, hashlib.sha256).digest()
-
-
-def _handshake_frame(kind: str, *fields: Any) -> bytes:
-    payload = encode((MAGIC, PROTOCOL_VERSION, kind, *fields))
-    return _pack_header(len(payload)) + payload
-
-
-def _check_identity(msg: tuple, kind: str) -> tuple[str, int, int, bytes]:
-    """The ``(id, creation, max_frame, nonce)`` of a hello or challenge, checked."""
-    if len(msg) != 7:
-        raise _Refusal("protocol", f"{kind} with {len(msg)} items instead of 7")
-    _, _, _, node_id, creation, max_frame, nonce = msg
-    if type(node_id) is not str or not 0 < len(node_id) <= MAX_NODE_ID_LEN or not node_id.isprintable():
-        raise _Refusal("protocol", f"{kind}: bad node id {short_repr(node_id, 80)}")
-    if type(creation) is not int or not 0 <= creation < 2**64:
-        raise _Refusal("protocol", f"{kind}: bad creation {short_repr(creation, 40)}")
-    if type(max_frame) is not int or not 0 <= max_frame <= 0xFFFFFFFF:
-        raise _Refusal("protocol", f"{kind}: bad max_frame {short_repr(max_frame, 40)}")
-    if max_frame < MIN_MAX_FRAME:
-        raise _Refusal(
-            "protocol",
-            f"{kind}: the peer announces a frame limit of {max_frame} bytes, below the floor of {MIN_MAX_FRAME}",
-        )
-    if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
-        raise _Refusal("protocol", f"{kind}: the nonce is not {NONCE_SIZE} bytes")
-    return node_id, creation, max_frame, nonce
-
-
-def certificate_names(cert: dict[str, Any]) -> list[str]:
-    """The names a peer certificate (as `ssl.SSLSocket.getpeercert` gives it) vouches for.
-
-    Its subjectAltName DNS entries, then its subject commonName attributes.
-    """
-    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
-    for rdn in cert.get("subject", ()):
-        names.extend(value for key, value in rdn if key == "commonName")
-    return names
-
-
-def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
-    """True if `cert` names `node_id` whole, or its name part.
-
-    The name part of ``name@host:port`` is what comes before the last ``"@"`` (as in
-    `parse_address`; a node's name has no ``"@"``), the whole id if it has none. Names
-    are compared exactly: case-sensitive, no wildcards.
-    """
-    names = certificate_names(cert)
-    name, at, _address = node_id.rpartition("@")
-    return node_id in names or (name if at else node_id) in names
-
-
-def _check_mac_message(msg: tuple, kind: str) -> bytes:
-    if len(msg) != 4 or type(msg[3]) is not bytes or len(msg[3]) != MAC_SIZE:
-        raise _Refusal("protocol", f"malformed {kind} message")
-    mac: bytes = msg[3]
-    return mac
+_NEW: Final = 0  # no socket yet
+_HANDSHAKING: Final = 1
+_OPEN: Final = 2
+_CLOSED: Final = 3
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -370,41 +120,39 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_endpoint",
-        "_loop",
-        "initiated",
-        "peer_id",
-        "peer_creation",
-        "peer_max_frame",
-        "peer_address",
-        "close_reason",
-        "bytes_sent",
-        "bytes_received",
-        "messages_sent",
-        "messages_received",
-        "messages_dropped",
-        "_transport",
-        "_state",
-        "_buf",
         "_decoder",
+        "_drain_waiters",
+        "_endpoint",
+        "_flush_scheduled",
+        "_handshake",
+        "_heard",
+        "_hs_future",
+        "_hs_timer",
+        "_idle_checks",
+        "_last_heard",
         "_limits",
+        "_linger",
+        "_loop",
+        "_lost",
         "_on_message",
         "_out",
         "_out_size",
-        "_flush_scheduled",
-        "_send_limit",
         "_paused",
-        "_drain_waiters",
-        "_heard",
-        "_last_heard",
+        "_send_limit",
+        "_state",
+        "_transport",
         "_wrote",
-        "_idle_checks",
-        "_hs_timer",
-        "_hs_future",
-        "_hello",
-        "_challenge",
-        "_linger",
-        "_lost",
+        "bytes_received",
+        "bytes_sent",
+        "close_reason",
+        "initiated",
+        "messages_dropped",
+        "messages_received",
+        "messages_sent",
+        "peer_address",
+        "peer_creation",
+        "peer_id",
+        "peer_max_frame",
     )
 
     def __init__(self, endpoint: Endpoint, initiated: bool) -> None:
@@ -424,7 +172,7 @@ class Connection(asyncio.Protocol):
         self.messages_dropped = 0
         self._transport: asyncio.Transport | None = None
         self._state = _NEW
-        self._buf = bytearray()  # handshake input not yet parsed
+        self._handshake: Handshake | None = None  # while handshaking
         self._decoder: FrameDecoder | None = None
         self._limits = endpoint._limits
         self._on_message = endpoint._on_message
@@ -440,8 +188,6 @@ class Connection(asyncio.Protocol):
         self._idle_checks = 0
         self._hs_timer: asyncio.TimerHandle | None = None
         self._hs_future: asyncio.Future[None] | None = loop.create_future() if initiated else None
-        self._hello = b""  # the hello frame as sent, kept for the MACs
-        self._challenge = b""  # the challenge frame as sent
         self._linger: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = loop.create_future()
 
@@ -465,40 +211,16 @@ class Connection(asyncio.Protocol):
         """True between the end of the handshake and the close."""
         return self._state == _OPEN
 
-    @property
-    def write_buffer_size(self) -> int:
-        """Bytes sent but not yet written to the socket (own buffer plus the transport's)."""
-        transport = self._transport
-        if transport is None or self._state == _CLOSED:
-            return 0
-        return self._out_size + transport.get_write_buffer_size()
-
     def send(self, term: Any) -> None:
         """Queue `term` for the peer; it is written with the rest of this loop iteration's output.
 
         Never awaits, never calls a callback. `TypeError` if `term` is not a term,
-        `ValueError` if its encoding exceeds the peer's ``max_frame``. On a closed
-        connection the term is dropped silently (``on_close`` tells the owner). If the
-        unwritten output exceeds ``send_buffer_limit``, the connection is closed with
-        reason ``"overloaded"``.
+        `ValueError` if its encoding exceeds the peer's ``max_frame``, `RuntimeError` on a
+        connection still in its handshake. On a closed connection the term is dropped
+        silently (``on_close`` tells the owner). If the unwritten output exceeds
+        ``send_buffer_limit``, the connection is closed with reason ``"overloaded"``.
         """
-        payload = encode(term)
-        size = len(payload)
-        if self._state != _OPEN:
-            self._not_open()
-            return
-        if size > self.peer_max_frame:
-            raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        out = self._out
-        out.append(_pack_header(size))
-        out.append(payload)
-        self.messages_sent += 1
-        self._out_size += size + 4
-        if self._out_size > self._send_limit:
-            self._overloaded()
+        self._enqueue(encode(term))
 
     def send_encoded(self, payload: bytes) -> None:
         """Like `send` for a payload already made by ``wire.encode`` (encode once, send to many).
@@ -507,6 +229,10 @@ class Connection(asyncio.Protocol):
         """
         if type(payload) is not bytes:
             raise TypeError(f"send_encoded needs bytes, got {type(payload).__name__}")
+        self._enqueue(payload)
+
+    def _enqueue(self, payload: bytes) -> None:
+        """Queue the frame of one encoded term for the flush at the end of this loop iteration."""
         size = len(payload)
         if self._state != _OPEN:
             self._not_open()
@@ -530,7 +256,10 @@ class Connection(asyncio.Protocol):
         """Write the queued output now, then wait until the transport is below its low-water mark.
 
         For bulk senders (a sync of many entries): ``send`` a batch, ``await drain()``.
-        Raises `ConnectionError` if the connection is or becomes closed.
+        Raises `ConnectionError` if the connection is or becomes closed. There is no
+        timeout here: a peer that stops reading is cut off by ``send_buffer_limit`` or
+        ``down_after``, which ends the wait. Cancelling the wait loses nothing: the output
+        stays queued.
         """
         if self._state == _OPEN:
             self._flush()
@@ -552,7 +281,10 @@ class Connection(asyncio.Protocol):
         self._close(reason)
 
     async def wait_closed(self) -> None:
-        """Wait until the socket is closed (after `close`, or after the peer went away)."""
+        """Wait until the socket is closed (after `close`, or after the peer went away).
+
+        Cancelling the wait does not touch the connection.
+        """
         await asyncio.shield(self._lost)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -571,14 +303,17 @@ class Connection(asyncio.Protocol):
             return
         _set_nodelay(transport)
         self._hs_timer = self._loop.call_later(endpoint.handshake_timeout, self._handshake_timed_out)
-        if self.initiated:
-            self._hello = _handshake_frame(
-                "hello", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
-            )
-            self._state = _AWAIT_CHALLENGE
-            self._write_raw(self._hello)
-        else:
-            self._state = _AWAIT_HELLO
+        handshake = Handshake(
+            endpoint,
+            endpoint._key,
+            initiated=self.initiated,
+            write=self._write_raw,
+            ssl_object=transport.get_extra_info("ssl_object"),
+        )
+        self._handshake = handshake
+        self._state = _HANDSHAKING
+        handshake.begin()
+        if not self.initiated:
             endpoint._admit(self)
 
     def data_received(self, data: bytes) -> None:
@@ -597,7 +332,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._close(REASON_PEER_CLOSED)
         elif self._state != _CLOSED:
-            if self._buf:
+            if self._handshake is not None and self._handshake.pending:
                 self._fail_handshake(HandshakeError("closed", "truncated handshake frame at end of stream"))
             else:
                 self._fail_handshake(HandshakeError("closed", "the peer closed the connection during the handshake"))
@@ -737,132 +472,26 @@ class Connection(asyncio.Protocol):
     # -- handshake ----------------------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        while True:
-            if len(buf) < 4:
-                break
-            size = _HEADER.unpack_from(buf)[0]
-            if size > HANDSHAKE_MAX_FRAME:
-                self._refuse(_Refusal("protocol", f"handshake frame of {size} bytes exceeds {HANDSHAKE_MAX_FRAME}"))
-                return
-            end = 4 + size
-            if len(buf) < end:
-                break
-            frame_bytes = bytes(buf[:end])
-            del buf[:end]
-            try:
-                self._handshake_step(frame_bytes)
-            except _Refusal as refusal:
-                self._refuse(refusal)
-                return
-            if self._state == _CLOSED:
-                return
-            if self._state == _OPEN:
-                rest = bytes(buf)
-                self._buf = bytearray()
-                if rest:
-                    self._receive(rest)
-                return
-
-    def _handshake_step(self, frame_bytes: bytes) -> None:
+        handshake = self._handshake
+        assert handshake is not None
+        rest: bytes | None = None
+        failure: Exception | None = None
         try:
-            msg = decode(memoryview(frame_bytes)[4:], _HANDSHAKE_LIMITS)
-        except WireError as exc:
-            raise _Refusal("protocol", f"undecodable handshake message: {exc}") from None
-        if (
-            type(msg) is not tuple
-            or len(msg) < 3
-            or type(msg[0]) is not str
-            or msg[0] != MAGIC
-            or type(msg[1]) is not int
-            or type(msg[2]) is not str
-        ):
-            raise _Refusal("protocol", f"not a pgregistry handshake message: {short_repr(msg, 80)}")
-        kind: str = msg[2]
-        if kind == "refuse":
-            self._peer_refused(msg)
-            return
-        if msg[1] != PROTOCOL_VERSION:
-            raise _Refusal("version", f"this node speaks protocol {PROTOCOL_VERSION}, the peer {msg[1]}")
-        state = self._state
-        endpoint = self._endpoint
-        if state == _AWAIT_HELLO and kind == "hello":
-            peer_id, creation, max_frame, _client_nonce = _check_identity(msg, kind)
-            if peer_id == endpoint.node_id and creation == endpoint.creation:
-                raise _Refusal("self", f"node {short_repr(peer_id)} connected to itself")
-            self._check_certificate(peer_id, kind)
-            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
-            self._hello = frame_bytes
-            self._challenge = _handshake_frame(
-                "challenge", endpoint.node_id, endpoint.creation, endpoint.max_frame, secrets.token_bytes(NONCE_SIZE)
-            )
-            self._state = _AWAIT_RESPONSE
-            self._write_raw(self._challenge)
-        elif state == _AWAIT_CHALLENGE and kind == "challenge":
-            peer_id, creation, max_frame, _server_nonce = _check_identity(msg, kind)
-            self._check_certificate(peer_id, kind)
-            self.peer_id, self.peer_creation, self.peer_max_frame = peer_id, creation, max_frame
-            self._challenge = frame_bytes
-            proof = _mac(endpoint._key, _CLIENT_LABEL, self._hello, frame_bytes)
-            self._state = _AWAIT_ACCEPT
-            self._write_raw(_handshake_frame("response", proof))
-        elif state == _AWAIT_RESPONSE and kind == "response":
-            proof = _check_mac_message(msg, kind)
-            expected = _mac(endpoint._key, _CLIENT_LABEL, self._hello, self._challenge)
-            if not hmac.compare_digest(proof, expected):
-                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
-            self._write_raw(
-                _handshake_frame("accept", _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge))
-            )
+            rest = handshake.receive(data)
+        except (AuthenticationError, HandshakeError) as exc:
+            failure = exc
+        # From the peer's hello or challenge on, logs and callbacks name the peer.
+        self.peer_id, self.peer_creation, self.peer_max_frame = (
+            handshake.peer_id,
+            handshake.peer_creation,
+            handshake.peer_max_frame,
+        )
+        if failure is not None:
+            self._fail_handshake(failure)
+        elif rest is not None:
             self._establish()
-        elif state == _AWAIT_ACCEPT and kind == "accept":
-            proof = _check_mac_message(msg, kind)
-            expected = _mac(endpoint._key, _SERVER_LABEL, self._hello, self._challenge)
-            if not hmac.compare_digest(proof, expected):
-                raise _Refusal("auth", f"{self.peer_id!r} did not prove the cookie (a different cookie?)")
-            self._establish()
-        else:
-            raise _Refusal("protocol", f"unexpected handshake message {short_repr(kind, 40)}")
-
-    def _check_certificate(self, peer_id: str, kind: str) -> None:
-        """With TLS that verifies the peer, `peer_id` must be proven by its certificate."""
-        transport = self._transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if ssl_object is None or ssl_object.context.verify_mode == _ssl.CERT_NONE:
-            return  # nothing verified the peer: its id is asserted, as with the cookie alone
-        cert = ssl_object.getpeercert()
-        if not cert:
-            raise _Refusal("identity", f"{kind}: node {short_repr(peer_id, 100)} presented no certificate to prove its id")
-        if not certificate_proves(cert, peer_id):
-            raise _Refusal(
-                "identity",
-                f"{kind}: the peer's certificate names {certificate_names(cert)!r:.200}, "
-                f"which does not prove node id {short_repr(peer_id, 100)}",
-            )
-
-    def _peer_refused(self, msg: tuple) -> None:
-        if len(msg) != 5 or type(msg[3]) is not str or type(msg[4]) is not str:
-            raise _Refusal("protocol", "malformed refuse message")
-        kind, detail = msg[3], msg[4][:300]
-        text = f"the peer refused the handshake ({short_repr(kind, 40)}): {short_repr(detail, 300)}"
-        exc: Exception
-        if kind == "auth":
-            exc = AuthenticationError(text)
-        else:
-            exc = HandshakeError(kind if kind in _REFUSAL_KINDS else "protocol", text)
-        self._fail_handshake(exc)
-
-    def _refuse(self, refusal: _Refusal) -> None:
-        """Tell the peer why, then close; the connecting side's `connect` raises."""
-        if self._state not in (_CLOSED, _OPEN):
-            self._write_raw(_handshake_frame("refuse", refusal.kind, refusal.detail[:300]))
-        exc: Exception
-        if refusal.kind == "auth":
-            exc = AuthenticationError(f"authentication failed: {refusal.detail}")
-        else:
-            exc = HandshakeError(refusal.kind, refusal.detail)
-        self._fail_handshake(exc)
+            if rest and self._state == _OPEN:
+                self._receive(rest)  # messages that came in the same read as the last handshake frame
 
     def _fail_handshake(self, exc: Exception) -> None:
         if self._state in (_CLOSED, _OPEN):
@@ -888,7 +517,7 @@ class Connection(asyncio.Protocol):
         endpoint._pending_inbound.pop(self, None)
         endpoint._connecting.discard(self)
         self._state = _OPEN
-        self._hello = self._challenge = b""
+        self._handshake = None
         self._decoder = FrameDecoder(endpoint.max_frame)
         self._last_heard = self._loop.time()
         transport = self._transport
@@ -918,6 +547,7 @@ class Connection(asyncio.Protocol):
             return
         was_open = state == _OPEN
         self._state = _CLOSED
+        self._handshake = None
         self.close_reason = reason
         endpoint = self._endpoint
         endpoint._pending_inbound.pop(self, None)
@@ -962,36 +592,6 @@ class Connection(asyncio.Protocol):
 OnConnection = Callable[[Connection], None]
 OnMessage = Callable[[Connection, Any], None]
 OnClose = Callable[[Connection, str], None]
-
-
-def check_seconds(what: str, value: Any) -> float:
-    """`value` as a positive, finite number of seconds; `TypeError`/`ValueError` naming `what`."""
-    if type(value) is bool or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {short_repr(value)}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must be a positive finite number of seconds, got {short_repr(value)}")
-    return float(value)
-
-
-def check_int(what: str, value: Any, low: int, high: int) -> int:
-    """`value` as an int within `low`..`high`; `TypeError`/`ValueError` naming `what`."""
-    if type(value) is not int:
-        raise TypeError(f"{what} must be an int, got {short_repr(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{what} must be within {low}..{high}, got {short_repr(value)}")
-    return value
-
-
-def check_max_frame(value: Any) -> int:
-    """`value` as a frame limit an endpoint may announce: an int within `MIN_MAX_FRAME`..2**32-1."""
-    if type(value) is not int:
-        raise TypeError(f"max_frame must be an int, got {short_repr(value)}")
-    if not MIN_MAX_FRAME <= value <= 0xFFFFFFFF:
-        raise ValueError(
-            f"max_frame must be within {MIN_MAX_FRAME} (64 KiB, the floor peers accept) and {0xFFFFFFFF} bytes, "
-            f"got {short_repr(value)}"
-        )
-    return value
 
 
 class Endpoint:
@@ -1078,17 +678,13 @@ class Endpoint:
         # overload limit stays well above it.
         self._high_water = max(1, min(1024 * 1024, self.send_buffer_limit // 2))
         self._low_water = self._high_water // 4
-        self._limits = (
-            Limits(
-                max_size=self.max_frame,
-                max_str_len=self.max_frame,
-                max_bin_len=self.max_frame,
-                max_array_len=self.max_frame,
-                max_map_len=self.max_frame // 2,
-                max_ext_len=self.max_frame,
-            )
-            if self.max_frame != MAX_FRAME
-            else Limits()
+        self._limits = Limits(
+            max_size=self.max_frame,
+            max_str_len=self.max_frame,
+            max_bin_len=self.max_frame,
+            max_array_len=self.max_frame,
+            max_map_len=self.max_frame // 2,
+            max_ext_len=self.max_frame,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -1117,7 +713,8 @@ class Endpoint:
     @node_id.setter
     def node_id(self, value: str) -> None:
         if type(value) is not str or not 0 < len(value) <= MAX_NODE_ID_LEN or not value.isprintable():
-            raise ValueError(f"node_id must be a printable str of 1..{MAX_NODE_ID_LEN} characters, got {short_repr(value, 80)}")
+            raise ValueError(f"node_id must be a printable str of 1..{MAX_NODE_ID_LEN} characters, "
+                             f"got {short_repr(value, 80)}")
         self._node_id = value
 
     @property
@@ -1149,7 +746,8 @@ class Endpoint:
     async def start(self) -> tuple[str, int]:
         """Listen on ``host:port``; return ``(host, port)`` with the real port (when 0 was asked).
 
-        `OSError` if the address cannot be bound; `RuntimeError` if already started.
+        `OSError` if the address cannot be bound; `RuntimeError` if already started. An
+        endpoint whose start failed or was cancelled stays closed: make a new one.
         """
         if self._loop is not None:
             raise RuntimeError("the endpoint was already started")
@@ -1166,7 +764,8 @@ class Endpoint:
             self._node_id = f"{self.name}@{self.host}:{self.port}"
         self._timer_due = loop.time() + self.tick_interval / 2
         self._timer = loop.call_at(self._timer_due, self._on_timer)
-        logger.info("endpoint %s listening on %s:%d%s", self._node_id, self.host, self.port, " (TLS)" if self.ssl else "")
+        logger.info("endpoint %s listening on %s:%d%s", self._node_id, self.host, self.port,
+                    " (TLS)" if self.ssl else "")
         return self.host, self.port
 
     async def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
@@ -1198,8 +797,11 @@ class Endpoint:
         Returns the established connection (already reported to ``on_connection``).
         Raises `AuthenticationError` if either side fails the cookie challenge,
         `HandshakeError` for a version mismatch or a malformed handshake, `TimeoutError`
-        if connecting and the handshake take longer than ``handshake_timeout``, and
-        `OSError`/`ConnectionError` when the peer cannot be reached or goes away.
+        if connecting, TLS and the handshake together take longer than
+        ``handshake_timeout``, `OSError`/`ConnectionError` when the peer cannot be reached
+        or goes away (or ``on_connection`` closed the connection), and `RuntimeError` if
+        the endpoint is not started or is closed. On a timeout, an error or cancellation
+        the connection is aborted (``on_close`` follows only if it was established).
         """
         loop = self._require_loop()
         if self._closing:
@@ -1236,8 +838,12 @@ class Endpoint:
     async def close(self) -> None:
         """Stop listening and close every connection; idempotent, concurrent calls wait.
 
-        Queued output is written first where the peer takes it; ``on_close`` is called
-        (reason ``"endpoint closed"``) for every established connection before this returns.
+        Queued output is written first where the peer takes it; a socket still open after
+        ``min(1 s, down_after)`` is aborted. ``on_close`` is called (reason ``"endpoint
+        closed"``) for every established connection before this returns. If this call is
+        cancelled, the endpoint still counts as closed and every connection was told to
+        close (``on_close`` still follows), but a socket slow to go is then left to its
+        connection's own linger timer (``down_after``; ``handshake_timeout`` in a handshake).
         """
         if self._closing:
             await self._closed.wait()
@@ -1298,7 +904,8 @@ class Endpoint:
         late = now - self._timer_due >= period
         if late:
             logger.warning(
-                "endpoint %s: the event loop was blocked for about %.3g s", self._node_id, now - self._timer_due + period
+                "endpoint %s: the event loop was blocked for about %.3g s",
+                self._node_id, now - self._timer_due + period,
             )
         # Spare the peers one run after a stall, not two in a row: a loop that is always
         # late must still detect dead peers.
@@ -1315,98 +922,3 @@ class Endpoint:
     def _log_unauthenticated(self, msg: str, *args: Any) -> None:
         """A warning about an unauthenticated peer, within its own budget (floods are cheap)."""
         self._unauthenticated_log.warning("endpoint %s: " + msg, self._node_id, *args)
-
-
-# --------------------------------------------------------------------------- benchmark
-
-async def _bench_run(round_trips: int, stream: int) -> None:
-    """Two endpoints in this loop: ping-pong latency, then a one-way stream of small messages."""
-    loop = asyncio.get_running_loop()
-    waiter: list[asyncio.Future[Any]] = []
-    received = 0
-    stream_done = loop.create_future()
-
-    def on_pong(conn: Connection, term: Any) -> None:
-        waiter[0].set_result(term)
-
-    def on_server_message(conn: Connection, term: Any) -> None:
-        nonlocal received
-        if type(term) is tuple and term[0] == "ping":
-            conn.send(term)
-            return
-        received += 1
-        if received == stream and not stream_done.done():
-            stream_done.set_result(None)
-
-    a = Endpoint("bench-a", "bench", on_message=on_pong)
-    b = Endpoint("bench-b", "bench", on_message=on_server_message)
-    await a.start()
-    await b.start()
-    try:
-        conn = await a.connect(f"{b.host}:{b.port}")
-        rtts: list[int] = []
-        for i in range(1000 + round_trips):
-            waiter[:] = [loop.create_future()]
-            start = time.perf_counter_ns()
-            conn.send(("ping", i))
-            await waiter[0]
-            if i >= 1000:
-                rtts.append(time.perf_counter_ns() - start)
-        rtts.sort()
-        p50, p99 = rtts[len(rtts) // 2] / 1e3, rtts[len(rtts) * 99 // 100] / 1e3
-        print(
-            f"  ping-pong over {round_trips} round trips: one-way p50 {p50 / 2:6.1f} us, p99 {p99 / 2:6.1f} us"
-            f"  (round trip p50 {p50:6.1f} us, p99 {p99:6.1f} us)"
-        )
-        pid_like = ("bench-a@127.0.0.1:1", 42, 1)
-        batch = 1000
-        encoded = encode(("join", "reg", 12345, pid_like))
-        for label, pre_encoded in (("send", False), ("send_encoded", True)):
-            received = 0
-            stream_done = loop.create_future()
-            bytes_before = conn.bytes_sent
-            start = time.perf_counter()
-            for i in range(0, stream, batch):
-                if pre_encoded:
-                    for _ in range(batch):
-                        conn.send_encoded(encoded)
-                else:
-                    for j in range(i, i + batch):
-                        conn.send(("join", "reg", j, pid_like))
-                await conn.drain()
-                await asyncio.sleep(0)
-            await stream_done
-            elapsed = time.perf_counter() - start
-            print(
-                f"  stream of {stream} small messages with {label} (sender and receiver on this one loop): "
-                f"{stream / elapsed:,.0f} messages/s, {(conn.bytes_sent - bytes_before) / elapsed / 1e6:.1f} MB/s"
-            )
-    finally:
-        await a.close()
-        await b.close()
-
-
-def _bench() -> None:
-    import sys
-
-    round_trips = 10_000
-    stream = 500_000  # a multiple of the batch size
-    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
-    try:
-        import uvloop
-    except ImportError:
-        print("(uvloop not installed: standard loop only)")
-    else:
-        factories.append(("uvloop", uvloop.new_event_loop))
-    if "--uvloop" in sys.argv[1:]:
-        factories = factories[1:]
-    elif "--asyncio" in sys.argv[1:]:
-        factories = factories[:1]
-    for name, factory in factories:
-        print(f"{name} loop:")
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_bench_run(round_trips, stream))
-
-
-if __name__ == "__main__":
-    _bench()

@@ -1,76 +1,21 @@
-"""The wire format: terms as msgpack, and the length-prefixed frames that carry them.
+"""The wire format: terms as msgpack, and the length-prefixed frames that carry them (layer 1).
 
-Nothing here executes code from the network: there is no pickle, and `decode` raises only
-`WireError` for input that is not, exactly, the encoding of a term.
+A term is one msgpack object: None, bool, int, float, str, bytes, list and dict (keys
+str or int) as msgpack's own; a tuple as an array led by the tuple marker (ext 3); a
+`Pid` or `Ref` as ext 1 or 2 (``[node, serial, creation]``); an int beyond 64 bits as
+ext 4. A frame is a 4-byte big-endian length, then that many bytes: one encoded term.
 
-Term encoding
-=============
-One term is one msgpack object (https://github.com/msgpack/msgpack/blob/master/spec.md),
-with nothing before or after it:
+ * `encode` checks the term, then packs it (`TypeError` names the part that is not a
+   term); `encode_trusted` packs a term built from checked ones without that walk
+ * `decode` returns a value term, or raises `WireError` and nothing else when the input
+   is not exactly one term within its `Limits` (sizes, ext shapes, 64 levels of nesting)
+ * `frame`/`frame_many` prefix payloads; `FrameDecoder.feed` cuts a stream into them and
+   raises `WireError` for a length over its ``max_frame`` as soon as the 4 bytes arrive,
+   after which the stream is unusable: close the connection
 
-================  ==============================================================
-Python            msgpack
-================  ==============================================================
-``None``          nil
-``bool``          false / true
-``int``           int family when ``-2**63 <= n < 2**64``, else ext 4 (below)
-``float``         float 64 (decoders also accept float 32)
-``str``           str family, UTF-8. A str holding lone surrogates (U+D800..U+DFFF)
-                  is written with Python's ``surrogatepass`` convention (the 3-byte
-                  form of the code point); decoders accept that form.
-``bytes``         bin family
-``list``          array
-``dict``          map, keys ``str`` or ``int`` only, in insertion order; when a map
-                  repeats a key the last pair wins
-``tuple``         array whose **first** element is the tuple marker, ext 3 with an
-                  empty payload (``c7 00 03``), followed by the tuple's items;
-                  ``()`` is ``91 c7 00 03``
-`Pid`             ext 1, payload below
-`Ref`             ext 2, payload below
-================  ==============================================================
+Nothing here executes code from the network: there is no pickle.
 
-Ext types (all codes not listed here, including the msgpack timestamp -1, are invalid):
-
-* **1, Pid** and **2, Ref**: the payload is one msgpack array of exactly three items,
-  ``[node: str, serial: int >= 0, creation: int >= 0]``, each encoded as above (so a
-  serial of ``2**64`` or more is an ext 4 inside the payload), nothing after it.
-* **3, tuple marker**: empty payload. Valid only as the first element of an array.
-* **4, big int**: an ``int`` outside ``[-2**63, 2**64)``. The payload is the number in
-  two's complement, big-endian; the encoder writes the minimal length,
-  ``(n.bit_length() + 8) // 8`` bytes. Decoders accept any non-empty payload.
-
-A decoder rejects (here: raises `WireError`) anything else: invalid msgpack, truncated
-input, trailing bytes, invalid UTF-8 (other than encoded surrogates), an unknown ext code,
-an ext payload of the wrong shape, a tuple marker anywhere but first in an array, a map
-key that is not a str or int, containers (arrays, maps, tuples) nested more than
-`terms.MAX_DEPTH` (64) deep -- the outermost container is level 1, a container at level
-65 is refused -- and anything over the configured `Limits`: the whole input
-(``max_size``), one str (``max_str_len`` bytes), one bin (``max_bin_len``), one array
-(``max_array_len`` items), one map (``max_map_len`` pairs), one ext payload
-(``max_ext_len``); a tuple's marker counts as one of its array's items. Each limit
-defaults to `MAX_FRAME` (``max_map_len`` to half of it); whatever the limits, no array
-may declare more items than the input has bytes, nor a map more pairs than half that.
-
-Framing
-=======
-A stream is a sequence of frames. A frame is a 4-byte unsigned big-endian length ``n``
-followed by ``n`` payload bytes; the payload of every frame is one encoded term (the
-framing layer itself accepts any payload, including an empty one). A reader has a
-maximum, `MAX_FRAME` (64 MiB) unless configured otherwise; a length above it is an
-error as soon as the 4 length bytes have arrived, before any of the body is read, and
-the stream is then unusable (close the connection).
-
-API
-===
-``encode(term) -> bytes``                 raises ``TypeError`` naming the non-term part
-``encode_trusted(term) -> bytes``         the same bytes, for a term built only from
-                                          terms already checked (no second walk)
-``decode(data, limits=DEFAULT_LIMITS)``   raises only `WireError` for bad input
-``frame(payload) -> bytes``, ``frame_many(payloads) -> bytes``
-``FrameDecoder(max_frame).feed(chunk) -> list[bytes]``
-
-Running ``python -m pgregistry.wire`` prints encode/decode throughput for a typical
-registry message.
+The full protocol is in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -79,7 +24,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 from msgpack import ExtType
@@ -88,20 +33,20 @@ from .errors import RegistryError
 from .terms import Pid, Ref, check_message
 
 __all__ = [
-    "WireError",
-    "Limits",
     "DEFAULT_LIMITS",
-    "MAX_FRAME",
+    "EXT_BIGINT",
     "EXT_PID",
     "EXT_REF",
     "EXT_TUPLE",
-    "EXT_BIGINT",
+    "MAX_FRAME",
+    "FrameDecoder",
+    "Limits",
+    "WireError",
+    "decode",
     "encode",
     "encode_trusted",
-    "decode",
     "frame",
     "frame_many",
-    "FrameDecoder",
 ]
 
 MAX_FRAME: Final = 64 * 1024 * 1024
@@ -215,7 +160,8 @@ def _pack(obj: Any) -> bytes:
         # A str with lone surrogates; the surrogatepass packer is slower for every str,
         # so it is used only when needed.
         _packer_pool.append(packer)
-        return _new_packer("surrogatepass").pack(obj)
+        out = _new_packer("surrogatepass").pack(obj)
+        return out
     except BaseException:
         _packer_pool.append(packer)  # pack() resets the packer's buffer when it raises
         raise
@@ -225,7 +171,7 @@ def _pack(obj: Any) -> bytes:
 
 
 def encode(term: Any) -> bytes:
-    """Encode one term as msgpack bytes (see the module docstring for the format).
+    """Encode one term as msgpack bytes (the format is in docs/protocol.md).
 
     Raises `TypeError`, naming the offending part, if `term` is not a value term.
     """
@@ -259,14 +205,11 @@ def _id_field_hook(code: int, data: bytes) -> int:
     raise WireError(f"ext {code} inside a pid/ref payload")
 
 
-_unpack_id_fields: Final = partial(
-    msgpack.unpackb,
-    ext_hook=_id_field_hook,
-    use_list=True,
-    raw=False,
-    strict_map_key=True,
-    unicode_errors="surrogatepass",
-)
+# What both unpackers share: arrays as lists, str as str (not bytes), and lone
+# surrogates read back the way `_pack` writes them.
+_unpackb: Final = partial(msgpack.unpackb, use_list=True, raw=False, unicode_errors="surrogatepass")
+
+_unpack_id_fields: Final = partial(_unpackb, ext_hook=_id_field_hook, strict_map_key=True)
 
 _pid_cache: dict[bytes, Pid] = {}
 _ref_cache: dict[bytes, Ref] = {}
@@ -276,13 +219,16 @@ _pid_cached: Final = _pid_cache.get
 _ref_cached: Final = _ref_cache.get
 
 
-def _id_from(cls: type[Pid] | type[Ref], cache: dict[Any, Any], data: bytes) -> Any:
+_PidOrRef = TypeVar("_PidOrRef", Pid, Ref)
+
+
+def _id_from(cls: type[_PidOrRef], cache: dict[bytes, _PidOrRef], data: bytes) -> _PidOrRef:
     """Decode a pid or ref payload (not found in `cache`) and remember it there."""
     fields = _unpack_id_fields(data)
     if type(fields) is not list or len(fields) != 3:
         raise WireError(f"{cls.__name__} payload is not an array of [node, serial, creation]")
     try:
-        ident = cls(*fields)
+        ident: _PidOrRef = cls(*fields)  # annotated: terms._Id.__new__ is declared to return Any
     except TypeError as exc:
         raise WireError(f"bad {cls.__name__} payload: {exc}") from None
     if len(data) <= _ID_CACHE_MAX_PAYLOAD:
@@ -315,13 +261,10 @@ def _list_hook(items: list[Any]) -> Any:
 # msgpack's own per-object limits default to the input's length, which bounds every
 # preallocation by the bytes actually received.
 _unpack_term: Final = partial(
-    msgpack.unpackb,
+    _unpackb,
     ext_hook=_ext_hook,
     list_hook=_list_hook,
-    use_list=True,
-    raw=False,
     strict_map_key=False,  # int keys are allowed; validation refuses the other types
-    unicode_errors="surrogatepass",
 )
 
 
@@ -449,7 +392,7 @@ class FrameDecoder:
     later `feed` raises too.
     """
 
-    __slots__ = ("max_frame", "_head", "_size", "_parts", "_have", "_error")
+    __slots__ = ("_error", "_have", "_head", "_parts", "_size", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame: int = _check_max_frame(max_frame)
@@ -548,35 +491,3 @@ class FrameDecoder:
         self._size = -1
         self._have = 0
         return pos + missing
-
-
-# --------------------------------------------------------------------------- benchmark
-
-def _bench(rows: int = 1000, rounds: int = 200) -> None:
-    """Print encode/decode throughput of one typical scope-sync message."""
-    import time
-
-    pids = [Pid("node1@127.0.0.1:4369", serial, 1) for serial in range(1, 51)]
-    messages = {
-        "str keys": [[f"user:{i}", pids[i % 50], {"role": "worker", "shard": i % 16}, i] for i in range(rows)],
-        "tuple keys": [[("user", i), pids[i % 50], {"role": "worker", "shard": i % 16}, i] for i in range(rows)],
-    }
-    print(f"one message = a list of {rows} [key, pid, {{role, shard}}, tag] rows, 50 distinct pids")
-    for label, message in messages.items():
-        data = encode(message)
-        assert decode(data) == message
-        for name, fn, arg in (("encode", encode, message), ("decode", decode, data)):
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                for _ in range(rounds // 5):
-                    fn(arg)
-                best = min(best, (time.perf_counter() - start) / (rounds // 5))
-            print(
-                f"  {label:10s} {name}: {best * 1e6:8.1f} us/message  "
-                f"{rows / best / 1e6:5.2f} M rows/s  {len(data) / best / 1e6:6.1f} MB/s  ({len(data)} bytes)"
-            )
-
-
-if __name__ == "__main__":
-    _bench()

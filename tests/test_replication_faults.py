@@ -33,12 +33,15 @@ from pgregistry.terms import MAX_TERM_DEPTH
 from .helpers import eventually, registry_cluster, run_as, spawn_agent, stop_agent
 
 COOKIE = "replication-faults"
-FAST = {"tick_interval": 0.05, "down_after": 0.5}
+# No test here waits for a failure to be detected, and some make tens of thousands of
+# rows in one loop iteration: detection slow enough that a busy loop is never taken for
+# a dead peer.
+DETECTION = {"tick_interval": 0.2, "down_after": 5.0}
 
 
 def nodes(count: int, **last_options: Any) -> contextlib.AbstractAsyncContextManager[list[tuple[Node, Registry]]]:
     """`count` connected nodes running registry "r"; `last_options` go to the last one."""
-    return registry_cluster(count, COOKIE, last_node_options=last_options, **FAST)
+    return registry_cluster(count, COOKIE, last_node_options=last_options, **DETECTION)
 
 
 def nested(levels: int, leaf: Any = 0, kind: type = list) -> Any:
@@ -77,7 +80,7 @@ async def test_a_value_at_the_depth_limit_travels_in_gossip_and_in_sync_rounds(k
         assert ra.lookup("deep") == [(worker, deepest)]
         await run_as(worker, lambda: rb.update_value("deep", nested(MAX_TERM_DEPTH, "updated", kind)))
         # A third node catches up by a sync round: the same value inside a sync part.
-        async with Node("late", cookie=COOKIE, **FAST) as late:
+        async with Node("late", cookie=COOKIE, **DETECTION) as late:
             rl = await Registry.start(late, "r")
             await late.connect(b.id)
             await eventually(lambda: len(late.peers()) == 2, what="late joins the mesh")
@@ -121,7 +124,7 @@ async def test_a_value_mutated_into_a_non_term_is_left_out_alone() -> None:
         await rb.sync()  # reported once
         # Every later sync round leaves out that one entry only: a node that joins
         # afterwards still catches up on everything else.
-        async with Node("late", cookie=COOKIE, **FAST) as late:
+        async with Node("late", cookie=COOKIE, **DETECTION) as late:
             rl = await Registry.start(late, "r")
             await late.connect(b.id)
             await eventually(lambda: len(late.peers()) == 2, what="late joins the mesh")

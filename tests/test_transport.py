@@ -19,8 +19,9 @@ import ssl
 import struct
 import time
 import warnings
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -139,7 +140,8 @@ async def ping(conn: Connection, rec: Recorder, n: int) -> None:
     await rec.wait_for(lambda: ("pong", n) in rec.received(conn))
 
 
-async def good_pair(cluster: Cluster, **server_options: Any) -> tuple[Endpoint, Recorder, Endpoint, Recorder, Connection]:
+async def good_pair(cluster: Cluster,
+                    **server_options: Any) -> tuple[Endpoint, Recorder, Endpoint, Recorder, Connection]:
     """A server endpoint S and a good client G connected to it, proven to exchange messages."""
     server, srec = await cluster.endpoint("server", **server_options)
     good, grec = await cluster.endpoint("good")
@@ -177,7 +179,7 @@ def hs(kind: str, *fields: Any, version: int = PROTOCOL_VERSION) -> bytes:
 class RawPeer:
     """A hand-driven socket speaking (or not) the transport protocol."""
 
-    opened: list["RawPeer"] = []  # closed after each test by the `close_raw_peers` fixture
+    opened: list[RawPeer] = []  # closed after each test by the `close_raw_peers` fixture
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -185,7 +187,7 @@ class RawPeer:
         RawPeer.opened.append(self)
 
     @classmethod
-    async def connect(cls, ep: Endpoint) -> "RawPeer":
+    async def connect(cls, ep: Endpoint) -> RawPeer:
         reader, writer = await asyncio.open_connection("127.0.0.1", ep.port)
         return cls(reader, writer)
 
@@ -369,7 +371,7 @@ async def test_three_endpoints_all_pairs(cluster: Cluster) -> None:
     for (i, j), conn in conns.items():
         for n in range(50):
             conn.send((i, j, n))
-    for j, (ep, rec) in enumerate(eps):
+    for j, (_ep, rec) in enumerate(eps):
         await rec.wait_for(lambda: len(rec.messages) == 100)
         for i in range(3):
             if i != j:

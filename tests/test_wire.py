@@ -545,7 +545,8 @@ def test_limits_validate_their_fields(bad: Any) -> None:
 @FUZZ
 @given(st.binary(max_size=120), st.integers(1, 40), st.integers(1, 40))
 def test_random_bytes_with_tight_limits_never_escape_wire_error(data: bytes, a: int, b: int) -> None:
-    decodes_safely(data, Limits(max_size=a * 3, max_str_len=a, max_bin_len=b, max_array_len=a, max_map_len=b, max_ext_len=b))
+    decodes_safely(data, Limits(max_size=a * 3, max_str_len=a, max_bin_len=b, max_array_len=a, max_map_len=b,
+                                max_ext_len=b))
 
 
 # --------------------------------------------------------------------------- framing
