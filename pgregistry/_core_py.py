@@ -249,30 +249,28 @@ def _compile_pattern(node: Any) -> _PatFn | None:
     raise TypeError(f"not a normalized pattern node: {short_repr(node, 80)}")
 
 
-def _and(args: tuple[_Eval, ...]) -> _Eval:
-    def and_(s: list) -> bool:
+def _junction(args: tuple[_Eval, ...], decisive: bool, name: str) -> _Eval:
+    """``and`` (`decisive` False) or ``or`` (True): stops at the first operand equal to
+    `decisive` and returns it; an operand that is not a bool raises (the guard fails)."""
+
+    def junction(s: list) -> bool:
         for a in args:
             r = a(s)
-            if r is False:
-                return False
-            if r is not True:
-                raise TypeError(f"and: operand is {type(r).__name__}, not a bool")
-        return True
+            if r is decisive:
+                return decisive
+            if r is not (not decisive):
+                raise TypeError(f"{name}: operand is {type(r).__name__}, not a bool")
+        return not decisive
 
-    return and_
+    return junction
+
+
+def _and(args: tuple[_Eval, ...]) -> _Eval:
+    return _junction(args, False, "and")
 
 
 def _or(args: tuple[_Eval, ...]) -> _Eval:
-    def or_(s: list) -> bool:
-        for a in args:
-            r = a(s)
-            if r is True:
-                return True
-            if r is not False:
-                raise TypeError(f"or: operand is {type(r).__name__}, not a bool")
-        return False
-
-    return or_
+    return _junction(args, True, "or")
 
 
 def _not(arg: _Eval) -> _Eval:
@@ -577,6 +575,15 @@ class Table:
             return None
         return krows, prows
 
+    def _locate(self, key: Any, pid: Any, tag: int) -> tuple[_Row, _Rows, _Rows] | None:
+        """The row ``(key, pid, tag)`` with its key's and its pid's containers, or None."""
+        both = self._both(key, pid)
+        if both is None:
+            return None
+        krows, prows = both
+        row = self._find(krows, prows, tag)
+        return None if row is None else (row, krows, prows)
+
     @staticmethod
     def _rows_of(krows: _Rows, prows: _Rows) -> list[_Row]:
         """The rows in both containers, in key order, walking the shorter one."""
@@ -642,13 +649,10 @@ class Table:
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
         tag = _tag(tag)
         with self._lock:
-            both = self._both(key, pid)
-            if both is None:
+            found = self._locate(key, pid, tag)
+            if found is None:
                 return default
-            krows, prows = both
-            row = self._find(krows, prows, tag)
-            if row is None:
-                return default
+            row, krows, prows = found
             self._remove(row, key, krows, pid, prows)
             return row.value
 
@@ -730,13 +734,10 @@ class Table:
         """
         tag = _tag(tag)
         with self._lock:
-            both = self._both(key, pid)
-            if both is None:
+            found = self._locate(key, pid, tag)
+            if found is None:
                 return default
-            krows, prows = both
-            row = self._find(krows, prows, tag)
-            if row is None:
-                return default
+            row, krows, _prows = found
             old = row.value
             row.value = value
             self._move_to_end(row, krows)

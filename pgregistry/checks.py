@@ -13,7 +13,7 @@ from typing import Any
 from .handshake import MIN_MAX_FRAME
 from .terms import short_repr
 
-__all__ = ["check_int", "check_max_frame", "check_seconds", "parse_address"]
+__all__ = ["check_int", "check_liveness", "check_max_frame", "check_seconds", "parse_address"]
 
 
 def check_seconds(what: str, value: Any) -> float:
@@ -23,6 +23,20 @@ def check_seconds(what: str, value: Any) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number of seconds, got {short_repr(value)}")
     return float(value)
+
+
+def check_liveness(tick_interval: Any, down_after: Any) -> tuple[float, float]:
+    """``(tick_interval, down_after)`` as seconds, with `down_after` at least two ticks.
+
+    A peer is declared down after `down_after` seconds without a word; ticks keep idle
+    peers talking, so fewer than two per `down_after` would declare healthy ones down.
+    """
+    tick = check_seconds("tick_interval", tick_interval)
+    down = check_seconds("down_after", down_after)
+    if down < 2 * tick:
+        raise ValueError(f"down_after ({short_repr(down_after)}) must be at least twice tick_interval "
+                         f"({short_repr(tick_interval)}), or idle but healthy peers would be declared down")
+    return tick, down
 
 
 def check_int(what: str, value: Any, low: int, high: int) -> int:

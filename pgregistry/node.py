@@ -38,6 +38,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from .checks import check_int, check_liveness, check_max_frame, check_seconds, parse_address
 from .errors import AlreadyStarted, NotLocal
 from .events import NodeDown, NodeUp
 from .mesh import GOSSIP_ATTEMPTS, MEMBERS_PER_MESSAGE, REPLACED, Mesh, PeerRecord
@@ -46,7 +47,7 @@ from .remote import Remote
 from .runtime import Runtime
 from .service import Service
 from .terms import Pid, short_repr
-from .transport import Endpoint, check_int, check_max_frame, check_seconds, parse_address
+from .transport import Endpoint
 from .wire import MAX_FRAME
 
 __all__ = ["Node", "REPLACED", "GOSSIP_ATTEMPTS", "MEMBERS_PER_MESSAGE"]
@@ -187,13 +188,7 @@ class Node:
             raise ValueError("client_ssl is a server-only context (PROTOCOL_TLS_SERVER); it is used to dial peers")
         self.ssl = ssl
         self.client_ssl = client_ssl
-        self.tick_interval = check_seconds("tick_interval", tick_interval)
-        self.down_after = check_seconds("down_after", down_after)
-        if self.down_after < 2 * self.tick_interval:
-            raise ValueError(
-                f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}), "
-                "or idle but healthy peers would be declared down"
-            )
+        self.tick_interval, self.down_after = check_liveness(tick_interval, down_after)
         self.max_frame = check_max_frame(max_frame)
         self.max_members_per_message = check_int(
             "max_members_per_message", max_members_per_message, MEMBERS_PER_MESSAGE, 1_000_000

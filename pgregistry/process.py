@@ -438,12 +438,15 @@ class Process:
         When this process exits, ``ProcessTable.notify_down`` tells the watcher (through the
         router for a remote one). Raises `NoProcess` if the process has already exited.
         """
-        if not self.alive:
-            raise NoProcess(f"{short_repr(self.pid)} has exited ({short_repr(self.exit_reason)})")
+        self._require_alive()
         watchers = self._monitored_by
         if watchers is None:
             watchers = self._monitored_by = {}
         watchers[ref] = watcher
+
+    def _require_alive(self) -> None:
+        if not self.alive:
+            raise NoProcess(f"{short_repr(self.pid)} has exited ({short_repr(self.exit_reason)})")
 
     def remove_watcher(self, ref: Ref) -> bool:
         """Forget the monitor `ref` on this process; True if it was recorded."""
@@ -464,8 +467,7 @@ class Process:
         run. Adding under an existing key replaces that hook in place. Raises
         `NoProcess` if the process has already exited.
         """
-        if not self.alive:
-            raise NoProcess(f"{short_repr(self.pid)} has exited ({short_repr(self.exit_reason)})")
+        self._require_alive()
         hooks = self._hooks
         if hooks is None:
             hooks = self._hooks = {}

@@ -33,7 +33,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from .checks import check_int, check_max_frame, check_seconds, parse_address
+from .checks import check_int, check_liveness, check_max_frame, check_seconds, parse_address
 from .errors import AuthenticationError
 from .handshake import (
     HANDSHAKE_MAX_FRAME,
@@ -653,13 +653,7 @@ class Endpoint:
                 "the context used to connect is server-only (PROTOCOL_TLS_SERVER): give client_ssl, "
                 "or one ssl.SSLContext(ssl.PROTOCOL_TLS) usable on both sides"
             )
-        self.tick_interval = check_seconds("tick_interval", tick_interval)
-        self.down_after = check_seconds("down_after", down_after)
-        if self.down_after < 2 * self.tick_interval:
-            raise ValueError(
-                f"down_after ({down_after}) must be at least twice tick_interval ({tick_interval}),"
-                " or idle but healthy connections would be declared down"
-            )
+        self.tick_interval, self.down_after = check_liveness(tick_interval, down_after)
         self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = check_seconds("handshake_timeout", handshake_timeout)
         self.max_pending_handshakes = check_int("max_pending_handshakes", max_pending_handshakes, 1, 1_000_000)
