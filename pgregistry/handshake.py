@@ -46,7 +46,7 @@ __all__ = [
     "certificate_proves",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: the node-level confirm step renamed its messages (propose, confirm, refuse)
 MAGIC: Final = "pgregistry"
 HANDSHAKE_MAX_FRAME: Final = 4096
 """Largest handshake frame payload accepted, in bytes: what an unauthenticated peer can make a node buffer."""

@@ -83,7 +83,7 @@ class Node:
     """A node: an id, its processes and local names, its peers, and attached services.
 
     ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=,
-    max_frame=)``:
+    max_frame=, max_members_per_message=, max_gossip_peers=, max_gossip_dials=)``:
     every argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
     value, each naming the argument). ``cookie=None`` takes ``PGREGISTRY_COOKIE`` from
     the environment, else a random cookie (then nobody can connect). ``port=0`` binds an
@@ -104,7 +104,7 @@ class Node:
     whole id, exactly. Give each node a certificate naming it, and each node of a
     cluster its own name; use mutual TLS (a server context with ``verify_mode =
     ssl.CERT_REQUIRED``) so that the ids of diallers are proven too. See "Trust model"
-    in `pgregistry.transport`.
+    in docs/protocol.md.
 
     ``tick_interval`` / ``down_after``: a peer from which nothing (not even a tick) was
     heard for ``down_after`` seconds is down; ``down_after`` must be at least twice

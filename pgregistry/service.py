@@ -23,13 +23,15 @@ DISCOVER: Final = "discover"
 
 
 class Service(Protocol):
-    """What `Node.attach_service` expects of a service (the node tolerates missing methods).
+    """What `Node.attach_service` expects of a service.
 
-    The node calls the four ``peer_*`` methods on its loop thread; an exception is
-    logged and the node carries on, and an awaitable returned is run as a task (its
-    failure logged). Order around one peer: ``peer_up`` after node monitors got
-    ``NodeUp``; ``peer_down`` after the monitors of that peer's processes fired and
-    before node monitors get ``NodeDown``.
+    The node calls the four ``peer_*`` methods on its loop thread and tolerates a
+    service that lacks one of them; `close` is required (`Node.stop` calls it). An
+    exception raised by any of them is logged and the node carries on; an awaitable
+    returned by ``peer_up`` or ``peer_down`` is run as a task (its failure logged).
+    Order around one peer: ``peer_up`` after node monitors got ``NodeUp``; ``peer_down``
+    after the monitors of that peer's processes fired and before node monitors get
+    ``NodeDown``.
     """
 
     def peer_up(self, peer: str) -> Awaitable[None] | None:

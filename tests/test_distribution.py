@@ -973,7 +973,7 @@ async def test_malformed_messages_from_a_peer_are_dropped(caplog: pytest.LogCapt
             ["members", "not a list"],
             ["members", [1, "no-at-sign", "x@bad", a.id]],
             ["svc", 1, 2],
-            ["welcome"],
+            ["confirm"],
         ]
         with caplog.at_level(logging.WARNING, logger="pgregistry.node"):
             for term in bad:

@@ -542,7 +542,7 @@ async def test_protocol_version_mismatch(cluster: Cluster, caplog: pytest.LogCap
     server, srec, good, grec, conn = await good_pair(cluster)
     # A client speaking version 2: refused with a reason, then closed.
     peer = await RawPeer.connect(server)
-    peer.write(hs("hello", "future@127.0.0.1:1", 1, 1 << 20, secrets.token_bytes(32), version=2))
+    peer.write(hs("hello", "future@127.0.0.1:1", 1, 1 << 20, secrets.token_bytes(32), version=PROTOCOL_VERSION + 1))
     refusal = await peer.read_term()
     assert refusal[:4] == ("pgregistry", PROTOCOL_VERSION, "refuse", "version")
     await peer.wait_eof()
@@ -553,7 +553,8 @@ async def test_protocol_version_mismatch(cluster: Cluster, caplog: pytest.LogCap
     async def future_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         p = RawPeer(reader, writer)
         await p.read_frame()
-        p.write(hs("challenge", "future@127.0.0.1:9", 1, 1 << 20, secrets.token_bytes(32), version=2))
+        p.write(hs("challenge", "future@127.0.0.1:9", 1, 1 << 20, secrets.token_bytes(32),
+                   version=PROTOCOL_VERSION + 1))
         seen.append(await p.read_term())
 
     async with raw_server(future_server) as address:
