@@ -1,0 +1,696 @@
+"""Names by consensus: the protocol core, with no I/O and no clock.
+
+A `Member` is one node's part of a names cluster: an acceptor for every name (when it is a
+member), a proposer for the operations started on it, and the keeper of its own lease.
+It is a deterministic state machine: messages, timer firings and client operations go in
+together with the local clock reading `now`; `Effects` come out (messages to send, timers
+to set, completed operations, and events a checker can replay). The service that runs it
+over the mesh, and the simulator in the tests, only move these values around.
+
+Each name is a compare-and-set register decided by a majority of the configured members
+(CASPaxos). A register holds a value ``(pid | None, token, lgen, owner)``: the holder's
+pid (an opaque term here), its fencing token (it grows by one whenever a holder is set),
+the lease generation of the holder's node when it was set, and the incarnation of that
+node (``None`` when free). The empty register is ``(None, 0, 0, None)``.
+
+Identities:
+    incarnation  (node_id: str, creation: int, nonce: int); members are incarnations.
+    ballot       (epoch, counter, incarnation); the counter is a Lamport clock, raised by
+                 every ballot this member sees, so a restarted node (a new incarnation)
+                 never reuses the ballots of its previous life.
+
+Every message is a tuple ``(kind, cluster_id, epoch, ...)``; the sender is the peer of the
+connection it came on, never a field. Lists are accepted wherever tuples are (msgpack).
+
+    prepare(name, ballot)
+        Proposer -> members. An acceptor promises if ballot >= its promise for the name.
+    promise(name, ballot, accepted_ballot, value)
+        The current accepted value and its ballot: the proposer picks the highest of a
+        majority, applies its change function and sends accept.
+    nack(name, ballot, competing_ballot, retry_after)
+        Refusal of a prepare or accept, with the promise that beat it; retry_after > 0
+        when an accept was refused by the takeover check (seconds until it may pass).
+    accept(name, ballot, value, base_ballot, base_value)
+        The new value, and the value (with its ballot) it was computed from. Accepting
+        also promises the proposer's next ballot for this name only, so its next operation
+        on the name skips prepare.
+    accepted(name, ballot)
+        Acknowledges an accept; a majority decides the value.
+    commit(name, ballot, value)
+        Sent by the decider to every member; applied only if newer than what it has.
+    renew(lgen, seq)
+        Every lease/3, to every member including the sender. Refused (no answer) from a
+        non-member or when lgen is below the generation a takeover fenced off.
+    renew_ack(lgen, seq)
+        Counts toward the sender's lease once a majority acked the same seq.
+    wrong_epoch(epoch, members)
+        The answer to a request of another epoch (the membership part uses it to catch up).
+
+Leases: a node's lease is valid until ``t_sent + lease - (lease*rho + 0.001)`` where t_sent
+is its local send time of the newest renewal a majority acked in the current generation.
+When its clock passes that, the generation lapses: ``lgen`` grows by one, its holders are
+revoked and released, and acks of the old generation never count again.
+
+Takeover check: an accept that moves a name away from holder h of node X, proposed by
+anyone but X, passes only if X has not renewed here for a whole lease (and this acceptor
+has served for a lease), or X renewed with a generation above h's; on accepting, renewals
+of X below h.lgen + 1 are refused from then on.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
+
+Incarnation = tuple[str, int, int]
+Ballot = tuple[int, int, tuple[Any, ...]]
+Value = tuple[Any, int, int, Any]  # (pid | None, token, lgen, owner incarnation | None)
+TimerId = tuple[Any, ...]
+
+FREE: Value = (None, 0, 0, None)
+NO_BALLOT: Ballot = (-1, -1, ())
+NEVER = float("-inf")
+
+#: Planted bugs the simulator must catch (each one breaks a rule the protocol relies on).
+BUGS = frozenset({"no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check"})
+
+# A proposer's round gives up and retries after this many leases without a majority.
+_ROUND_FRACTION = 1 / 6
+_BACKOFF_CAP = 0.05
+_BACKOFF_BASE = 0.005
+
+
+class BadMessage(ValueError):
+    """A message that is malformed, of another cluster, or from a sender that may not send it.
+
+    Raised by `Member.on_message` before anything changes; the caller logs it and drops the
+    message."""
+
+
+@dataclass
+class Effects:
+    """What one input produced: messages ``(dest, msg)``, timers ``(timer_id, at)`` in the
+    member's clock, completed operations ``(op_id, result)`` and checker events."""
+
+    messages: list[tuple[Incarnation, tuple[Any, ...]]] = field(default_factory=list)
+    timers: list[tuple[TimerId, float]] = field(default_factory=list)
+    results: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+@dataclass
+class _Op:
+    """One client (or internal) operation on one name; a node runs one per name at a time."""
+
+    kind: str  # "register" | "update" | "release" | "lookup"
+    args: tuple[Any, ...]
+    op_id: Any
+    attempt: int = 0
+    phase: str = "queued"  # queued | wait_lease | prepare | accept | backoff
+    ballot: Ballot = NO_BALLOT
+    promises: dict[Incarnation, tuple[Ballot, Value]] = field(default_factory=dict)
+    accepted: set[Incarnation] = field(default_factory=set)
+    nacked: set[Incarnation] = field(default_factory=set)
+    retry_after: float = 0.0
+    base: tuple[Ballot, Value] = (NO_BALLOT, FREE)
+    new: Value = FREE
+    result: tuple[Any, ...] = ()
+
+
+@dataclass
+class _Slot:
+    """An acceptor's register for one name."""
+
+    promised: Ballot = NO_BALLOT
+    ballot: Ballot = NO_BALLOT
+    value: Value = FREE
+
+
+def _freeze(x: Any) -> Any:
+    """Lists (as msgpack decodes tuples) become tuples, recursively, so terms hash and compare."""
+    if isinstance(x, list | tuple):
+        return tuple(_freeze(y) for y in x)
+    return x
+
+
+def _int(x: Any, what: str) -> int:
+    if type(x) is not int:
+        raise BadMessage(f"{what} must be an int, not {type(x).__name__}")
+    return x
+
+
+def _incarnation(x: Any, what: str = "incarnation") -> Incarnation:
+    if not (isinstance(x, tuple) and len(x) == 3 and type(x[0]) is str):
+        raise BadMessage(f"{what} must be (node_id, creation, nonce)")
+    return (x[0], _int(x[1], what), _int(x[2], what))
+
+
+def _ballot(x: Any) -> Ballot:
+    if not (isinstance(x, tuple) and len(x) == 3):
+        raise BadMessage("ballot must be (epoch, counter, incarnation)")
+    if x[2] == ():
+        if (x[0], x[1]) != (-1, -1):
+            raise BadMessage("only the empty ballot has no incarnation")
+        return NO_BALLOT
+    return (_int(x[0], "epoch"), _int(x[1], "counter"), _incarnation(x[2], "ballot incarnation"))
+
+
+def _value(x: Any) -> Value:
+    if not (isinstance(x, tuple) and len(x) == 4):
+        raise BadMessage("value must be (pid, token, lgen, owner)")
+    pid, token, lgen, owner = x
+    if _int(token, "token") < 0 or _int(lgen, "lgen") < 0:
+        raise BadMessage("token and lgen are never negative")
+    if (pid is None) != (owner is None):
+        raise BadMessage("a value has a pid and an owner, or neither")
+    return (pid, token, lgen, None if owner is None else _incarnation(owner, "owner"))
+
+
+def _name(x: Any) -> Any:
+    try:
+        hash(x)
+    except TypeError as e:
+        raise BadMessage("name is not hashable") from e
+    return x
+
+
+# Expected arity (fields after kind, cluster_id, epoch) of each message kind.
+_ARITY = {
+    "prepare": 2,
+    "promise": 4,
+    "nack": 4,
+    "accept": 5,
+    "accepted": 2,
+    "commit": 3,
+    "renew": 2,
+    "renew_ack": 2,
+    "wrong_epoch": 2,
+}
+
+
+class Member:
+    """One node's names core: acceptor (if a member), proposer, and lease keeper.
+
+    `me` is this node's incarnation; `members` the fixed member set of `epoch`; `lease` the
+    lease length in seconds of the local clock; `rho` the bound on clock rate drift;
+    `shard_count` how many tables the acceptor keeps (names are spread by a stable hash);
+    `bugs` plants protocol bugs for the simulator (see `BUGS`); `now` is the local clock at
+    start, from which the acceptor counts its first lease before allowing takeovers.
+    Call `start` once to get the first renewal going."""
+
+    def __init__(
+        self,
+        me: Incarnation,
+        members: list[Incarnation],
+        epoch: int,
+        cluster_id: bytes | str,
+        lease: float,
+        rho: float,
+        shard_count: int = 1,
+        bugs: frozenset[str] = frozenset(),
+        now: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        if not bugs <= BUGS:
+            raise ValueError(f"unknown bugs: {sorted(bugs - BUGS)}")
+        if shard_count < 1 or lease <= 0 or not 0 <= rho < 1:
+            raise ValueError("shard_count >= 1, lease > 0 and 0 <= rho < 1")
+        self.me = me
+        self.members = list(members)
+        self._member_set = set(members)
+        self.epoch = epoch
+        self.cluster_id = cluster_id
+        self.lease = lease
+        self.rho = rho
+        self.bugs = bugs
+        self.majority = len(members) // 2 + 1
+        self.is_member = me in self._member_set
+        # Without the incarnation in ballots, a restarted node would reuse its old ballots.
+        self._ballot_id: tuple[Any, ...] = (me[0], 0, 0) if "ballot_without_incarnation" in bugs else me
+        self._rng = random.Random(seed if seed is not None else zlib.crc32(repr(me).encode()))
+        # Acceptor state.
+        self._tables: list[dict[Any, _Slot]] = [{} for _ in range(shard_count)]
+        self._serve_start = now
+        self._receipt: dict[Incarnation, float] = {}
+        self._renewed_lgen: dict[Incarnation, int] = {}
+        self._min_lgen: dict[Incarnation, int] = {}
+        # Proposer state.
+        self.counter = 0
+        self._ops: dict[Any, deque[_Op]] = {}
+        self._piggy: dict[Any, tuple[Ballot, Ballot, Value]] = {}  # name -> (next, decided ballot, value)
+        self._known: dict[Any, tuple[Ballot, Value]] = {}
+        self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
+        # Lease state.
+        self.lgen = 1
+        self._seq = 0
+        self._sent: dict[int, float] = {}
+        self._acks: dict[int, set[Incarnation]] = {}
+        self._counted = 0
+        self.valid_until = NEVER
+        self._fx = Effects()
+
+    # ----------------------------------------------------------------- public inputs
+
+    def start(self, now: float) -> Effects:
+        """Send the first renewal (members only: a non-member's renewals are refused)."""
+        fx = self._begin()
+        if self.is_member:
+            self._renew(now)
+        return fx
+
+    def lease_valid(self, now: float) -> bool:
+        """Whether this node's lease is valid at local time `now` (checked at every use)."""
+        return now < self.valid_until
+
+    def holder(self, name: Any, now: float) -> tuple[Any, int] | None:
+        """This node's valid holder of `name` as (pid, token), or None."""
+        g = self.grants.get(name)
+        if g is None or g[2] != self.lgen or not self.lease_valid(now):
+            return None
+        return (g[0], g[1])
+
+    def register(self, name: Any, pid: Any, now: float, op_id: Any) -> Effects:
+        """Make `pid` (a process of this node) hold `name` if it is free, or take it over from
+        a node that stopped renewing. Results: ("ok", ballot, value) once granted here;
+        ("held", ballot, value) when another holder stays; ("busy", None, retry_after) when
+        acceptors still see the holder's node renewing; ("lost", ballot, value) when the
+        value was decided but this node's lease lapsed meanwhile (it is released again)."""
+        return self._submit(name, _Op("register", (pid,), op_id), now)
+
+    def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any) -> Effects:
+        """Hand `name`, held here with `expected_token`, to `new_pid` of this node (the token
+        grows). Results: ("ok", ballot, value) or ("mismatch", ballot, value)."""
+        return self._submit(name, _Op("update", (new_pid, expected_token), op_id), now)
+
+    def release(self, name: Any, now: float, op_id: Any) -> Effects:
+        """Free `name` if a pid of this node holds it. Results: ("ok", ballot, value) or
+        ("not_held", ballot, value). Retries until decided."""
+        return self._submit(name, _Op("release", (), op_id), now)
+
+    def lookup(self, name: Any, now: float, op_id: Any) -> Effects:
+        """Majority read. Result: ("value", ballot, value)."""
+        return self._submit(name, _Op("lookup", (), op_id), now)
+
+    def on_timer(self, timer_id: TimerId, now: float) -> Effects:
+        """A timer this member asked for has fired (stale ones are ignored)."""
+        fx = self._begin()
+        kind = timer_id[0]
+        if kind == "renew":
+            self._renew(now)
+        elif kind == "lapse":
+            if timer_id[1] == self.lgen and self.valid_until != NEVER and now >= self.valid_until:
+                self._lapse(now)
+        elif kind == "retry":
+            name, attempt = timer_id[1], timer_id[2]
+            op = self._current(name)
+            if op is not None and op.attempt == attempt and op.phase in ("prepare", "accept", "backoff"):
+                self._piggy.pop(name, None)
+                self._start_round(name, op, now)
+        return fx
+
+    def on_message(self, sender: Incarnation, msg: Any, now: float) -> Effects:
+        """Handle one message from the incarnation at the other end of the connection.
+
+        Raises `BadMessage` (and changes nothing) for a malformed message, another cluster's,
+        or a reply from a non-member."""
+        m = _freeze(msg)
+        if not (isinstance(m, tuple) and len(m) >= 3 and isinstance(m[0], str)):
+            raise BadMessage("a message is (kind, cluster_id, epoch, ...)")
+        kind, cid, epoch = m[0], m[1], m[2]
+        if kind not in _ARITY or len(m) != 3 + _ARITY[kind]:
+            raise BadMessage(f"unknown kind or wrong arity: {kind!r}")
+        if cid != self.cluster_id:
+            raise BadMessage("message of another cluster")
+        _int(epoch, "epoch")
+        sender = _incarnation(sender, "sender")
+        args = m[3:]
+        fx = self._begin()
+        if kind == "wrong_epoch":
+            # Membership is fixed in this core: nothing to catch up with.
+            return fx
+        if epoch != self.epoch:
+            if kind in ("prepare", "accept", "renew", "commit"):
+                self._send(sender, ("wrong_epoch", self.cluster_id, self.epoch, self.epoch, tuple(self.members)))
+            return fx
+        if kind in ("promise", "nack", "accepted", "renew_ack") and sender not in self._member_set:
+            raise BadMessage(f"{kind} from a non-member")
+        if kind == "prepare":
+            self._on_prepare(sender, _name(args[0]), _ballot(args[1]))
+        elif kind == "accept":
+            name, b, v = _name(args[0]), _ballot(args[1]), _value(args[2])
+            self._on_accept(sender, name, b, v, _ballot(args[3]), _value(args[4]), now)
+        elif kind == "commit":
+            self._on_commit(_name(args[0]), _ballot(args[1]), _value(args[2]), now)
+        elif kind == "renew":
+            self._on_renew(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
+        elif kind == "promise":
+            self._on_promise(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), _value(args[3]), now)
+        elif kind == "nack":
+            ra = args[3]
+            if not isinstance(ra, int | float) or isinstance(ra, bool) or not ra >= 0:
+                raise BadMessage("retry_after must be a number >= 0")
+            self._on_nack(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), float(ra), now)
+        elif kind == "accepted":
+            self._on_accepted(sender, _name(args[0]), _ballot(args[1]), now)
+        else:
+            self._on_renew_ack(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
+        return fx
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _begin(self) -> Effects:
+        self._fx = Effects()
+        return self._fx
+
+    def _send(self, dest: Incarnation, msg: tuple[Any, ...]) -> None:
+        self._fx.messages.append((dest, msg))
+
+    def _broadcast(self, msg: tuple[Any, ...]) -> None:
+        for m in self.members:
+            self._send(m, msg)
+
+    def _timer(self, timer_id: TimerId, at: float) -> None:
+        self._fx.timers.append((timer_id, at))
+
+    def _event(self, *ev: Any) -> None:
+        self._fx.events.append(ev)
+
+    def _see(self, b: Ballot) -> None:
+        """Lamport rule: never propose below a counter already seen."""
+        if b[1] > self.counter:
+            self.counter = b[1]
+
+    def _slot(self, name: Any) -> _Slot:
+        table = self._tables[zlib.crc32(repr(name).encode()) % len(self._tables)]
+        slot = table.get(name)
+        if slot is None:
+            slot = table[name] = _Slot()
+        return slot
+
+    # ----------------------------------------------------------------- acceptor
+
+    def _on_prepare(self, sender: Incarnation, name: Any, b: Ballot) -> None:
+        if not self.is_member:
+            return
+        self._see(b)
+        slot = self._slot(name)
+        # >= so that a duplicated or retransmitted prepare of the same proposer is answered.
+        if b >= slot.promised:
+            slot.promised = b
+            self._send(sender, ("promise", self.cluster_id, self.epoch, name, b, slot.ballot, slot.value))
+        else:
+            self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
+
+    def _takeover_wait(self, sender: Incarnation, h: Value, new: Value, now: float) -> float | None:
+        """None if `new` does not move the name away from holder `h` of another node; else
+        the seconds the takeover check still asks to wait (0.0: it may pass now)."""
+        pid, token, lgen, owner = h
+        if pid is None or owner is None or owner == sender or (new[0], new[1]) == (pid, token):
+            return None
+        if "no_takeover_check" in self.bugs or self._renewed_lgen.get(owner, 0) > lgen:
+            return 0.0
+        wait = max(self._receipt.get(owner, NEVER) + self.lease - now, self._serve_start + self.lease - now)
+        return max(wait, 0.0)
+
+    def _on_accept(
+        self, sender: Incarnation, name: Any, b: Ballot, v: Value, bb: Ballot, bv: Value, now: float
+    ) -> None:
+        if not self.is_member:
+            return
+        self._see(b)
+        slot = self._slot(name)
+        if b < slot.promised:
+            self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
+            return
+        moved: list[Value] = []
+        for h in (bv, slot.value):
+            wait = self._takeover_wait(sender, h, v, now)
+            if wait is None:
+                continue
+            if wait > 0:
+                self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, wait))
+                return
+            moved.append(h)
+        for h in moved:
+            # Fence the old holder's generation: its node cannot renew it back to life here.
+            self._min_lgen[h[3]] = max(self._min_lgen.get(h[3], 0), h[2] + 1)
+        slot.ballot, slot.value = b, v
+        # Piggy-backed promise of the proposer's next ballot, for this name only.
+        slot.promised = (b[0], b[1] + 1, b[2])
+        self._event("accepted", name, b, v, bb)
+        self._send(sender, ("accepted", self.cluster_id, self.epoch, name, b))
+
+    def _on_commit(self, name: Any, b: Ballot, v: Value, now: float) -> None:
+        self._see(b)
+        if self.is_member:
+            slot = self._slot(name)
+            if b > slot.ballot:
+                slot.ballot, slot.value = b, v
+                if b > slot.promised:
+                    slot.promised = b
+        self._learn(name, b, v, now)
+
+    def _on_renew(self, sender: Incarnation, lgen: int, seq: int, now: float) -> None:
+        if not self.is_member or sender not in self._member_set:
+            return
+        if "no_lgen" not in self.bugs and lgen < self._min_lgen.get(sender, 0):
+            return
+        self._receipt[sender] = now
+        if lgen > self._renewed_lgen.get(sender, 0):
+            self._renewed_lgen[sender] = lgen
+        self._send(sender, ("renew_ack", self.cluster_id, self.epoch, lgen, seq))
+
+    # ----------------------------------------------------------------- lease keeper
+
+    def _renew(self, now: float) -> None:
+        self._seq += 1
+        self._sent[self._seq] = now
+        self._broadcast(("renew", self.cluster_id, self.epoch, self.lgen, self._seq))
+        self._timer(("renew",), now + self.lease / 3)
+
+    def _on_renew_ack(self, sender: Incarnation, lgen: int, seq: int, now: float) -> None:
+        # A lapsed generation never revives: its acks are ignored (the "no_lgen" bug counts them).
+        if lgen != self.lgen and "no_lgen" not in self.bugs:
+            return
+        if seq not in self._sent or seq <= self._counted:
+            return
+        acks = self._acks.setdefault(seq, set())
+        acks.add(sender)
+        if len(acks) < self.majority:
+            return
+        was_valid = self.lease_valid(now)
+        self._counted = seq
+        until = self._sent[seq] + self.lease - (self.lease * self.rho + 0.001)
+        for s in [s for s in self._sent if s <= seq]:
+            del self._sent[s]
+            self._acks.pop(s, None)
+        if until > self.valid_until:
+            self.valid_until = until
+            self._event("lease", self.lgen, until)
+            self._timer(("lapse", self.lgen), until)
+        if not was_valid and self.lease_valid(now):
+            for name in list(self._ops):
+                op = self._current(name)
+                if op is not None and op.phase == "wait_lease":
+                    self._start_round(name, op, now)
+
+    def _lapse(self, now: float) -> None:
+        self._event("lapse", self.lgen)
+        if "no_lgen" not in self.bugs:
+            self.lgen += 1
+            self._sent.clear()
+            self._acks.clear()
+            self._counted = self._seq
+            self.valid_until = NEVER
+        for name in list(self.grants):
+            self._revoke(name)
+            self._enqueue_front(name, _Op("release", (), None), now)
+
+    def _revoke(self, name: Any) -> None:
+        g = self.grants.pop(name, None)
+        if g is not None:
+            self._event("revoke", name, g[0], g[1])
+
+    # ----------------------------------------------------------------- proposer
+
+    def _current(self, name: Any) -> _Op | None:
+        q = self._ops.get(name)
+        return q[0] if q else None
+
+    def _submit(self, name: Any, op: _Op, now: float) -> Effects:
+        fx = self._begin()
+        try:
+            hash(name)
+        except TypeError as e:
+            raise TypeError("a name must be hashable") from e
+        q = self._ops.setdefault(name, deque())
+        q.append(op)
+        if len(q) == 1:
+            self._start_round(name, op, now)
+        return fx
+
+    def _enqueue_front(self, name: Any, op: _Op, now: float) -> None:
+        """Queue an internal release right after the operation running on `name` (or run it)."""
+        q = self._ops.setdefault(name, deque())
+        if not q:
+            q.append(op)
+            self._start_round(name, op, now)
+        else:
+            q.insert(1, op)
+
+    def _needs_lease(self, op: _Op) -> bool:
+        return self.is_member and op.kind in ("register", "update")
+
+    def _start_round(self, name: Any, op: _Op, now: float) -> None:
+        op.attempt += 1
+        op.promises, op.accepted, op.nacked, op.retry_after = {}, set(), set(), 0.0
+        if self._needs_lease(op) and not self.lease_valid(now):
+            op.phase = "wait_lease"  # resumed when a renewal is counted
+            return
+        piggy = self._piggy.get(name)
+        if piggy is None and "shard_wide_skip_prepare" in self.bugs and self._piggy:
+            # The planted bug: one promise taken as good for every name.
+            kb, kv = self._known.get(name, (NO_BALLOT, FREE))
+            piggy = ((self.epoch, self.counter + 1, self._ballot_id), kb, kv)
+        if piggy is not None:
+            op.ballot = piggy[0]
+            self._see(op.ballot)
+            self._propose(name, op, (piggy[1], piggy[2]), True, now)
+            return
+        self.counter += 1
+        op.ballot = (self.epoch, self.counter, self._ballot_id)
+        op.phase = "prepare"
+        self._broadcast(("prepare", self.cluster_id, self.epoch, name, op.ballot))
+        self._timer(("retry", name, op.attempt), now + self.lease * _ROUND_FRACTION)
+
+    def _on_promise(self, sender: Incarnation, name: Any, b: Ballot, ab: Ballot, av: Value, now: float) -> None:
+        self._see(ab)
+        op = self._current(name)
+        if op is None or op.phase != "prepare" or b != op.ballot:
+            return
+        op.promises[sender] = (ab, av)
+        if len(op.promises) < self.majority:
+            return
+        base = max(op.promises.values(), key=lambda p: p[0])
+        agreed = len({p for p in op.promises.values()}) == 1
+        self._propose(name, op, base, agreed, now)
+
+    def _change(self, op: _Op, v: Value, now: float) -> tuple[Value | None, str]:
+        """The operation's compare-and-set function: (new value or None for none, status)."""
+        pid, token, _lgen, owner = v
+        if op.kind == "lookup":
+            return None, "value"
+        if op.kind == "release":
+            if pid is not None and owner == self.me:
+                return (None, token, 0, None), "ok"
+            return None, "not_held"
+        if op.kind == "update":
+            new_pid, expected = op.args
+            if pid is not None and owner == self.me and token == expected:
+                return (new_pid, token + 1, self.lgen, self.me), "ok"
+            return None, "mismatch"
+        want = op.args[0]
+        if pid is None:
+            return (want, token + 1, self.lgen, self.me), "ok"
+        if owner == self.me:
+            return None, ("ok" if pid == want else "held")
+        # Held elsewhere: refuse at once while its node renews here; else try a takeover,
+        # which the acceptors' lease check decides.
+        if self.is_member and now - self._receipt.get(owner, NEVER) < self.lease:
+            return None, "held"
+        return (want, token + 1, self.lgen, self.me), "ok"
+
+    def _propose(self, name: Any, op: _Op, base: tuple[Ballot, Value], agreed: bool, now: float) -> None:
+        op.base = base
+        new, status = self._change(op, base[1], now)
+        if new is None and op.kind == "register" and status == "ok":
+            # Already ours: granted if this node still holds it validly, otherwise redo it.
+            g = self.grants.get(name)
+            if g is None or (g[0], g[1]) != (base[1][0], base[1][1]) or not self.lease_valid(now):
+                new = (op.args[0], base[1][1] + 1, self.lgen, self.me)
+        if new is None:
+            if agreed:
+                self._finish(name, op, (status, base[0], base[1]), now)
+                return
+            new = base[1]  # a majority disagree: an identity accept decides the value read
+        op.new, op.result = new, (status, op.ballot, new)
+        g = self.grants.get(name)
+        if g is not None and (new[0], new[1]) != (g[0], g[1]):
+            self._revoke(name)  # before the first accept that moves the name away
+        op.phase = "accept"
+        self._broadcast(("accept", self.cluster_id, self.epoch, name, op.ballot, new, base[0], base[1]))
+        self._timer(("retry", name, op.attempt), now + self.lease * _ROUND_FRACTION)
+
+    def _on_accepted(self, sender: Incarnation, name: Any, b: Ballot, now: float) -> None:
+        op = self._current(name)
+        if op is None or op.phase != "accept" or b != op.ballot:
+            return
+        op.accepted.add(sender)
+        if len(op.accepted) < self.majority:
+            return
+        b, new = op.ballot, op.new
+        self._piggy[name] = ((b[0], b[1] + 1, b[2]), b, new)
+        self._broadcast(("commit", self.cluster_id, self.epoch, name, b, new))
+        self._known[name] = (b, new)
+        result = op.result
+        if new[0] is not None and new[3] == self.me and op.kind in ("register", "update"):
+            if new[2] == self.lgen and self.lease_valid(now):
+                if self.grants.get(name) != (new[0], new[1], new[2]):
+                    self.grants[name] = (new[0], new[1], new[2])
+                    self._event("grant", name, new[0], new[1], new[2])
+            else:
+                # Decided but not grantable: release it rather than leave the name blocked.
+                result = ("lost", b, new)
+                self._enqueue_front(name, _Op("release", (), None), now)
+        self._finish(name, op, result, now)
+
+    def _on_nack(self, sender: Incarnation, name: Any, b: Ballot, competing: Ballot, retry_after: float,
+                 now: float) -> None:
+        self._see(competing)
+        op = self._current(name)
+        if op is None or op.phase not in ("prepare", "accept") or b != op.ballot:
+            return
+        self._piggy.pop(name, None)
+        op.nacked.add(sender)
+        op.retry_after = max(op.retry_after, retry_after)
+        if len(op.nacked) <= len(self.members) - self.majority:
+            return
+        if op.phase == "accept" and op.retry_after > 0 and op.kind == "register":
+            # The takeover check refused: the holder's node still renews at some acceptors.
+            self._finish(name, op, ("busy", None, op.retry_after), now)
+            return
+        op.phase = "backoff"
+        cap = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(op.attempt, 6))
+        delay = max(op.retry_after, cap * (0.5 + 0.5 * self._rng.random()))
+        self._timer(("retry", name, op.attempt), now + delay)
+
+    def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> None:
+        """A decided value seen in a commit: remember it and step down if it replaced ours."""
+        known = self._known.get(name)
+        if known is not None and known[0] >= b:
+            return
+        self._known[name] = (b, v)
+        piggy = self._piggy.get(name)
+        if piggy is not None and piggy[1] < b:
+            self._piggy.pop(name)
+        g = self.grants.get(name)
+        if g is not None and (v[0], v[1]) != (g[0], g[1]):
+            self._revoke(name)
+        if v[0] is not None and v[3] == self.me and self.grants.get(name) is None and self._current(name) is None:
+            # A value naming our pid that we never granted (an outcome in doubt): free it.
+            self._enqueue_front(name, _Op("release", (), None), now)
+
+    def _finish(self, name: Any, op: _Op, result: tuple[Any, ...], now: float) -> None:
+        q = self._ops[name]
+        q.popleft()
+        if op.op_id is not None:
+            self._fx.results.append((op.op_id, result))
+        if q:
+            self._start_round(name, q[0], now)
+        else:
+            del self._ops[name]
