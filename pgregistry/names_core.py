@@ -120,6 +120,7 @@ class _Op:
     base: tuple[Ballot, Value] = (NO_BALLOT, FREE)
     new: Value = FREE
     result: tuple[Any, ...] = ()
+    doubt: bool = False  # an accept naming a pid of this node went out
 
 
 @dataclass
@@ -310,7 +311,11 @@ class Member:
             op = self._current(name)
             if op is not None and op.attempt == attempt and op.phase in ("prepare", "accept", "backoff"):
                 self._piggy.pop(name, None)
-                self._start_round(name, op, now)
+                if op.phase == "accept" and op.retry_after > 0 and op.kind == "register":
+                    # Some acceptors refused the takeover and the rest did not answer in time.
+                    self._finish(name, op, ("busy", None, op.retry_after), now)
+                else:
+                    self._start_round(name, op, now)
         return fx
 
     def on_message(self, sender: Incarnation, msg: Any, now: float) -> Effects:
@@ -619,6 +624,8 @@ class Member:
                 return
             new = base[1]  # a majority disagree: an identity accept decides the value read
         op.new, op.result = new, (status, op.ballot, new)
+        if new[0] is not None and new[3] == self.me and op.kind in ("register", "update"):
+            op.doubt = True
         g = self.grants.get(name)
         if g is not None and (new[0], new[1]) != (g[0], g[1]):
             self._revoke(name)  # before the first accept that moves the name away
@@ -658,16 +665,17 @@ class Member:
         self._piggy.pop(name, None)
         op.nacked.add(sender)
         op.retry_after = max(op.retry_after, retry_after)
-        if len(op.nacked) <= len(self.members) - self.majority:
-            return
+        if retry_after > 0 and len(op.nacked) <= len(self.members) - self.majority:
+            return  # a takeover refusal: the other acceptors may still pass it
         if op.phase == "accept" and op.retry_after > 0 and op.kind == "register":
             # The takeover check refused: the holder's node still renews at some acceptors.
             self._finish(name, op, ("busy", None, op.retry_after), now)
             return
+        # A competing ballot: this round cannot win at that acceptor. Give up at once rather
+        # than at the round timeout, which two duelling proposers would reach together.
         op.phase = "backoff"
         cap = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(op.attempt, 6))
-        delay = max(op.retry_after, cap * (0.5 + 0.5 * self._rng.random()))
-        self._timer(("retry", name, op.attempt), now + delay)
+        self._timer(("retry", name, op.attempt), now + max(op.retry_after, cap * self._rng.random()))
 
     def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> None:
         """A decided value seen in a commit: remember it and step down if it replaced ours."""
@@ -690,6 +698,10 @@ class Member:
         q.popleft()
         if op.op_id is not None:
             self._fx.results.append((op.op_id, result))
+        if op.doubt and result[0] not in ("ok", "lost"):
+            # An accept of our value went out and may yet be decided by someone's read:
+            # free the name rather than leave an ungranted holder blocking it.
+            q.appendleft(_Op("release", (), None))
         if q:
             self._start_round(name, q[0], now)
         else:
