@@ -356,8 +356,8 @@ def run_schedule(seed: int, actions: list[tuple[int, int, int, int]], bugs: froz
 action = st.tuples(st.integers(0, 10), st.integers(0, 2), st.integers(0, 2), st.integers(0, 5))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(seed=st.integers(0, 2**32), actions=st.lists(action, max_size=12))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32), actions=st.lists(action, max_size=16))
 def test_random_schedules_hypothesis(seed: int, actions: list[tuple[int, int, int, int]]) -> None:
     run_schedule(seed, actions)
 
@@ -371,9 +371,9 @@ def test_random_schedules_seeded() -> None:
         actions = [(rng.randrange(11), rng.randrange(3), rng.randrange(3), rng.randrange(6)) for _ in range(10)]
         run_schedule(seed, actions)
         count += 1
-        if count >= 1000 or time.monotonic() - started > 15:
+        if count >= 2000 or time.monotonic() - started > 20:
             break
-    assert count >= 100
+    assert count >= 500
 
 
 # ------------------------------------------------------------------ explicit schedules
@@ -536,6 +536,55 @@ def test_planted_bug_is_caught(bug: str, schedule: Any) -> None:
     schedule()  # the same schedule passes without the bug
     with pytest.raises(Violation):
         schedule(frozenset({bug}))
+
+
+@pytest.mark.parametrize("bug", ["no_lgen", "shard_wide_skip_prepare", "no_takeover_check"])
+def test_planted_bug_is_found_by_random_schedules(bug: str) -> None:
+    """The random schedules find these bugs on their own, within a bounded search."""
+    for seed in range(400):
+        rng = random.Random(seed)
+        actions = [(rng.randrange(11), rng.randrange(3), rng.randrange(3), rng.randrange(6)) for _ in range(10)]
+        try:
+            run_schedule(seed, actions, frozenset({bug}))
+        except Violation:
+            return
+    raise AssertionError(f"no schedule in 400 exposed {bug}")
+
+
+def test_operations_on_a_quiet_network() -> None:
+    sim = Sim(7)
+    sim.run_until(1.0)
+    reg = sim.call("a", "register", "n", ("a", 1))
+    sim.run_until(1.1)
+    assert sim.results[reg][1][0] == "ok" and sim.holder("n") == ("a", (("a", 1), 1))
+    again = sim.call("a", "register", "n", ("a", 1))
+    other = sim.call("b", "register", "n", ("b", 1))
+    sim.run_until(1.2)
+    assert (sim.status(again), sim.status(other)) == ("ok", "held")
+    bad = sim.call("a", "update", "n", ("a", 2), 7)
+    good = sim.call("a", "update", "n", ("a", 2), 1)
+    sim.run_until(1.3)
+    assert (sim.status(bad), sim.status(good)) == ("mismatch", "ok")
+    assert sim.holder("n") == ("a", (("a", 2), 2))
+    look = sim.call("c", "lookup", "n")
+    sim.run_until(1.4)
+    assert sim.results[look][1][2][:2] == (("a", 2), 2)
+    rel = sim.call("a", "release", "n")
+    not_held = sim.call("b", "release", "n")
+    sim.run_until(1.5)
+    assert (sim.status(rel), sim.status(not_held)) == ("ok", "not_held")
+    assert sim.holder("n") is None
+    # The decider kept a promise for "n": its next operation there skips prepare.
+    m = sim.nodes["a"].member
+    before = len([1 for t, g in sim.checker.granted_ever])
+    sim.results["x"] = ("n", ())
+    fx = m.register("n", ("a", 3), sim.nodes["a"].local(sim.t), "x")
+    assert {msg[0] for _, msg in fx.messages} == {"accept"}
+    sim._apply(m.me, fx)
+    sim.run_until(1.6)
+    assert len(sim.checker.granted_ever) == before + 1
+    fx = m.register("other", ("a", 4), sim.nodes["a"].local(sim.t), "y")
+    assert {msg[0] for _, msg in fx.messages} == {"prepare"}
 
 
 # ------------------------------------------------------------------ hostile messages
