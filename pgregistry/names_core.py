@@ -76,10 +76,16 @@ FREE: Value = (None, 0, 0, None)
 NO_BALLOT: Ballot = (-1, -1, ())
 NEVER = float("-inf")
 
-#: Planted bugs the simulator must catch (each one breaks a rule the protocol relies on).
+#: Planted bugs, for the simulator to show that its checker catches each one:
+#: "no_lgen": a lapse keeps the generation, so late acks extend a lapsed lease (and acceptors
+#: no longer fence generations); "ballot_without_incarnation": ballots carry the node id only,
+#: so a restarted node reuses its old ballots; "shard_wide_skip_prepare": one decided accept
+#: lets the proposer skip prepare on every name, trusting what it last heard of them;
+#: "no_takeover_check": acceptors let anyone move a name away from a renewing holder.
 BUGS = frozenset({"no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check"})
 
-# A proposer's round gives up and retries after this many leases without a majority.
+# A proposer's round gives up and retries after this fraction of a lease without a majority;
+# backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
 _ROUND_FRACTION = 1 / 6
 _BACKOFF_CAP = 0.05
 _BACKOFF_BASE = 0.005
@@ -107,6 +113,7 @@ class Effects:
 class _Op:
     """One client (or internal) operation on one name; a node runs one per name at a time."""
 
+    name: Any
     kind: str  # "register" | "update" | "release" | "lookup"
     args: tuple[Any, ...]
     op_id: Any
@@ -281,21 +288,21 @@ class Member:
         ("held", ballot, value) when another holder stays; ("busy", None, retry_after) when
         acceptors still see the holder's node renewing; ("lost", ballot, value) when the
         value was decided but this node's lease lapsed meanwhile (it is released again)."""
-        return self._submit(name, _Op("register", (pid,), op_id), now)
+        return self._submit(name, _Op(name, "register", (pid,), op_id), now)
 
     def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any) -> Effects:
         """Hand `name`, held here with `expected_token`, to `new_pid` of this node (the token
         grows). Results: ("ok", ballot, value) or ("mismatch", ballot, value)."""
-        return self._submit(name, _Op("update", (new_pid, expected_token), op_id), now)
+        return self._submit(name, _Op(name, "update", (new_pid, expected_token), op_id), now)
 
     def release(self, name: Any, now: float, op_id: Any) -> Effects:
         """Free `name` if a pid of this node holds it. Results: ("ok", ballot, value) or
         ("not_held", ballot, value). Retries until decided."""
-        return self._submit(name, _Op("release", (), op_id), now)
+        return self._submit(name, _Op(name, "release", (), op_id), now)
 
     def lookup(self, name: Any, now: float, op_id: Any) -> Effects:
         """Majority read. Result: ("value", ballot, value)."""
-        return self._submit(name, _Op("lookup", (), op_id), now)
+        return self._submit(name, _Op(name, "lookup", (), op_id), now)
 
     def on_timer(self, timer_id: TimerId, now: float) -> Effects:
         """A timer this member asked for has fired (stale ones are ignored)."""
@@ -514,7 +521,7 @@ class Member:
             self.valid_until = NEVER
         for name in list(self.grants):
             self._revoke(name)
-            self._enqueue_front(name, _Op("release", (), None), now)
+            self._enqueue_front(name, _Op(name, "release", (), None), now)
 
     def _revoke(self, name: Any) -> None:
         g = self.grants.pop(name, None)
@@ -603,7 +610,13 @@ class Member:
         if pid is None:
             return (want, token + 1, self.lgen, self.me), "ok"
         if owner == self.me:
-            return None, ("ok" if pid == want else "held")
+            if pid == want:
+                return None, "ok"
+            g = self.grants.get(op.name)
+            if g is not None and (g[0], g[1]) == (pid, token):
+                return None, "held"
+            # A value of ours that was never granted here (an outcome in doubt): reuse it.
+            return (want, token + 1, self.lgen, self.me), "ok"
         # Held elsewhere: refuse at once while its node renews here; else try a takeover,
         # which the acceptors' lease check decides.
         if self.is_member and now - self._receipt.get(owner, NEVER) < self.lease:
@@ -653,7 +666,7 @@ class Member:
             else:
                 # Decided but not grantable: release it rather than leave the name blocked.
                 result = ("lost", b, new)
-                self._enqueue_front(name, _Op("release", (), None), now)
+                self._enqueue_front(name, _Op(name, "release", (), None), now)
         self._finish(name, op, result, now)
 
     def _on_nack(self, sender: Incarnation, name: Any, b: Ballot, competing: Ballot, retry_after: float,
@@ -691,7 +704,7 @@ class Member:
             self._revoke(name)
         if v[0] is not None and v[3] == self.me and self.grants.get(name) is None and self._current(name) is None:
             # A value naming our pid that we never granted (an outcome in doubt): free it.
-            self._enqueue_front(name, _Op("release", (), None), now)
+            self._enqueue_front(name, _Op(name, "release", (), None), now)
 
     def _finish(self, name: Any, op: _Op, result: tuple[Any, ...], now: float) -> None:
         q = self._ops[name]
@@ -701,7 +714,7 @@ class Member:
         if op.doubt and result[0] not in ("ok", "lost"):
             # An accept of our value went out and may yet be decided by someone's read:
             # free the name rather than leave an ungranted holder blocking it.
-            q.appendleft(_Op("release", (), None))
+            q.appendleft(_Op(name, "release", (), None))
         if q:
             self._start_round(name, q[0], now)
         else:
