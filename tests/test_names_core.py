@@ -293,14 +293,15 @@ class Sim:
 
 
 def settle_and_contend(sim: Sim, name: Any, contenders: list[str]) -> None:
-    """Heal everything, then two members race for a free name: one must hold it soon."""
+    """Heal everything, then two members race for a free name: one must be granted it soon
+    (a holder granted just before its lease, cut off until the heal, lapses still counts)."""
     sim.heal()
     start = sim.t
     ops = {n: sim.call(n, "register", name, (n, "contender", i)) for i, n in enumerate(contenders)}
     deadline = start + LEASE + 0.3  # lease (leases renew) + a few round trips and backoffs
     while sim.t < deadline:
         sim.run_until(sim.t + 0.02)
-        if sim.holder(name) is not None:
+        if any(g.name == name for _, g in sim.checker.granted_ever):
             return
         for i, n in enumerate(contenders):
             # As the service does within its timeout: try again after an outcome in doubt.
