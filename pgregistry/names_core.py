@@ -287,12 +287,18 @@ class Member:
         a node that stopped renewing. Results: ("ok", ballot, value) once granted here;
         ("held", ballot, value) when another holder stays; ("busy", None, retry_after) when
         acceptors still see the holder's node renewing; ("lost", ballot, value) when the
-        value was decided but this node's lease lapsed meanwhile (it is released again)."""
+        value was decided but this node could not grant it (its lease lapsed meanwhile, or it
+        is not a member and has no lease); the name is then released again.
+
+        On a member, a register or update waits (without a timer: the caller bounds it) for
+        this node's lease to be valid before proposing. Operations on one name run one at a
+        time on this node; later ones queue."""
         return self._submit(name, _Op(name, "register", (pid,), op_id), now)
 
     def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any) -> Effects:
         """Hand `name`, held here with `expected_token`, to `new_pid` of this node (the token
-        grows). Results: ("ok", ballot, value) or ("mismatch", ballot, value)."""
+        grows). Results: ("ok", ballot, value), ("mismatch", ballot, value) when the name is
+        not held here with that token, or ("lost", ballot, value) as for `register`."""
         return self._submit(name, _Op(name, "update", (new_pid, expected_token), op_id), now)
 
     def release(self, name: Any, now: float, op_id: Any) -> Effects:
