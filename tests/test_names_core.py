@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -227,8 +228,10 @@ class Sim:
         if not link.up or self.rng.random() < link.drop:
             return
         copies = 2 if self.rng.random() < link.dup else 1
+        # Through msgpack, as on the wire: tuples arrive as lists.
+        wire = msgpack.unpackb(msgpack.packb(msg))
         for _ in range(copies):
-            self._push(self.t + self.rng.uniform(*link.delay), "msg", (src, dest, list(msg)))
+            self._push(self.t + self.rng.uniform(*link.delay), "msg", (src, dest, wire))
 
     def release(self, src: str, dst: str) -> None:
         """Let the messages held on one link go, and stop holding."""
