@@ -116,7 +116,8 @@ class Registry:
 
     def _check_thread(self, what: str) -> None:
         if threading.get_ident() != self._loop_thread:
-            raise RuntimeError(f"Registry.{what} is a write: call it on the node's event-loop thread")
+            raise RuntimeError(f"Registry.{what} must be called on the node's event-loop thread "
+                               "(reads may run anywhere)")
         if self._scope.closed:
             raise RuntimeError(f"registry {self.name!r} is stopped")
 
@@ -248,8 +249,10 @@ class Registry:
     def send(self, key: Any, msg: Any) -> Pid:
         """Send `msg` to the local holder of `key` and return its pid (unique mode only).
 
-        `NoProcess` if no process of this node holds `key`.
+        `NoProcess` if no process of this node holds `key`. Like a write, it must run on
+        the node's loop thread (delivery wakes the receiver): `RuntimeError` otherwise.
         """
+        self._check_thread("send")
         pid = self.whereis_name(key)
         if pid is None:
             raise NoProcess(f"no process of {self.node.id} is registered under {short_repr(key)} in {self.name!r}")

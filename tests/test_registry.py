@@ -639,6 +639,24 @@ async def test_writes_from_another_thread_raise_and_reads_work() -> None:
         assert reg.lookup("k") == [(self_pid_value, 1)]
 
 
+async def test_send_from_another_thread_raises() -> None:
+    async with started_registry(keys="unique") as (node, reg):
+        reg.register("k", 1)
+        outcome: dict[str, object] = {}
+
+        def other_thread() -> None:
+            try:
+                reg.send("k", "hello")
+            except RuntimeError as exc:
+                outcome["send"] = exc
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+        assert isinstance(outcome["send"], RuntimeError) and "loop thread" in str(outcome["send"])
+        assert reg.send("k", "hello") == self_pid()  # on the loop thread it works
+
+
 async def test_a_task_that_is_no_process_cannot_register() -> None:
     import asyncio
 
