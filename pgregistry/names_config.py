@@ -26,6 +26,7 @@ Members = tuple[Incarnation, ...]
 Cursor = tuple[int, str] | None
 
 NO_BALLOT: Ballot = (-1, -1, ())
+FREE_VALUE: Value = (None, 0, 0, None)
 
 # A proposer's round gives up and retries after this fraction of a lease without a majority;
 # backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
@@ -57,19 +58,20 @@ def name_key(name: Any) -> tuple[int, str]:
     return (zlib.crc32(r.encode()), r)
 
 
-def copy_page(
-    registers: Iterable[tuple[Any, Ballot, Value]], cursor: Cursor, limit: int
-) -> tuple[list[tuple[Any, Ballot, Value]], Cursor]:
+Entry = tuple[Any, Ballot, Value, bool]  # (name, ballot, value, known decided)
+
+
+def copy_page(registers: Iterable[Entry], cursor: Cursor, limit: int) -> tuple[list[Entry], Cursor]:
     """The first `limit` accepted registers after `cursor` in `name_key` order, and the cursor
     to ask for next (None when these were the last). Never-accepted registers are left out:
     an empty register is what the requester already has."""
-    after = [(name_key(n), n, b, v) for n, b, v in registers if b != NO_BALLOT]
+    after = [(name_key(e[0]), e) for e in registers if e[1] != NO_BALLOT]
     if cursor is not None:
         after = [e for e in after if e[0] > cursor]
     after.sort(key=lambda e: e[0])
     page = after[:limit]
     nxt = page[-1][0] if len(after) > limit else None
-    return [(n, b, v) for _k, n, b, v in page], nxt
+    return [e for _k, e in page], nxt
 
 
 @dataclass
@@ -135,8 +137,9 @@ class Copy:
     Done when one source that serves `epoch` or later has sent all its registers (they
     hold every value decided before `epoch`), or when a majority of `prev` (the previous
     epoch's members, None when this member skipped epochs and does not know them) have,
-    each sealed first so its registers of the previous epoch are final. `self_sealed`: this
-    member sealed the previous epoch itself, so its own registers count as one source."""
+    each "sealed": it served the previous epoch (so it held everything decided before
+    that) and no longer does (it sealed it, or moved on), so its registers of the previous
+    epoch are final. `self_sealed`: this member is such a source itself."""
 
     epoch: int
     members: Members
@@ -189,7 +192,9 @@ class Membership:
     def __init__(self, m: Member) -> None:
         self.m = m
         self.slot = ConfigSlot()
-        self.sealed_prev = False  # this member sealed the epoch before the one it adopted
+        # This member served the epoch before the one it adopted, up to adopting this one: its
+        # registers of that epoch are final (it takes no write of an epoch it left).
+        self.sealed_prev = False
         self.copy: Copy | None = None
         self.round: ConfigRound | None = None
         self.pending: tuple[Any, Incarnation | None, Incarnation | None] | None = None
@@ -305,7 +310,7 @@ class Membership:
         """Move to configuration (epoch, members); `prev` is the previous epoch's members when
         this node knows them (it was at epoch - 1), else None."""
         was_member = self.m.is_member
-        self.sealed_prev = was_member and self.m.serving and self.slot.sealed and prev is not None
+        self.sealed_prev = was_member and self.m.serving and prev is not None
         self.m._event("config", epoch, members)
         self.m.epoch, self.m.members = epoch, list(members)
         self.m._member_set = set(members)
@@ -360,13 +365,39 @@ class Membership:
         )
         if not (complete or sealed):
             return  # not final yet: the requester asks again
-        registers = ((n, s.ballot, s.value) for t in self.m._tables for n, s in t.items())
+        known = self.m._known
+        registers = (
+            (n, s.ballot, s.value, s.decided or known.get(n, (NO_BALLOT,))[0] == s.ballot)
+            for t in self.m._tables
+            for n, s in t.items()
+        )
         entries, nxt = copy_page(registers, cursor, COPY_PART)
         kind = "complete" if complete else "sealed"
         self.m._send(sender, ("copy_part", self.m.cluster_id, epoch, cursor, tuple(entries), nxt, kind))
 
+    def merge(self, name: Any, b: Ballot, v: Value, decided: bool) -> None:
+        """Keep the highest ballot. If the lower value has a holder that the higher one, not
+        known decided, moved away from, guard that holder: the higher value passed the
+        takeover check at its source only, and this acceptor must not vote as if it had
+        checked it too."""
+        slot = self.m._slot(name)
+        if b > slot.ballot:
+            loser, winner, win_decided = slot.value, v, decided
+            slot.ballot, slot.value, slot.decided = b, v, decided
+            if decided:
+                slot.guard = FREE_VALUE
+            self.m._event("copied", name, b, v)
+        else:
+            loser, winner, win_decided = v, slot.value, slot.decided or (b == slot.ballot and decided)
+            slot.decided = win_decided
+        if b > slot.promised:
+            slot.promised = b
+        if not win_decided and loser[0] is not None and (loser[0], loser[1]) != (winner[0], winner[1]):
+            if slot.guard[0] is None or loser[1] > slot.guard[1]:
+                slot.guard = loser
+
     def on_copy_part(
-        self, sender: Incarnation, epoch: int, cursor: Cursor, entries: list[tuple[Any, Ballot, Value]],
+        self, sender: Incarnation, epoch: int, cursor: Cursor, entries: list[Entry],
         nxt: Cursor, kind: str, now: float,
     ) -> None:
         c = self.copy
@@ -374,12 +405,8 @@ class Membership:
             return
         if not c.on_part(sender, cursor, nxt, kind):
             return
-        for name, b, v in entries:
-            slot = self.m._slot(name)
-            if b > slot.ballot:
-                slot.ballot, slot.value = b, v
-            if b > slot.promised:
-                slot.promised = b
+        for name, b, v, decided in entries:
+            self.merge(name, b, v, decided)
         if c.finished():
             self.serve(now)
         elif nxt is not None:

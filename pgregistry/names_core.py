@@ -60,8 +60,10 @@ Copy (messages carry the new epoch E):
     copy(cursor)
         A member of E asks for the registers after ``cursor`` (None: from the start).
     copy_part(cursor, entries, next_cursor, kind)
-        Up to a bounded number of ``(name, ballot, value)``; next_cursor None ends the copy;
-        kind is "sealed" (the source sealed E-1) or "complete" (it serves E or later).
+        Up to a bounded number of ``(name, ballot, value, decided)`` (decided: the source
+        knows the value decided); next_cursor None ends the copy;
+        kind is "sealed" (the source served E-1 and left it or sealed it: its registers of
+        E-1 are final) or "complete" (it serves E or later).
 
 Leases: a node's lease is valid until ``t_sent + lease - (lease*rho + 0.001)`` where t_sent
 is its local send time of the newest renewal a majority acked in the current generation.
@@ -75,7 +77,9 @@ whoever meets `sealed`, or an acceptor sealed for half a lease, completes next(e
 empty slot is completed with e's members, so nothing is lost); (2) copy: each member of
 (e+1, M') merges the registers of a majority of e's sealed members (in parts, keeping the
 highest ballot per name), or of one member already serving e+1 or later (its registers
-hold everything decided before e+1); (3) serve: then it serves e+1, from serve_start.
+hold everything decided before e+1); a holder that an undecided higher value moved away
+from stays guarded by the takeover check there (only the source checked that move);
+(3) serve: then it serves e+1, from serve_start.
 Removed members stop and their holders step down (the generation lapses). A restarted
 incarnation is a new one: it is not a member until a replace step names it. Renewals are
 acked across epochs (by the acceptor's own member set), so valid holders carry on.
@@ -97,6 +101,7 @@ from typing import Any
 from pgregistry.names_config import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    FREE_VALUE,
     NO_BALLOT,
     ROUND_FRACTION,
     Ballot,
@@ -112,7 +117,7 @@ __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
 
 TimerId = tuple[Any, ...]
 
-FREE: Value = (None, 0, 0, None)
+FREE: Value = FREE_VALUE
 NEVER = float("-inf")
 
 #: Planted bugs, for the simulator to show that its checker catches each one:
@@ -174,6 +179,11 @@ class _Slot:
     promised: Ballot = NO_BALLOT
     ballot: Ballot = NO_BALLOT
     value: Value = FREE
+    # A copy may bring a higher-ballot value that moved the name away from a holder without
+    # being decided (it passed the takeover check at its source only): the holder it
+    # replaced here stays checked, as if it were still the value, until a check passes.
+    guard: Value = FREE
+    decided: bool = False  # the value is known decided (a commit, or a source said so)
 
 
 def _freeze(x: Any) -> Any:
@@ -447,9 +457,9 @@ class Member:
         if kind == "copy_part":
             if not isinstance(args[1], tuple) or args[3] not in ("sealed", "complete"):
                 raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
-            if not all(isinstance(e, tuple) and len(e) == 3 for e in args[1]):
-                raise BadMessage("a copy entry is (name, ballot, value)")
-            entries = [(_name(e[0]), _ballot(e[1]), _value(e[2])) for e in args[1]]
+            if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
+                raise BadMessage("a copy entry is (name, ballot, value, decided)")
+            entries = [(_name(e[0]), _ballot(e[1]), _value(e[2]), e[3]) for e in args[1]]
             self._cfg.on_copy_part(sender, epoch, _cursor(args[0]), entries, _cursor(args[2]), args[3], now)
             return fx
         if kind in ("renew", "renew_ack"):
@@ -583,7 +593,7 @@ class Member:
             self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
             return
         moved: list[Value] = []
-        for h in (bv, slot.value):
+        for h in (bv, slot.value, slot.guard):
             wait = self._takeover_wait(sender, h, v, now)
             if wait is None:
                 continue
@@ -594,7 +604,7 @@ class Member:
         for h in moved:
             # Fence the old holder's generation: its node cannot renew it back to life here.
             self._min_lgen[h[3]] = max(self._min_lgen.get(h[3], 0), h[2] + 1)
-        slot.ballot, slot.value = b, v
+        slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, False
         # Piggy-backed promise of the proposer's next ballot, for this name only.
         slot.promised = (b[0], b[1] + 1, b[2])
         self._event("accepted", name, b, v, bb)
@@ -605,7 +615,7 @@ class Member:
         if self.is_member:
             slot = self._slot(name)
             if b > slot.ballot:
-                slot.ballot, slot.value = b, v
+                slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, True
                 if b > slot.promised:
                     slot.promised = b
         self._learn(name, b, v, now)
