@@ -237,6 +237,7 @@ class Membership:
             self.config_round(now)
 
     def config_round(self, now: float) -> None:
+        """Start (or restart, with a new ballot) a round on next(e) among e's members."""
         attempt = self.round.attempt + 1 if self.round is not None else 1
         self.m.counter += 1
         b = (self.m.epoch, self.m.counter, self.m._ballot_id)
@@ -336,6 +337,8 @@ class Membership:
         self.change_progress(now)
 
     def serve(self, now: float) -> None:
+        """The copy is done: serve the adopted epoch from now (the takeover check counts a
+        lease from serve_start), run the waiting operations, and go on with a change."""
         self.m.serving, self.copy, self.m._serve_start = True, None, now
         self.m._event("serve", self.m.epoch, tuple(self.m.members))
         self.restart_ops(now)
@@ -349,6 +352,7 @@ class Membership:
                 self.m._start_round(name, op, now)
 
     def copy_ask(self, now: float) -> None:
+        """Ask every source not done yet for its next part, and ask again after a round."""
         c = self.copy
         if c is None:
             return
@@ -400,6 +404,7 @@ class Membership:
         self, sender: Incarnation, epoch: int, cursor: Cursor, entries: list[Entry],
         nxt: Cursor, kind: str, now: float,
     ) -> None:
+        """Merge one part from a source, then serve if the copy is done or ask for the next."""
         c = self.copy
         if c is None or c.epoch != epoch or (sender not in c.members and sender not in (c.prev or ())):
             return
