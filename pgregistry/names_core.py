@@ -44,12 +44,45 @@ connection it came on, never a field. Lists are accepted wherever tuples are (ms
     renew_ack(lgen, seq)
         Counts toward the sender's lease once a majority acked the same seq.
     wrong_epoch(epoch, members)
-        The answer to a request of another epoch (the membership part uses it to catch up).
+        The answer to a request of an older epoch, and the decider's notice of a new
+        configuration: the receiver adopts it if newer and restarts its operations there.
+    sealed(name, ballot)
+        Refusal of a prepare or accept by an acceptor whose epoch is sealed (a change runs).
+
+Configuration slot next(e), CASPaxos among e's members (messages carry epoch e):
+
+    cprepare(ballot) / cpromise(ballot, accepted_ballot, members) / cnack(ballot, promised)
+    caccept(ballot, members) / caccepted(ballot)
+        ``members`` is () when nothing was accepted. A promise or an accept seals e here.
+
+Copy (messages carry the new epoch E):
+
+    copy(cursor)
+        A member of E asks for the registers after ``cursor`` (None: from the start).
+    copy_part(cursor, entries, next_cursor, kind)
+        Up to a bounded number of ``(name, ballot, value, decided)`` (decided: the source
+        knows the value decided); next_cursor None ends the copy;
+        kind is "sealed" (the source served E-1 and left it or sealed it: its registers of
+        E-1 are final) or "complete" (it serves E or later).
 
 Leases: a node's lease is valid until ``t_sent + lease - (lease*rho + 0.001)`` where t_sent
 is its local send time of the newest renewal a majority acked in the current generation.
 When its clock passes that, the generation lapses: ``lgen`` grows by one, its holders are
 revoked and released, and acks of the old generation never count again.
+
+Membership changes, one at a time (add, remove, or replace a restarted incarnation), in
+three steps: (1) seal: a proposer decides next(e) = M' in the configuration slot; an
+acceptor that promised or accepted there stops serving e's writes (answers `sealed`), and
+whoever meets `sealed`, or an acceptor sealed for half a lease, completes next(e) (an
+empty slot is completed with e's members, so nothing is lost); (2) copy: each member of
+(e+1, M') merges the registers of a majority of e's sealed members (in parts, keeping the
+highest ballot per name), or of one member already serving e+1 or later (its registers
+hold everything decided before e+1); a holder that an undecided higher value moved away
+from stays guarded by the takeover check there (only the source checked that move);
+(3) serve: then it serves e+1, from serve_start.
+Removed members stop and their holders step down (the generation lapses). A restarted
+incarnation is a new one: it is not a member until a replace step names it. Renewals are
+acked across epochs (by the acceptor's own member set), so valid holders carry on.
 
 Takeover check: an accept that moves a name away from holder h of node X, proposed by
 anyone but X, passes only if X has not renewed here for a whole lease (and this acceptor
@@ -65,15 +98,26 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgregistry.names_config import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    FREE_VALUE,
+    NO_BALLOT,
+    ROUND_FRACTION,
+    Ballot,
+    Cursor,
+    Incarnation,
+    Members,
+    Membership,
+    Value,
+    apply_change,
+)
+
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
 
-Incarnation = tuple[str, int, int]
-Ballot = tuple[int, int, tuple[Any, ...]]
-Value = tuple[Any, int, int, Any]  # (pid | None, token, lgen, owner incarnation | None)
 TimerId = tuple[Any, ...]
 
-FREE: Value = (None, 0, 0, None)
-NO_BALLOT: Ballot = (-1, -1, ())
+FREE: Value = FREE_VALUE
 NEVER = float("-inf")
 
 #: Planted bugs, for the simulator to show that its checker catches each one:
@@ -81,14 +125,12 @@ NEVER = float("-inf")
 #: no longer fence generations); "ballot_without_incarnation": ballots carry the node id only,
 #: so a restarted node reuses its old ballots; "shard_wide_skip_prepare": one decided accept
 #: lets the proposer skip prepare on every name, trusting what it last heard of them;
-#: "no_takeover_check": acceptors let anyone move a name away from a renewing holder.
-BUGS = frozenset({"no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check"})
+#: "no_takeover_check": acceptors let anyone move a name away from a renewing holder;
+#: "no_epoch_wait": a member serves a new epoch as soon as it learns it, without the copy.
+BUGS = frozenset(
+    {"no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check", "no_epoch_wait"}
+)
 
-# A proposer's round gives up and retries after this fraction of a lease without a majority;
-# backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
-_ROUND_FRACTION = 1 / 6
-_BACKOFF_CAP = 0.05
-_BACKOFF_BASE = 0.005
 
 
 class BadMessage(ValueError):
@@ -137,6 +179,11 @@ class _Slot:
     promised: Ballot = NO_BALLOT
     ballot: Ballot = NO_BALLOT
     value: Value = FREE
+    # A copy may bring a higher-ballot value that moved the name away from a holder without
+    # being decided (it passed the takeover check at its source only): the holder it
+    # replaced here stays checked, as if it were still the value, until a check passes.
+    guard: Value = FREE
+    decided: bool = False  # the value is known decided (a commit, or a source said so)
 
 
 def _freeze(x: Any) -> Any:
@@ -179,6 +226,23 @@ def _value(x: Any) -> Value:
     return (pid, token, lgen, None if owner is None else _incarnation(owner, "owner"))
 
 
+def _members(x: Any, empty: bool = False) -> Members:
+    if not isinstance(x, tuple) or (not x and not empty):
+        raise BadMessage("members must be a tuple of incarnations")
+    out = tuple(_incarnation(m, "member") for m in x)
+    if len(set(out)) != len(out):
+        raise BadMessage("members repeat")
+    return out
+
+
+def _cursor(x: Any) -> Cursor:
+    if x is None:
+        return None
+    if not (isinstance(x, tuple) and len(x) == 2 and type(x[1]) is str):
+        raise BadMessage("cursor must be None or (int, str)")
+    return (_int(x[0], "cursor"), x[1])
+
+
 def _name(x: Any) -> Any:
     try:
         hash(x)
@@ -198,13 +262,22 @@ _ARITY = {
     "renew": 2,
     "renew_ack": 2,
     "wrong_epoch": 2,
+    "sealed": 2,
+    "cprepare": 1,
+    "cpromise": 3,
+    "cnack": 2,
+    "caccept": 2,
+    "caccepted": 1,
+    "copy": 1,
+    "copy_part": 4,
 }
 
 
 class Member:
     """One node's names core: acceptor (if a member), proposer, and lease keeper.
 
-    `me` is this node's incarnation; `members` the fixed member set of `epoch`; `lease` the
+    `me` is this node's incarnation; `members` the member set of `epoch` as this node last
+    learned it (it changes through `change`; a node outside it is a proposer only); `lease` the
     lease length in seconds of the local clock; `rho` the bound on clock rate drift;
     `shard_count` how many tables the acceptor keeps (names are spread by a stable hash);
     `bugs` plants protocol bugs for the simulator (see `BUGS`); `now` is the local clock at
@@ -247,6 +320,8 @@ class Member:
         self._receipt: dict[Incarnation, float] = {}
         self._renewed_lgen: dict[Incarnation, int] = {}
         self._min_lgen: dict[Incarnation, int] = {}
+        # Membership state: serving is False from adopting an epoch until its copy is done.
+        self.serving = True
         # Proposer state.
         self.counter = 0
         self._ops: dict[Any, deque[_Op]] = {}
@@ -261,14 +336,14 @@ class Member:
         self._counted = 0
         self.valid_until = NEVER
         self._fx = Effects()
+        self._cfg = Membership(self)
 
     # ----------------------------------------------------------------- public inputs
 
     def start(self, now: float) -> Effects:
         """Send the first renewal (members only: a non-member's renewals are refused)."""
         fx = self._begin()
-        if self.is_member:
-            self._renew(now)
+        self._renew(now)
         return fx
 
     def lease_valid(self, now: float) -> bool:
@@ -310,6 +385,25 @@ class Member:
         """Majority read. Result: ("value", ballot, value)."""
         return self._submit(name, _Op(name, "lookup", (), op_id), now)
 
+    def change(
+        self, op_id: Any, now: float, add: Incarnation | None = None, remove: Incarnation | None = None
+    ) -> Effects:
+        """Add a member, remove one, or replace an incarnation of a node by a new one (both).
+
+        Result ("ok", epoch, members) once an epoch whose members reflect the change serves
+        here (or, on a node that is not one of them, once it learned that epoch); ("busy",
+        epoch, members) at once if a change started here still runs. Another node's change
+        deciding the slot first is no failure: this one is proposed again in the next epoch.
+        Raises ValueError for a change that is not one step (see `apply_change`)."""
+        fx = self._begin()
+        apply_change(tuple(self.members), add, remove)
+        if self._cfg.pending is not None:
+            self._fx.results.append((op_id, ("busy", self.epoch, tuple(self.members))))
+            return fx
+        self._cfg.pending = (op_id, add, remove)
+        self._cfg.change_progress(now)
+        return fx
+
     def on_timer(self, timer_id: TimerId, now: float) -> Effects:
         """A timer this member asked for has fired (stale ones are ignored)."""
         fx = self._begin()
@@ -319,6 +413,8 @@ class Member:
         elif kind == "lapse":
             if timer_id[1] == self.lgen and self.valid_until != NEVER and now >= self.valid_until:
                 self._lapse(now)
+        elif kind in ("seal", "cretry", "copy"):
+            self._cfg.on_timer(timer_id, now)
         elif kind == "retry":
             name, attempt = timer_id[1], timer_id[2]
             op = self._current(name)
@@ -349,15 +445,56 @@ class Member:
         args = m[3:]
         fx = self._begin()
         if kind == "wrong_epoch":
-            # Membership is fixed in this core: nothing to catch up with.
+            e2, members = _int(args[0], "epoch"), _members(args[1])
+            if e2 > self.epoch:
+                self._cfg.adopt(e2, members, tuple(self.members) if e2 == self.epoch + 1 else None, now)
+            elif e2 < self.epoch:
+                self._send_config(sender)  # a node that fell behind asks for the news
+            return fx
+        if kind == "copy":
+            self._cfg.on_copy(sender, epoch, _cursor(args[0]))
+            return fx
+        if kind == "copy_part":
+            if not isinstance(args[1], tuple) or args[3] not in ("sealed", "complete"):
+                raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
+            if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
+                raise BadMessage("a copy entry is (name, ballot, value, decided)")
+            entries = [(_name(e[0]), _ballot(e[1]), _value(e[2]), e[3]) for e in args[1]]
+            self._cfg.on_copy_part(sender, epoch, _cursor(args[0]), entries, _cursor(args[2]), args[3], now)
+            return fx
+        if kind in ("renew", "renew_ack"):
+            # Leases span epochs: an acceptor acks the members of its own configuration, and
+            # tells a renewing node of an older epoch about the newer one.
+            if kind == "renew" and epoch != self.epoch:
+                # Older sender: tell it. Newer: this node missed a change (say the notice
+                # that added it); its own configuration in reply makes the sender send back
+                # the newer one.
+                self._send_config(sender)
+            lgen, seq = _int(args[0], "lgen"), _int(args[1], "seq")
+            if kind == "renew":
+                self._on_renew(sender, lgen, seq, now)
+            elif sender in self._member_set:
+                self._on_renew_ack(sender, lgen, seq, now)
+            elif epoch == self.epoch:
+                raise BadMessage("renew_ack from a non-member")
             return fx
         if epoch != self.epoch:
-            if kind in ("prepare", "accept", "renew", "commit"):
-                self._send(sender, ("wrong_epoch", self.cluster_id, self.epoch, self.epoch, tuple(self.members)))
+            if epoch < self.epoch and kind in ("prepare", "accept", "commit", "cprepare", "caccept"):
+                self._send_config(sender)
             return fx
-        if kind in ("promise", "nack", "accepted", "renew_ack") and sender not in self._member_set:
+        replies = ("promise", "nack", "accepted", "sealed", "cpromise", "cnack", "caccepted")
+        if kind in replies and sender not in self._member_set:
             raise BadMessage(f"{kind} from a non-member")
-        if kind == "prepare":
+        if kind in ("cprepare", "caccept", "cpromise", "cnack", "caccepted"):
+            b = _ballot(args[0])
+            other = _ballot(args[1]) if kind in ("cpromise", "cnack") else NO_BALLOT
+            members = _members(args[1]) if kind == "caccept" else ()
+            if kind == "cpromise":
+                members = _members(args[2], empty=True)
+            self._cfg.on_config_message(sender, kind, b, other, members, now)
+        elif kind == "sealed":
+            self._cfg.on_sealed(_name(args[0]), _ballot(args[1]), now)
+        elif kind == "prepare":
             self._on_prepare(sender, _name(args[0]), _ballot(args[1]))
         elif kind == "accept":
             name, b, v = _name(args[0]), _ballot(args[1]), _value(args[2])
@@ -373,10 +510,8 @@ class Member:
             if not isinstance(ra, int | float) or isinstance(ra, bool) or not ra >= 0:
                 raise BadMessage("retry_after must be a number >= 0")
             self._on_nack(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), float(ra), now)
-        elif kind == "accepted":
-            self._on_accepted(sender, _name(args[0]), _ballot(args[1]), now)
         else:
-            self._on_renew_ack(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
+            self._on_accepted(sender, _name(args[0]), _ballot(args[1]), now)
         return fx
 
     # ----------------------------------------------------------------- plumbing
@@ -384,6 +519,9 @@ class Member:
     def _begin(self) -> Effects:
         self._fx = Effects()
         return self._fx
+
+    def _send_config(self, dest: Incarnation) -> None:
+        self._send(dest, ("wrong_epoch", self.cluster_id, self.epoch, self.epoch, tuple(self.members)))
 
     def _send(self, dest: Incarnation, msg: tuple[Any, ...]) -> None:
         self._fx.messages.append((dest, msg))
@@ -412,8 +550,17 @@ class Member:
 
     # ----------------------------------------------------------------- acceptor
 
+    def _writes_paused(self, sender: Incarnation, name: Any, b: Ballot) -> bool:
+        """Between seal and serve this acceptor takes no prepare or accept of a name."""
+        if not self.is_member or not self.serving:
+            return True  # copying: the proposer's round times out and retries
+        if self._cfg.slot.sealed:
+            self._send(sender, ("sealed", self.cluster_id, self.epoch, name, b))
+            return True
+        return False
+
     def _on_prepare(self, sender: Incarnation, name: Any, b: Ballot) -> None:
-        if not self.is_member:
+        if self._writes_paused(sender, name, b):
             return
         self._see(b)
         slot = self._slot(name)
@@ -438,7 +585,7 @@ class Member:
     def _on_accept(
         self, sender: Incarnation, name: Any, b: Ballot, v: Value, bb: Ballot, bv: Value, now: float
     ) -> None:
-        if not self.is_member:
+        if self._writes_paused(sender, name, b):
             return
         self._see(b)
         slot = self._slot(name)
@@ -446,7 +593,7 @@ class Member:
             self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
             return
         moved: list[Value] = []
-        for h in (bv, slot.value):
+        for h in (bv, slot.value, slot.guard):
             wait = self._takeover_wait(sender, h, v, now)
             if wait is None:
                 continue
@@ -457,7 +604,7 @@ class Member:
         for h in moved:
             # Fence the old holder's generation: its node cannot renew it back to life here.
             self._min_lgen[h[3]] = max(self._min_lgen.get(h[3], 0), h[2] + 1)
-        slot.ballot, slot.value = b, v
+        slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, False
         # Piggy-backed promise of the proposer's next ballot, for this name only.
         slot.promised = (b[0], b[1] + 1, b[2])
         self._event("accepted", name, b, v, bb)
@@ -468,7 +615,7 @@ class Member:
         if self.is_member:
             slot = self._slot(name)
             if b > slot.ballot:
-                slot.ballot, slot.value = b, v
+                slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, True
                 if b > slot.promised:
                     slot.promised = b
         self._learn(name, b, v, now)
@@ -486,9 +633,11 @@ class Member:
     # ----------------------------------------------------------------- lease keeper
 
     def _renew(self, now: float) -> None:
-        self._seq += 1
-        self._sent[self._seq] = now
-        self._broadcast(("renew", self.cluster_id, self.epoch, self.lgen, self._seq))
+        # The timer keeps going on a non-member, which may be added later.
+        if self.is_member:
+            self._seq += 1
+            self._sent[self._seq] = now
+            self._broadcast(("renew", self.cluster_id, self.epoch, self.lgen, self._seq))
         self._timer(("renew",), now + self.lease / 3)
 
     def _on_renew_ack(self, sender: Incarnation, lgen: int, seq: int, now: float) -> None:
@@ -567,6 +716,9 @@ class Member:
     def _start_round(self, name: Any, op: _Op, now: float) -> None:
         op.attempt += 1
         op.promises, op.accepted, op.nacked, op.retry_after = {}, set(), set(), 0.0
+        if self.is_member and not self.serving:
+            op.phase = "wait_epoch"  # resumed when this member serves its epoch
+            return
         if self._needs_lease(op) and not self.lease_valid(now):
             op.phase = "wait_lease"  # resumed when a renewal is counted
             return
@@ -584,7 +736,7 @@ class Member:
         op.ballot = (self.epoch, self.counter, self._ballot_id)
         op.phase = "prepare"
         self._broadcast(("prepare", self.cluster_id, self.epoch, name, op.ballot))
-        self._timer(("retry", name, op.attempt), now + self.lease * _ROUND_FRACTION)
+        self._timer(("retry", name, op.attempt), now + self.lease * ROUND_FRACTION)
 
     def _on_promise(self, sender: Incarnation, name: Any, b: Ballot, ab: Ballot, av: Value, now: float) -> None:
         self._see(ab)
@@ -650,7 +802,7 @@ class Member:
             self._revoke(name)  # before the first accept that moves the name away
         op.phase = "accept"
         self._broadcast(("accept", self.cluster_id, self.epoch, name, op.ballot, new, base[0], base[1]))
-        self._timer(("retry", name, op.attempt), now + self.lease * _ROUND_FRACTION)
+        self._timer(("retry", name, op.attempt), now + self.lease * ROUND_FRACTION)
 
     def _on_accepted(self, sender: Incarnation, name: Any, b: Ballot, now: float) -> None:
         op = self._current(name)
@@ -693,7 +845,7 @@ class Member:
         # A competing ballot: this round cannot win at that acceptor. Give up at once rather
         # than at the round timeout, which two duelling proposers would reach together.
         op.phase = "backoff"
-        cap = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(op.attempt, 6))
+        cap = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(op.attempt, 6))
         self._timer(("retry", name, op.attempt), now + max(op.retry_after, cap * self._rng.random()))
 
     def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> None:

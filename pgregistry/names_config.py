@@ -1,0 +1,418 @@
+"""Membership changes for the names core: the configuration slot and the copy (no I/O).
+
+A configuration is ``(epoch, members)``. The slot next(e) is one CASPaxos register decided
+by a majority of e's members; its value is the member tuple of epoch e+1. `ConfigSlot` is
+an acceptor's state for it (a promise or an accept there seals e at that acceptor),
+`ConfigRound` a proposer's round. `Copy` is the bookkeeping of a member of e+1 that merges
+the per-name registers of its sources before it serves, and `copy_page` the source's side.
+`Membership` drives the three steps of a change for one `pgregistry.names_core.Member`
+(which parses the messages and hands them over).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgregistry.names_core import Member
+
+Incarnation = tuple[str, int, int]
+Ballot = tuple[int, int, tuple[Any, ...]]
+Value = tuple[Any, int, int, Any]  # (pid | None, token, lgen, owner incarnation | None)
+Members = tuple[Incarnation, ...]
+Cursor = tuple[int, str] | None
+
+NO_BALLOT: Ballot = (-1, -1, ())
+FREE_VALUE: Value = (None, 0, 0, None)
+
+# A proposer's round gives up and retries after this fraction of a lease without a majority;
+# backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
+ROUND_FRACTION = 1 / 6
+BACKOFF_CAP = 0.05
+BACKOFF_BASE = 0.005
+# Registers per copy_part: a big table goes in many small messages, never one huge one.
+COPY_PART = 64
+
+
+def apply_change(members: Members, add: Incarnation | None, remove: Incarnation | None) -> Members:
+    """The member tuple after adding `add` and removing `remove` (either may be None).
+
+    Raises ValueError for a change that would leave no member, or that adds one node and
+    removes another (two changes: majorities of the old and new sets might not meet)."""
+    if add is not None and remove is not None and add[0] != remove[0]:
+        raise ValueError("one change at a time: a replace names two incarnations of one node")
+    new = tuple(m for m in members if m != remove)
+    if add is not None and add not in new:
+        new += (add,)
+    if not new:
+        raise ValueError("a configuration keeps at least one member")
+    return new
+
+
+def name_key(name: Any) -> tuple[int, str]:
+    """A total order on arbitrary hashable names (the copy's cursor), stable across nodes."""
+    r = repr(name)
+    return (zlib.crc32(r.encode()), r)
+
+
+Entry = tuple[Any, Ballot, Value, bool]  # (name, ballot, value, known decided)
+
+
+def copy_page(registers: Iterable[Entry], cursor: Cursor, limit: int) -> tuple[list[Entry], Cursor]:
+    """The first `limit` accepted registers after `cursor` in `name_key` order, and the cursor
+    to ask for next (None when these were the last). Never-accepted registers are left out:
+    an empty register is what the requester already has."""
+    after = [(name_key(e[0]), e) for e in registers if e[1] != NO_BALLOT]
+    if cursor is not None:
+        after = [e for e in after if e[0] > cursor]
+    after.sort(key=lambda e: e[0])
+    page = after[:limit]
+    nxt = page[-1][0] if len(after) > limit else None
+    return [e for _k, e in page], nxt
+
+
+@dataclass
+class ConfigSlot:
+    """An acceptor's state for the slot next(e) of the epoch e it serves."""
+
+    promised: Ballot = NO_BALLOT
+    ballot: Ballot = NO_BALLOT
+    value: Members = ()
+
+    @property
+    def sealed(self) -> bool:
+        """Whether this acceptor promised or accepted here: it no longer serves e's writes,
+        so the registers it holds for e are final and can be copied."""
+        return self.promised != NO_BALLOT
+
+    def prepare(self, b: Ballot) -> tuple[Any, ...]:
+        """The reply fields (after kind) to cprepare(b): a promise, or a nack."""
+        if b >= self.promised:
+            self.promised = b
+            return ("cpromise", b, self.ballot, self.value)
+        return ("cnack", b, self.promised)
+
+    def accept(self, b: Ballot, members: Members) -> tuple[Any, ...]:
+        """The reply fields to caccept(b, members): accepted, or a nack."""
+        if b >= self.promised:
+            self.promised, self.ballot, self.value = b, b, members
+            return ("caccepted", b)
+        return ("cnack", b, self.promised)
+
+
+@dataclass
+class ConfigRound:
+    """A proposer's round on next(`epoch`)."""
+
+    epoch: int
+    ballot: Ballot
+    attempt: int
+    phase: str = "prepare"  # prepare | accept | backoff
+    promises: dict[Incarnation, tuple[Ballot, Members]] = field(default_factory=dict)
+    accepted: set[Incarnation] = field(default_factory=set)
+    value: Members = ()
+
+    def choose(self, members: Members, change: tuple[Incarnation | None, Incarnation | None] | None) -> Members:
+        """The value to accept once a majority promised: the highest accepted one (it may be
+        decided already), else this proposer's change, else e's members unchanged (that
+        completes a seal nobody finished; nothing is lost, the epoch only grows)."""
+        best = max(self.promises.values(), key=lambda p: p[0])
+        if best[0] != NO_BALLOT:
+            return best[1]
+        if change is not None:
+            try:
+                return apply_change(members, *change)
+            except ValueError:
+                return members
+        return members
+
+
+@dataclass
+class Copy:
+    """A member's copy toward serving `epoch` with `members`.
+
+    Done when one source that serves `epoch` or later has sent all its registers (they
+    hold every value decided before `epoch`), or when a majority of `prev` (the previous
+    epoch's members, None when this member skipped epochs and does not know them) have,
+    each "sealed": it served the previous epoch (so it held everything decided before
+    that) and no longer does (it sealed it, or moved on), so its registers of the previous
+    epoch are final. `self_sealed`: this member is such a source itself."""
+
+    epoch: int
+    members: Members
+    prev: Members | None
+    me: Incarnation
+    self_sealed: bool
+    cursors: dict[Incarnation, Cursor] = field(default_factory=dict)
+    kinds: dict[Incarnation, str] = field(default_factory=dict)
+    done: dict[Incarnation, str] = field(default_factory=dict)
+    attempt: int = 0
+
+    def sources(self) -> list[Incarnation]:
+        """The members still to ask (each from its cursor)."""
+        every = list(self.prev or ()) + [m for m in self.members if m not in (self.prev or ())]
+        return [m for m in every if m != self.me and m not in self.done]
+
+    def on_part(self, sender: Incarnation, cursor: Cursor, nxt: Cursor, kind: str) -> bool:
+        """Record one part; False if it is not the one expected from `sender` (a duplicate,
+        a reordered or stale part), whose entries must then be ignored."""
+        if sender in self.done or self.cursors.get(sender) != cursor:
+            return False
+        if cursor is None and kind == "sealed" and (self.prev is None or sender not in self.prev):
+            return False  # cannot count: asked again, it answers "complete" once it serves
+        if cursor is None:
+            self.kinds[sender] = kind  # the source's state when the scan began
+        elif sender not in self.kinds:
+            return False
+        if nxt is None:
+            self.done[sender] = self.kinds[sender]
+        else:
+            self.cursors[sender] = nxt
+        return True
+
+    def finished(self) -> bool:
+        if "complete" in self.done.values():
+            return True
+        if self.prev is None:
+            return False
+        sealed = sum(1 for s in self.prev if self.done.get(s) == "sealed" or (s == self.me and self.self_sealed))
+        return sealed >= len(self.prev) // 2 + 1
+
+
+class Membership:
+    """The membership part of one `Member`: its configuration slot (as acceptor and
+    proposer), its copy toward the epoch it adopted, and the change started on it.
+
+    It reads and sets the member's configuration (epoch, members, serving, serve_start) and
+    sends through the member; names_core keeps the per-name registers and the leases."""
+
+    def __init__(self, m: Member) -> None:
+        self.m = m
+        self.slot = ConfigSlot()
+        # This member served the epoch before the one it adopted, up to adopting this one: its
+        # registers of that epoch are final (it takes no write of an epoch it left).
+        self.sealed_prev = False
+        self.copy: Copy | None = None
+        self.round: ConfigRound | None = None
+        self.pending: tuple[Any, Incarnation | None, Incarnation | None] | None = None
+
+    def on_timer(self, timer_id: tuple[Any, ...], now: float) -> None:
+        """The seal, cretry and copy timers."""
+        kind = timer_id[0]
+        if kind == "seal":
+            # Sealed for a while and still no new epoch: complete next(e) from here.
+            if timer_id[1] == self.m.epoch and self.slot.sealed:
+                if self.round is None:
+                    self.config_round(now)
+                self.m._timer(("seal", self.m.epoch), now + self.m.lease / 2)
+        elif kind == "cretry":
+            r = self.round
+            if r is not None and (r.epoch, r.attempt) == (timer_id[1], timer_id[2]):
+                self.config_round(now)
+        elif kind == "copy":
+            c = self.copy
+            if c is not None and (c.epoch, c.attempt) == (timer_id[1], timer_id[2]):
+                self.copy_ask(now)
+
+    def change_progress(self, now: float) -> None:
+        """Complete the pending change if the configuration reflects it, else propose it
+        (a member only once it serves: its proposals must see a complete copy)."""
+        if self.pending is None:
+            return
+        op_id, add, remove = self.pending
+        members = tuple(self.m.members)
+        try:
+            target = apply_change(members, add, remove)
+        except ValueError:
+            target = None  # another change made this one impossible (it would empty the set)
+        if target is None or target == members:
+            if not self.m.is_member or self.m.serving:
+                self.pending = None
+                self.m._fx.results.append((op_id, ("ok" if target else "invalid", self.m.epoch, members)))
+            return
+        if (not self.m.is_member or self.m.serving) and self.round is None:
+            self.config_round(now)
+
+    def config_round(self, now: float) -> None:
+        """Start (or restart, with a new ballot) a round on next(e) among e's members."""
+        attempt = self.round.attempt + 1 if self.round is not None else 1
+        self.m.counter += 1
+        b = (self.m.epoch, self.m.counter, self.m._ballot_id)
+        self.round = ConfigRound(self.m.epoch, b, attempt)
+        self.m._broadcast(("cprepare", self.m.cluster_id, self.m.epoch, b))
+        self.m._timer(("cretry", self.m.epoch, attempt), now + self.m.lease * ROUND_FRACTION)
+
+    def on_config_message(
+        self, sender: Incarnation, kind: str, b: Ballot, other: Ballot, members: Members, now: float
+    ) -> None:
+        """A message of the slot next(e), parsed: `other` is the accepted ballot of a
+        cpromise or the promise of a cnack, `members` the value of a caccept or cpromise."""
+        if kind in ("cprepare", "caccept"):
+            if not self.m.is_member or not self.m.serving:
+                return  # a member still copying does not vote on the next slot yet
+            self.m._see(b)
+            was = self.slot.sealed
+            reply = self.slot.prepare(b) if kind == "cprepare" else self.slot.accept(b, members)
+            self.m._send(sender, (reply[0], self.m.cluster_id, self.m.epoch, *reply[1:]))
+            if self.slot.sealed and not was:
+                self.m._event("seal", self.m.epoch)
+                self.m._timer(("seal", self.m.epoch), now + self.m.lease / 2)
+            return
+        r = self.round
+        if kind == "cpromise":
+            ab, value = other, members
+            self.m._see(ab)
+            if r is None or r.ballot != b or r.phase != "prepare":
+                return
+            r.promises[sender] = (ab, value)
+            if len(r.promises) < self.m.majority:
+                return
+            r.value = r.choose(tuple(self.m.members), None if self.pending is None else self.pending[1:])
+            r.phase = "accept"
+            self.m._broadcast(("caccept", self.m.cluster_id, self.m.epoch, b, r.value))
+            self.m._timer(("cretry", self.m.epoch, r.attempt), now + self.m.lease * ROUND_FRACTION)
+        elif kind == "caccepted":
+            if r is None or r.ballot != b or r.phase != "accept":
+                return
+            r.accepted.add(sender)
+            if len(r.accepted) >= self.m.majority:
+                self.config_decided(r.value, now)
+        else:
+            self.m._see(other)
+            if r is None or r.ballot != b or r.phase not in ("prepare", "accept"):
+                return
+            r.phase = "backoff"
+            cap = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(r.attempt, 6))
+            self.m._timer(("cretry", self.m.epoch, r.attempt), now + cap * self.m._rng.random())
+
+    def config_decided(self, members: Members, now: float) -> None:
+        """next(e) is decided: tell the old and new members, then adopt it here."""
+        prev = tuple(self.m.members)
+        notice = ("wrong_epoch", self.m.cluster_id, self.m.epoch, self.m.epoch + 1, members)
+        for m in dict.fromkeys(prev + members):
+            if m != self.m.me:
+                self.m._send(m, notice)
+        self.adopt(self.m.epoch + 1, members, prev, now)
+
+    def on_sealed(self, name: Any, b: Ballot, now: float) -> None:
+        """Our round met a sealed acceptor: back off, and help complete next(e)."""
+        op = self.m._current(name)
+        if op is not None and op.phase in ("prepare", "accept") and b == op.ballot:
+            self.m._piggy.pop(name, None)
+            op.phase = "backoff"
+            self.m._timer(("retry", name, op.attempt), now + self.m.lease * ROUND_FRACTION)
+        if self.round is None:
+            self.config_round(now)
+
+    def adopt(self, epoch: int, members: Members, prev: Members | None, now: float) -> None:
+        """Move to configuration (epoch, members); `prev` is the previous epoch's members when
+        this node knows them (it was at epoch - 1), else None."""
+        was_member = self.m.is_member
+        self.sealed_prev = was_member and self.m.serving and prev is not None
+        self.m._event("config", epoch, members)
+        self.m.epoch, self.m.members = epoch, list(members)
+        self.m._member_set = set(members)
+        self.m.majority = len(members) // 2 + 1
+        self.m.is_member = self.m.me in self.m._member_set
+        self.slot, self.round, self.copy = ConfigSlot(), None, None
+        self.m._piggy.clear()  # promises of the old epoch's ballots
+        if self.m.is_member and "no_epoch_wait" not in self.m.bugs:
+            self.m.serving = False
+            self.copy = Copy(epoch, members, prev, self.m.me, self.sealed_prev)
+            if self.copy.finished():
+                self.serve(now)
+            else:
+                self.copy_ask(now)
+            return
+        self.m.serving = True
+        if self.m.is_member:
+            self.serve(now)  # the planted bug: no copy
+            return
+        if was_member:
+            self.m._lapse(now)  # removed: its holders step down at once
+        self.restart_ops(now)
+        self.change_progress(now)
+
+    def serve(self, now: float) -> None:
+        """The copy is done: serve the adopted epoch from now (the takeover check counts a
+        lease from serve_start), run the waiting operations, and go on with a change."""
+        self.m.serving, self.copy, self.m._serve_start = True, None, now
+        self.m._event("serve", self.m.epoch, tuple(self.m.members))
+        self.restart_ops(now)
+        self.change_progress(now)
+
+    def restart_ops(self, now: float) -> None:
+        """Run every current operation again in the epoch now served (or wait for it)."""
+        for name in list(self.m._ops):
+            op = self.m._current(name)
+            if op is not None:
+                self.m._start_round(name, op, now)
+
+    def copy_ask(self, now: float) -> None:
+        """Ask every source not done yet for its next part, and ask again after a round."""
+        c = self.copy
+        if c is None:
+            return
+        c.attempt += 1
+        for s in c.sources():
+            self.m._send(s, ("copy", self.m.cluster_id, c.epoch, c.cursors.get(s)))
+        self.m._timer(("copy", c.epoch, c.attempt), now + self.m.lease * ROUND_FRACTION)
+
+    def on_copy(self, sender: Incarnation, epoch: int, cursor: Cursor) -> None:
+        """Send one part of this member's registers, if they are final for `epoch - 1`."""
+        complete = self.m.is_member and self.m.serving and self.m.epoch >= epoch
+        sealed = (self.m.epoch == epoch - 1 and self.m.is_member and self.m.serving and self.slot.sealed) or (
+            self.m.epoch == epoch and self.sealed_prev
+        )
+        if not (complete or sealed):
+            return  # not final yet: the requester asks again
+        known = self.m._known
+        registers = (
+            (n, s.ballot, s.value, s.decided or known.get(n, (NO_BALLOT,))[0] == s.ballot)
+            for t in self.m._tables
+            for n, s in t.items()
+        )
+        entries, nxt = copy_page(registers, cursor, COPY_PART)
+        kind = "complete" if complete else "sealed"
+        self.m._send(sender, ("copy_part", self.m.cluster_id, epoch, cursor, tuple(entries), nxt, kind))
+
+    def merge(self, name: Any, b: Ballot, v: Value, decided: bool) -> None:
+        """Keep the highest ballot. If the lower value has a holder that the higher one, not
+        known decided, moved away from, guard that holder: the higher value passed the
+        takeover check at its source only, and this acceptor must not vote as if it had
+        checked it too."""
+        slot = self.m._slot(name)
+        if b > slot.ballot:
+            loser, winner, win_decided = slot.value, v, decided
+            slot.ballot, slot.value, slot.decided = b, v, decided
+            if decided:
+                slot.guard = FREE_VALUE
+            self.m._event("copied", name, b, v)
+        else:
+            loser, winner, win_decided = v, slot.value, slot.decided or (b == slot.ballot and decided)
+            slot.decided = win_decided
+        if b > slot.promised:
+            slot.promised = b
+        if not win_decided and loser[0] is not None and (loser[0], loser[1]) != (winner[0], winner[1]):
+            if slot.guard[0] is None or loser[1] > slot.guard[1]:
+                slot.guard = loser
+
+    def on_copy_part(
+        self, sender: Incarnation, epoch: int, cursor: Cursor, entries: list[Entry],
+        nxt: Cursor, kind: str, now: float,
+    ) -> None:
+        """Merge one part from a source, then serve if the copy is done or ask for the next."""
+        c = self.copy
+        if c is None or c.epoch != epoch or (sender not in c.members and sender not in (c.prev or ())):
+            return
+        if not c.on_part(sender, cursor, nxt, kind):
+            return
+        for name, b, v, decided in entries:
+            self.merge(name, b, v, decided)
+        if c.finished():
+            self.serve(now)
+        elif nxt is not None:
+            self.m._send(sender, ("copy", self.m.cluster_id, epoch, nxt))
