@@ -14,10 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pgregistry.names_core import Member
+from typing import Any, Protocol
 
 Incarnation = tuple[str, int, int]
 Ballot = tuple[int, int, tuple[Any, ...]]
@@ -27,6 +24,54 @@ Cursor = tuple[int, str] | None
 
 NO_BALLOT: Ballot = (-1, -1, ())
 FREE_VALUE: Value = (None, 0, 0, None)
+
+
+class MemberCore(Protocol):
+    """What the membership part needs of the `pgregistry.names_core.Member` it belongs to.
+
+    The two are one state machine split in two modules; this protocol is the seam, so
+    the import points one way (the core imports this module, never the reverse). The
+    core's per-name records (its operation queue and register slots) are opaque here.
+    """
+
+    me: Incarnation
+    members: list[Incarnation]
+    epoch: int
+    cluster_id: Any
+    lease: float
+    bugs: frozenset[str]
+    majority: int
+    serving: bool
+    counter: int
+    _member_set: set[Incarnation]
+    _ballot_id: tuple[Any, ...]
+    _rng: Any
+    _tables: list[dict[Any, Any]]
+    _serve_start: float
+    _ops: dict[Any, Any]
+    _piggy: dict[Any, tuple[Ballot, Ballot, Value]]
+    _known: dict[Any, tuple[Ballot, Value]]
+    _fx: Any
+
+    is_member: bool
+
+    def _send(self, dest: Incarnation, msg: tuple[Any, ...]) -> None: ...
+
+    def _broadcast(self, msg: tuple[Any, ...]) -> None: ...
+
+    def _timer(self, timer_id: tuple[Any, ...], at: float) -> None: ...
+
+    def _event(self, *ev: Any) -> None: ...
+
+    def _see(self, b: Ballot) -> None: ...
+
+    def _lapse(self, now: float) -> None: ...
+
+    def _current(self, name: Any) -> Any: ...
+
+    def _slot(self, name: Any) -> Any: ...
+
+    def _start_round(self, name: Any, op: Any, now: float) -> None: ...
 
 # A proposer's round gives up and retries after this fraction of a lease without a majority;
 # backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
@@ -189,7 +234,7 @@ class Membership:
     It reads and sets the member's configuration (epoch, members, serving, serve_start) and
     sends through the member; names_core keeps the per-name registers and the leases."""
 
-    def __init__(self, m: Member) -> None:
+    def __init__(self, m: MemberCore) -> None:
         self.m = m
         self.slot = ConfigSlot()
         # This member served the epoch before the one it adopted, up to adopting this one: its
