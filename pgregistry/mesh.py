@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import secrets
 from collections.abc import Callable, Mapping
@@ -127,6 +128,7 @@ class PeerRecord:
         "gossip_tries",
         "reconnect",
         "kick",
+        "hurried_at",
         "out_monitors",
         "in_monitors",
         "waiters",
@@ -145,6 +147,7 @@ class PeerRecord:
         self.gossip_tries = 0  # dials left for a node only heard of through ``members``
         self.reconnect: asyncio.Task[None] | None = None
         self.kick: asyncio.Event | None = None  # wakes the reconnect loop early
+        self.hurried_at = -math.inf  # loop time of the last redial that gossip hurried
         self.out_monitors: dict[Ref, Pid] = {}  # monitors local watchers hold there: ref -> watcher
         self.in_monitors: dict[Ref, Pid] = {}  # monitors its processes hold here: ref -> local target
         self.waiters: list[asyncio.Future[None]] = []  # woken on every state change
@@ -743,7 +746,12 @@ class Mesh:
                 if other.blocked or other.link is not None or other in self._gossiped:
                     continue  # gossiped again while being dialled: no more dials than the first time
                 if other.member:
-                    self._schedule_reconnect(other, now=True)  # a lost member: hurry its redial
+                    # A lost member: hurry its redial, but at most once per shortest
+                    # backoff step, or a peer repeating this message would drive a storm.
+                    now = self._loop.time() if self._loop is not None else 0.0
+                    if now - other.hurried_at >= self.reconnect_initial:
+                        other.hurried_at = now
+                        self._schedule_reconnect(other, now=True)
                     continue
             if len(self._gossiped) >= self.max_gossip_peers:
                 over_cap += 1

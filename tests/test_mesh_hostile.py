@@ -27,6 +27,7 @@ import pytest
 
 from pgregistry.events import NodeDown
 from pgregistry.node import GOSSIP_ATTEMPTS, MEMBERS_PER_MESSAGE, Node
+from pgregistry.testing import LinkProxy
 from pgregistry.transport import Endpoint, HandshakeError
 from tests.helpers import eventually
 from tests.test_distribution import COOKIE, address, connected, make_node, node_watcher, run_on, started
@@ -301,3 +302,30 @@ async def test_with_tls_a_peer_cannot_connect_under_another_nodes_id(tmp_path: P
             await connected(a, b, c)
         finally:
             await c.stop()
+
+
+async def test_gossip_about_a_lost_member_hurries_its_redial_at_most_once_per_backoff_step() -> None:
+    # A member lost without a goodbye is redialled with backoff; a members message naming
+    # it may hurry the next dial, but a peer repeating that message cannot make a storm.
+    victim = make_node("victim")
+    victim.reconnect_initial, victim.reconnect_max = 0.2, 5.0  # settings taken at start
+    async with Listener(hold=False) as closer, LinkProxy("127.0.0.1:1") as proxy, \
+            started(victim, make_node("lost"), make_node("mallory")) as (a, lost, m):
+        with refusing_port() as refused:
+            proxy.target = address(lost)
+            a.add_route(lost.id, proxy.address)  # the victim's link to `lost` runs through the proxy
+            await a.connect(lost.id)
+            await m.connect(a.id)
+            await connected(a, lost, m)
+            lost.add_route(a.id, f"127.0.0.1:{refused}")  # `lost` cannot come back by itself
+            a.add_route(lost.id, f"127.0.0.1:{closer.port}")  # the victim's redials: counted, closed
+            proxy.cut()
+            await eventually(lambda: lost.id not in a.peers(), 5.0, "the victim to lose the member")
+            dials_before = closer.accepted
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 1.0
+            while loop.time() < until:  # 1 s of gossip naming the lost member, 100 messages a second
+                gossip(m, a, [lost.id])
+                await asyncio.sleep(0.01)
+            # At most one hurried dial per 0.2 s backoff step, plus the backoff's own.
+            assert closer.accepted - dials_before <= 7, closer.accepted - dials_before
