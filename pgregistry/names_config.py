@@ -78,6 +78,15 @@ class MemberCore(Protocol):
 ROUND_FRACTION = 1 / 6
 BACKOFF_CAP = 0.05
 BACKOFF_BASE = 0.005
+# A proposer nacked by a competing ballot first waits this many round trips for that
+# ballot's commit (see `pgregistry.names_core`). The round trip is estimated from its own
+# prepare -> promise exchanges (the first sample, then a moving average with this gain),
+# never below the floor (a clock that reads the same twice would make the wait zero), and
+# RTT_DEFAULT before any sample. The wait never exceeds a round's timeout.
+COMMIT_WAIT_ROUND_TRIPS = 2
+RTT_DEFAULT = 0.01
+RTT_FLOOR = 0.0005
+RTT_GAIN = 1 / 8
 # Registers per copy_part: a big table goes in many small messages, never one huge one.
 COPY_PART = 64
 

@@ -30,6 +30,7 @@ connection it came on, never a field. Lists are accepted wherever tuples are (ms
     nack(name, ballot, competing_ballot, retry_after)
         Refusal of a prepare or accept, with the promise that beat it; retry_after > 0
         when an accept was refused by the takeover check (seconds until it may pass).
+        The proposer then waits for the competing ballot's commit (see Contention).
     accept(name, ballot, value, base_ballot, base_value)
         The new value, and the value (with its ballot) it was computed from. Accepting
         also promises the proposer's next ballot for this name only, so its next operation
@@ -84,6 +85,19 @@ Removed members stop and their holders step down (the generation lapses). A rest
 incarnation is a new one: it is not a member until a replace step names it. Renewals are
 acked across epochs (by the acceptor's own member set), so valid holders carry on.
 
+Contention: a proposer whose round is nacked with a competing ballot above its own waits up
+to COMMIT_WAIT_ROUND_TRIPS (2) of its round trips (never longer than a round's timeout) for
+a commit of that name with a ballot at or above the competing one; when it comes (or had
+already come) it starts the operation again at once with a ballot past the decider's next
+one (promised with its accept), so the new round reads the decided value (for a register
+on a name now held elsewhere, "held"). If the wait ends on its timer, it backs off at random
+(up to BACKOFF_CAP) as before. The round trip is estimated from its own prepare -> promise
+exchanges (the time until a majority promised: the first sample, then a moving average),
+RTT_DEFAULT before any sample and never below RTT_FLOOR; this core reads no clock of its
+own, only the `now` passed in. A nack carrying the proposer's own next ballot (its prepare
+overtaken by its own accept at that acceptor) stops nothing, and a takeover refusal
+(retry_after > 0) backs off without waiting: neither has a competitor to wait for.
+
 Takeover check: an accept that moves a name away from holder h of node X, proposed by
 anyone but X, passes only if X has not renewed here for a whole lease (and this acceptor
 has served for a lease), or X renewed with a generation above h's; on accepting, renewals
@@ -101,9 +115,13 @@ from typing import Any
 from pgregistry.names_config import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    COMMIT_WAIT_ROUND_TRIPS,
     FREE_VALUE,
     NO_BALLOT,
     ROUND_FRACTION,
+    RTT_DEFAULT,
+    RTT_FLOOR,
+    RTT_GAIN,
     Ballot,
     Cursor,
     Incarnation,
@@ -160,8 +178,10 @@ class _Op:
     args: tuple[Any, ...]
     op_id: Any
     attempt: int = 0
-    phase: str = "queued"  # queued | wait_lease | prepare | accept | backoff
+    phase: str = "queued"  # queued | wait_lease | wait_epoch | prepare | accept | wait_commit | backoff
     ballot: Ballot = NO_BALLOT
+    sent: float = 0.0  # local time this attempt's prepare went out (a round-trip sample)
+    competing: Ballot = NO_BALLOT  # in wait_commit: the ballot whose commit would end the wait
     promises: dict[Incarnation, tuple[Ballot, Value]] = field(default_factory=dict)
     accepted: set[Incarnation] = field(default_factory=set)
     nacked: set[Incarnation] = field(default_factory=set)
@@ -328,6 +348,7 @@ class Member:
         self._piggy: dict[Any, tuple[Ballot, Ballot, Value]] = {}  # name -> (next, decided ballot, value)
         self._known: dict[Any, tuple[Ballot, Value]] = {}
         self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
+        self._rtt: float | None = None  # round-trip estimate (local clock); None before a sample
         # Lease state.
         self.lgen = 1
         self._seq = 0
@@ -405,7 +426,9 @@ class Member:
         return fx
 
     def on_timer(self, timer_id: TimerId, now: float) -> Effects:
-        """A timer this member asked for has fired (stale ones are ignored)."""
+        """A timer this member asked for has fired (stale ones are ignored): "renew", "lapse",
+        the membership ones, "retry" (a round's timeout or the end of a backoff) and "wait"
+        (the end of a wait for a competing ballot's commit)."""
         fx = self._begin()
         kind = timer_id[0]
         if kind == "renew":
@@ -415,6 +438,11 @@ class Member:
                 self._lapse(now)
         elif kind in ("seal", "cretry", "copy"):
             self._cfg.on_timer(timer_id, now)
+        elif kind == "wait":
+            name, attempt = timer_id[1], timer_id[2]
+            op = self._current(name)
+            if op is not None and op.attempt == attempt and op.phase == "wait_commit":
+                self._backoff(name, op, now)  # the competing ballot's commit did not come
         elif kind == "retry":
             name, attempt = timer_id[1], timer_id[2]
             op = self._current(name)
@@ -619,6 +647,9 @@ class Member:
                 if b > slot.promised:
                     slot.promised = b
         self._learn(name, b, v, now)
+        op = self._current(name)
+        if op is not None and op.phase == "wait_commit" and b >= op.competing:
+            self._restart_after_commit(name, op, b, now)
 
     def _on_renew(self, sender: Incarnation, lgen: int, seq: int, now: float) -> None:
         if not self.is_member or sender not in self._member_set:
@@ -735,6 +766,7 @@ class Member:
         self.counter += 1
         op.ballot = (self.epoch, self.counter, self._ballot_id)
         op.phase = "prepare"
+        op.sent = now
         self._broadcast(("prepare", self.cluster_id, self.epoch, name, op.ballot))
         self._timer(("retry", name, op.attempt), now + self.lease * ROUND_FRACTION)
 
@@ -746,6 +778,10 @@ class Member:
         op.promises[sender] = (ab, av)
         if len(op.promises) < self.majority:
             return
+        # The round trip that matters is the one to a majority. Each attempt prepares with a
+        # ballot of its own, so a promise always answers this very prepare (no retransmission
+        # ambiguity in the sample).
+        self._sample_rtt(now - op.sent)
         base = max(op.promises.values(), key=lambda p: p[0])
         agreed = len({p for p in op.promises.values()}) == 1
         self._propose(name, op, base, agreed, now)
@@ -833,6 +869,11 @@ class Member:
         op = self._current(name)
         if op is None or op.phase not in ("prepare", "accept") or b != op.ballot:
             return
+        if retry_after == 0 and competing[2] == self._ballot_id and competing > b:
+            # Our own next ballot, promised with our accept at ballot b: our prepare for b
+            # reached this acceptor after that accept. No one competes (and no commit of that
+            # ballot would ever come): the round goes on.
+            return
         self._piggy.pop(name, None)
         op.nacked.add(sender)
         op.retry_after = max(op.retry_after, retry_after)
@@ -842,11 +883,47 @@ class Member:
             # The takeover check refused: the holder's node still renews at some acceptors.
             self._finish(name, op, ("busy", None, op.retry_after), now)
             return
-        # A competing ballot: this round cannot win at that acceptor. Give up at once rather
-        # than at the round timeout, which two duelling proposers would reach together.
+        # A competing ballot: this round cannot win at that acceptor. Give up on it at once
+        # rather than at the round timeout, which two duelling proposers would reach together.
+        if op.retry_after > 0 or competing <= op.ballot:
+            self._backoff(name, op, now)  # a takeover refusal, not a competitor: nothing to wait for
+            return
+        known = self._known.get(name)
+        if known is not None and known[0] >= competing:
+            self._restart_after_commit(name, op, known[0], now)  # its commit came first
+            return
+        # The competitor most likely holds a majority's promises and decides within a round
+        # trip or two: wait for its commit, then restart against the decided value, instead of
+        # a random backoff and a prepare that its next ballot (promised with its accept) beats.
+        op.phase, op.competing = "wait_commit", competing
+        wait = min(COMMIT_WAIT_ROUND_TRIPS * self.round_trip(), self.lease * ROUND_FRACTION)
+        self._timer(("wait", name, op.attempt), now + wait)
+
+    def _backoff(self, name: Any, op: _Op, now: float) -> None:
+        """Retry `op` after a random pause (capped), or after the takeover check's wait."""
         op.phase = "backoff"
         cap = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(op.attempt, 6))
         self._timer(("retry", name, op.attempt), now + max(op.retry_after, cap * self._rng.random()))
+
+    def _restart_after_commit(self, name: Any, op: _Op, b: Ballot, now: float) -> None:
+        """The competing ballot's commit (at `b`) came: start `op` again at once.
+
+        The decider's acceptors promised its next ballot, (epoch, counter + 1), with its
+        accept; a prepare at or below it would be refused again, so count past it."""
+        self._see((b[0], b[1] + 1, b[2]))
+        self._start_round(name, op, now)
+
+    def round_trip(self) -> float:
+        """This proposer's estimate of a round trip to a majority, in seconds of its clock:
+        measured from its own prepare -> promise exchanges, RTT_DEFAULT before any, never
+        below RTT_FLOOR."""
+        return max(RTT_FLOOR, RTT_DEFAULT if self._rtt is None else self._rtt)
+
+    def _sample_rtt(self, sample: float) -> None:
+        # The first sample replaces the default (which may be far off); later ones are
+        # smoothed so that one slow round does not stretch every wait.
+        sample = max(sample, 0.0)
+        self._rtt = sample if self._rtt is None else self._rtt + RTT_GAIN * (sample - self._rtt)
 
     def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> None:
         """A decided value seen in a commit: remember it and step down if it replaced ours."""

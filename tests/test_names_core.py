@@ -916,3 +916,86 @@ def test_wrong_epoch_is_answered_with_the_configuration() -> None:
     m = Member(me, members, 3, "c1", LEASE, RHO)
     fx = m.on_message(("b", 1, 1), ["prepare", "c1", 2, "n", [2, 1, ["b", 1, 1]]], 0.0)
     assert fx.messages == [(("b", 1, 1), ("wrong_epoch", "c1", 3, 3, tuple(members)))]
+
+
+# ------------------------------------------------------------------ contention
+
+
+def quiet_fixed_delays(seed: int, one_way: float) -> Sim:
+    """Every link delays every message by exactly `one_way`; each proposer has measured its
+    round trip (2 * one_way) once, on a lookup of another name."""
+    sim = Sim(seed)
+    for src in MEMBERS:
+        for dst in MEMBERS:
+            if src != dst:
+                sim.link(src, dst).delay = (one_way, one_way)
+    sim.run_until(1.0)
+    for n in MEMBERS:
+        sim.call(n, "lookup", ("warm", n))
+    sim.run_until(1.1)
+    for n in MEMBERS:
+        assert sim.nodes[n].member.round_trip() == pytest.approx(2 * one_way, rel=RHO)
+    return sim
+
+
+def done_at(sim: Sim, ops: list[int], until: float, step: float = 0.0005) -> dict[int, float]:
+    """Run in small steps until `until`; the true time each of `ops` completed (to a step)."""
+    done: dict[int, float] = {}
+    while sim.t < until:
+        sim.run_until(sim.t + step)
+        for op in ops:
+            if op not in done and sim.status(op) is not None:
+                done[op] = sim.t
+    return done
+
+
+def contend_once(seed: int, rtt: float) -> float:
+    """a and b register one name at once; b wins. How long after b's result a has its own."""
+    sim = quiet_fixed_delays(seed, rtt / 2)
+    a, b = sim.call("a", "register", "n", ("a", 1)), sim.call("b", "register", "n", ("b", 1))
+    done = done_at(sim, [a, b], sim.t + 0.3)
+    assert (sim.status(a), sim.status(b)) == ("held", "ok")
+    holder = sim.holder("n")
+    assert holder is not None and holder[0] == "b"
+    return done[a] - done[b]
+
+
+def test_contention_loser_waits_for_the_winners_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """a and b register one name at once on a quiet network (20 ms round trips). b's ballot
+    outranks a's, so a is nacked; it waits for b's commit and restarts on it, and learns
+    "held" 1.5 round trips after b's decision (the commit's one-way trip, then one read).
+
+    Backing off at once instead (a wait of zero round trips), a retries blind after a
+    random pause, and its retry can meet b's next ballot, which b's acceptors promised with
+    its accept: on this schedule it learns "held" more than three round trips late."""
+    rtt = 0.02
+    assert contend_once(21, rtt) <= 1.5 * rtt + 0.002
+    monkeypatch.setattr("pgregistry.names_core.COMMIT_WAIT_ROUND_TRIPS", 0)
+    assert contend_once(21, rtt) > 3 * rtt
+
+
+def test_contention_wait_ends_on_its_timer_when_no_commit_comes() -> None:
+    """a and b register one name at once; b crashes right after sending its prepares, so its
+    ballot (which outranks a's) is promised but never committed. a waits two of its round
+    trips for that commit, then backs off at random and takes the name."""
+    rtt = 0.02
+    sim = quiet_fixed_delays(22, rtt / 2)
+    a_node = sim.nodes["a"]
+    a = sim.call("a", "register", "n", ("a", 1))
+    sim.call("b", "register", "n", ("b", 1))
+    sim.crash("b")
+    phases: list[tuple[float, str]] = []
+    end = sim.t + 1.0
+    while sim.t < end and sim.status(a) is None:
+        sim.run_until(sim.t + 0.0005)
+        op = a_node.member._current("n")
+        phase = op.phase if op is not None else "done"
+        if not phases or phases[-1][1] != phase:
+            phases.append((sim.t, phase))
+    assert sim.status(a) == "ok" and sim.holder("n") == ("a", (("a", 1), 1))
+    kinds = [p for _, p in phases]
+    start = kinds.index("wait_commit")
+    assert kinds[start + 1] == "backoff"  # the timer ended the wait, not a commit
+    waited = phases[start + 1][0] - phases[start][0]
+    expected = 2 * a_node.member.round_trip() / a_node.rate  # its local seconds, in true time
+    assert expected - 0.001 <= waited <= expected + 0.001
