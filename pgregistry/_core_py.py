@@ -380,6 +380,9 @@ def _compile_test(clause: Clause) -> _Test:
     check_parts = tuple(checks)
     guards = tuple(map(_compile_expr, clause.guards))
 
+    # Three closures that repeat the head match on purpose: this runs once per row of a
+    # select, and a shared helper would add a Python call per row (about a third more
+    # time for the twin's select over 100 000 rows).
     if not guards:
         def test_head(k: Any, p: Any, v: Any) -> list | None:
             s = [k, p, v, *pad]
