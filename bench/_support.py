@@ -15,10 +15,12 @@ Both the pytest-benchmark suite (``test_bench_registry.py``) and the memory prob
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -156,3 +158,15 @@ class LockedDictRegistry(DictRegistry):
 def pure_python_forced() -> bool:
     """True when ``PGREGISTRY_PURE_PYTHON=1``: the bench then measures the twin only."""
     return os.environ.get("PGREGISTRY_PURE_PYTHON") == "1"
+
+
+def loop_factories(only: str | None) -> list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]]:
+    """The event loops to measure: the standard one, and uvloop when installed."""
+    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
+    try:
+        import uvloop
+    except ImportError:
+        print("(uvloop not installed: standard loop only)")
+    else:
+        factories.append(("uvloop", uvloop.new_event_loop))
+    return [(name, factory) for name, factory in factories if only in (None, name)]

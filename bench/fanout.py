@@ -41,25 +41,34 @@ import pgregistry as pgr  # noqa: E402
 from pgregistry.events import Join  # noqa: E402
 
 
-async def _parked(reg: pgr.Registry, ready: list[int], stop: asyncio.Event) -> None:
+class _Ready:
+    """Counts subscribers that called `monitor_scope`; `wait` returns once all `n` did."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.all = asyncio.Event()
+
+    def arrived(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.all.set()
+
+    async def wait(self, timeout: float = 120.0) -> None:
+        await asyncio.wait_for(self.all.wait(), timeout)
+
+
+async def _parked(reg: pgr.Registry, ready: _Ready, stop: asyncio.Event) -> None:
     reg.monitor_scope()
-    ready.append(1)
+    ready.arrived()
     await stop.wait()
 
 
-async def _receiving(reg: pgr.Registry, ready: list[int]) -> None:
+async def _receiving(reg: pgr.Registry, ready: _Ready) -> None:
     reg.monitor_scope()
-    ready.append(1)
-    while await pgr.receive() != "stop":
-        pass
-
-
-async def _until(predicate: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the subscribers did not start in time")
-        await asyncio.sleep(0.01)
+    ready.arrived()
+    while True:
+        if await pgr.receive() == "stop":
+            return
 
 
 def floor(n: int, rounds: int) -> float:
@@ -83,11 +92,11 @@ def floor(n: int, rounds: int) -> float:
 async def local(n: int, rounds: int, receiving: bool) -> float:
     async with pgr.Node("fan") as node:
         reg = await pgr.Registry.start(node, "fan")
-        ready: list[int] = []
+        ready = _Ready(n)
         stop = asyncio.Event()
         pids = [node.spawn(_receiving, reg, ready) if receiving else node.spawn(_parked, reg, ready, stop)
                 for _ in range(n)]
-        await _until(lambda: len(ready) == n)
+        await ready.wait()
         times = []
         for i in range(rounds):
             start = time.perf_counter()
@@ -105,11 +114,11 @@ async def remote(n: int, rounds: int) -> float:
         ra = await pgr.Registry.start(a, "fan")
         rb = await pgr.Registry.start(b, "fan")
         await b.connect(a.id)
-        ready: list[int] = []
+        ready = _Ready(n)
         stop = asyncio.Event()
         for _ in range(n):
             a.spawn(_parked, ra, ready, stop)
-        await _until(lambda: len(ready) == n)
+        await ready.wait()
         scope = ra._scope
         applying = scope.peer_message
         times: list[float] = []

@@ -31,6 +31,8 @@ REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from _support import loop_factories  # noqa: E402  (bench/ is on the path: scripts run from there)
+
 from pgregistry.node import Node  # noqa: E402  (needs the path above)
 from pgregistry.process import current_process, receive, send  # noqa: E402
 from pgregistry.server import Server, call  # noqa: E402
@@ -154,17 +156,8 @@ def main() -> None:
         with asyncio.Runner(loop_factory=serve_factory) as runner:
             runner.run(_serve(cookie))
         return
-    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
-    try:
-        import uvloop
-    except ImportError:
-        print("(uvloop not installed: standard loop only)")
-    else:
-        factories.append(("uvloop", uvloop.new_event_loop))
-    if "--uvloop" in sys.argv[1:]:
-        factories = factories[1:]
-    elif "--asyncio" in sys.argv[1:]:
-        factories = factories[:1]
+    only = "uvloop" if "--uvloop" in sys.argv[1:] else "asyncio" if "--asyncio" in sys.argv[1:] else None
+    factories = loop_factories(only)
     rounds, stream = 20_000, 200_000
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     for name, factory in factories:

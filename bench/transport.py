@@ -27,11 +27,12 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _support import loop_factories  # noqa: E402  (bench/ is on the path: scripts run from there)
 
 from pgregistry.transport import Connection, Endpoint
 from pgregistry.wire import encode
@@ -106,18 +107,6 @@ async def run(round_trips: int, stream: int) -> None:
     finally:
         await a.close()
         await b.close()
-
-
-def loop_factories(only: str | None) -> list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]]:
-    """The event loops to measure: the standard one, and uvloop when installed."""
-    factories: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [("asyncio", asyncio.new_event_loop)]
-    try:
-        import uvloop
-    except ImportError:
-        print("(uvloop not installed: standard loop only)")
-    else:
-        factories.append(("uvloop", uvloop.new_event_loop))
-    return [(name, factory) for name, factory in factories if only in (None, name)]
 
 
 def main() -> None:

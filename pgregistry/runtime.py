@@ -92,8 +92,7 @@ class Runtime:
 
     @node_id.setter
     def node_id(self, value: str) -> None:
-        if self._frozen:
-            raise RuntimeError("node_id cannot change once pids or refs have been made")
+        self._check_unfrozen("node_id")
         self._node_id = _checked_node_id(value)
 
     @property
@@ -102,9 +101,13 @@ class Runtime:
 
     @creation.setter
     def creation(self, value: int) -> None:
-        if self._frozen:
-            raise RuntimeError("creation cannot change once pids or refs have been made")
+        self._check_unfrozen("creation")
         self._creation = _checked_creation(value)
+
+    def _check_unfrozen(self, what: str) -> None:
+        # Pids and refs carry the node id and creation: once one exists, they are fixed.
+        if self._frozen:
+            raise RuntimeError(f"{what} cannot change once pids or refs have been made")
 
     def _check_writable(self, what: str) -> None:
         if self.closed:

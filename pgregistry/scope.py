@@ -108,6 +108,22 @@ def _group_by_key(pid: Pid, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list[t
     return by_key
 
 
+def _halves(ops: list[list[Any]]) -> tuple[list[list[Any]], list[list[Any]]] | None:
+    """`ops` as two smaller batches: halves of the batch, or of one op's rows (a burst of
+    joins, a process exit's leaves); None for a single op about a single row."""
+    if len(ops) > 1:
+        middle = len(ops) // 2
+        return ops[:middle], ops[middle:]
+    op = ops[0]
+    if op[0] == "j" and len(op[2]) > 3:
+        middle = len(op[2]) // 6 * 3  # whole key, value, tag triples
+        return [["j", op[1], op[2][:middle]]], [["j", op[1], op[2][middle:]]]
+    if op[0] == "l" and len(op[1]) > 1:
+        middle = len(op[1]) // 2
+        return [["l", op[1][:middle]]], [["l", op[1][middle:]]]
+    return None
+
+
 class ScopeServer:
     """The server of one scope on one node. Created and driven by `Registry`."""
 
@@ -540,34 +556,22 @@ class ScopeServer:
             self._send_ops(peer, ops)
 
     def _send_ops(self, peer: str, ops: list[list[Any]]) -> None:
-        """Send `ops` to `peer` alone, in halves (and halves of a burst of joins) until they fit."""
+        """Send `ops` to `peer` alone, in halves (see `_halves`) until they fit its frames."""
         try:
             self.node.send_service(peer, self.name, ["ops", ops], trusted=True)
-            return
         except ValueError:  # over this peer's frame limit: nothing was sent
-            pass
-        if len(ops) > 1:
-            half = len(ops) // 2
-            self._send_ops(peer, ops[:half])
-            self._send_ops(peer, ops[half:])
-            return
-        op = ops[0]
-        if op[0] == "j" and len(op[2]) > 3:  # a burst of joins: halves of its rows
-            half = len(op[2]) // 6 * 3
-            self._send_ops(peer, [["j", op[1], op[2][:half]]])
-            self._send_ops(peer, [["j", op[1], op[2][half:]]])
-            return
-        if op[0] == "l" and len(op[1]) > 1:  # a process exit with many rows: halves of them
-            half = len(op[1]) // 2
-            self._send_ops(peer, [["l", op[1][:half]]])
-            self._send_ops(peer, [["l", op[1][half:]]])
-            return
-        # One row, one update or one leave larger than this peer takes; the others have
-        # it. (A row whose leave fits in no frame never reached this peer either.)
-        if op[0] == "j":
-            self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
-        elif op[0] == "u":
-            self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")
+            halves = _halves(ops)
+            if halves is not None:
+                for half in halves:
+                    self._send_ops(peer, half)
+                return
+            # One row or one update larger than this peer takes; the others have it. (A
+            # leave of one row always fits where that row's join did.)
+            op = ops[0]
+            if op[0] == "j":
+                self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
+            elif op[0] == "u":
+                self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")
 
     def _send(self, peer: str, message: list[Any]) -> None:
         if self._outbox:

@@ -26,6 +26,7 @@ pid never equals a plain tuple with the same fields.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterable
@@ -224,9 +225,8 @@ def short_repr(x: Any, limit: int = 80) -> str:
     limit = max(limit, 4)
     out: list[str] = []
     try:
-        _render(x, out, [limit + 1], 0)
-    except _Full:
-        pass
+        with contextlib.suppress(_Full):  # the text reached the limit: `out` holds enough
+            _render(x, out, [limit + 1], 0)
     except Exception:  # a hostile object (a __len__ or __iter__ that raises): show its type
         out = [f"<{type(x).__name__} object>"]
     text = "".join(out)

@@ -59,8 +59,10 @@ class Listener:
         try:
             if self.hold:
                 with contextlib.suppress(ConnectionError):
-                    while await reader.read(4096):
-                        pass  # whatever the dialler says goes unanswered, until it gives up
+                    # Whatever the dialler says goes unanswered, until it gives up.
+                    while True:
+                        if not await reader.read(4096):
+                            break
         finally:
             self.open -= 1
             writer.transport.abort()

@@ -611,6 +611,13 @@ def test_other_names_still_prepare_after_a_decision() -> None:
     skip_prepare_on_other_name()
 
 
+def keep_trying_to_register(sim: Sim, node: str, attempts: int) -> None:
+    """`node` registers ``n`` for its pid ``(node, 1)`` `attempts` times, 0.2 s apart."""
+    for _ in range(attempts):
+        sim.call(node, "register", "n", (node, 1))
+        sim.run_until(sim.t + 0.2)
+
+
 def takeover_while_holder_renews(bugs: frozenset[str] = frozenset()) -> Sim:
     """a holds n and renews through c; b cannot hear a and tries to take n over."""
     sim = Sim(6, bugs)
@@ -619,9 +626,7 @@ def takeover_while_holder_renews(bugs: frozenset[str] = frozenset()) -> Sim:
     sim.run_until(1.2)
     sim.cut("a", "b")
     sim.run_until(2.5)
-    for _ in range(5):
-        sim.call("b", "register", "n", ("b", 1))
-        sim.run_until(sim.t + 0.2)
+    keep_trying_to_register(sim, "b", 5)
     assert sim.holder("n") == ("a", (("a", 1), 1))
     settle_and_contend(sim, "fresh", ["b", "c"])
     return sim
@@ -663,9 +668,7 @@ def two_joins_within_one_lease(bugs: frozenset[str] = frozenset()) -> Sim:
     sim.cut("e", "a")
     sim.cut("e", "b")
     sim.run_until(sim.t + 0.4)  # e's lease: c, d and e ack its renewals
-    for _ in range(3):
-        sim.call("e", "register", "n", ("e", 1))
-        sim.run_until(sim.t + 0.2)
+    keep_trying_to_register(sim, "e", 3)
     assert sim.holder("n") == ("a", (("a", 1), 1))
     settle_and_contend(sim, "fresh", ["d", "e"])
     return sim
