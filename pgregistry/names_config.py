@@ -6,12 +6,15 @@ an acceptor's state for it (a promise or an accept there seals e at that accepto
 `ConfigRound` a proposer's round. `Copy` is the bookkeeping of a member of e+1 that merges
 the per-name registers of its sources before it serves, and `copy_page` the source's side.
 `Membership` drives the three steps of a change for one `pgregistry.names_core.Member`
-(which parses the messages and hands them over).
+(which parses the messages and hands them over). The records both modules handle live
+here too: `Operation` (a client operation on one name), `AcceptorSlot` (an acceptor's
+register for one name) and `Effects` (what one input produced).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,12 +29,63 @@ NO_BALLOT: Ballot = (-1, -1, ())
 FREE_VALUE: Value = (None, 0, 0, None)
 
 
+TimerId = tuple[Any, ...]
+
+
+@dataclass
+class Effects:
+    """What one input produced: messages ``(dest, msg)``, timers ``(timer_id, at)`` in the
+    member's clock, completed operations ``(op_id, result)`` and checker events."""
+
+    messages: list[tuple[Incarnation, tuple[Any, ...]]] = field(default_factory=list)
+    timers: list[tuple[TimerId, float]] = field(default_factory=list)
+    results: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+@dataclass
+class Operation:
+    """One client (or internal) operation on one name; a node runs one per name at a time."""
+
+    name: Any
+    kind: str  # "register" | "update" | "release" | "lookup"
+    args: tuple[Any, ...]
+    op_id: Any
+    attempt: int = 0
+    phase: str = "queued"  # queued | wait_lease | wait_epoch | prepare | accept | wait_commit | backoff
+    ballot: Ballot = NO_BALLOT
+    sent: float = 0.0  # local time this attempt's prepare went out (a round-trip sample)
+    competing: Ballot = NO_BALLOT  # in wait_commit: the ballot whose commit would end the wait
+    promises: dict[Incarnation, tuple[Ballot, Value]] = field(default_factory=dict)
+    accepted: set[Incarnation] = field(default_factory=set)
+    nacked: set[Incarnation] = field(default_factory=set)
+    retry_after: float = 0.0
+    base: tuple[Ballot, Value] = (NO_BALLOT, FREE_VALUE)
+    new: Value = FREE_VALUE
+    result: tuple[Any, ...] = ()
+    doubt: bool = False  # an accept naming a pid of this node went out
+
+
+@dataclass
+class AcceptorSlot:
+    """An acceptor's register for one name."""
+
+    promised: Ballot = NO_BALLOT
+    ballot: Ballot = NO_BALLOT
+    value: Value = FREE_VALUE
+    # A copy may bring a higher-ballot value that moved the name away from a holder without
+    # being decided (it passed the takeover check at its source only): the holder it
+    # replaced here stays checked, as if it were still the value, until a check passes.
+    guard: Value = FREE_VALUE
+    decided: bool = False  # the value is known decided (a commit, or a source said so)
+
+
 class MemberCore(Protocol):
     """What the membership part needs of the `pgregistry.names_core.Member` it belongs to.
 
     The two are one state machine split in two modules; this protocol is the seam, so
     the import points one way (the core imports this module, never the reverse). The
-    core's per-name records (its operation queue and register slots) are opaque here.
+    records both parts handle (`Operation`, `AcceptorSlot`, `Effects`) live here too.
     """
 
     me: Incarnation
@@ -46,12 +100,12 @@ class MemberCore(Protocol):
     _member_set: set[Incarnation]
     _ballot_id: tuple[Any, ...]
     _rng: Any
-    _tables: list[dict[Any, Any]]
+    _tables: list[dict[Any, AcceptorSlot]]
     _serve_start: float
-    _ops: dict[Any, Any]
+    _ops: dict[Any, deque[Operation]]
     _piggy: dict[Any, tuple[Ballot, Ballot, Value]]
     _known: dict[Any, tuple[Ballot, Value]]
-    _fx: Any
+    _fx: Effects
 
     is_member: bool
 
@@ -67,11 +121,11 @@ class MemberCore(Protocol):
 
     def _lapse(self, now: float) -> None: ...
 
-    def _current(self, name: Any) -> Any: ...
+    def _current(self, name: Any) -> Operation | None: ...
 
-    def _slot(self, name: Any) -> Any: ...
+    def _slot(self, name: Any) -> AcceptorSlot: ...
 
-    def _start_round(self, name: Any, op: Any, now: float) -> None: ...
+    def _start_round(self, name: Any, op: Operation, now: float) -> None: ...
 
 # A proposer's round gives up and retries after this fraction of a lease without a majority;
 # backoffs after a nack are drawn at random up to a cap that doubles from base to cap.

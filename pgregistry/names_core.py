@@ -109,7 +109,6 @@ from __future__ import annotations
 import random
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from pgregistry.names_config import (
@@ -122,18 +121,20 @@ from pgregistry.names_config import (
     RTT_DEFAULT,
     RTT_FLOOR,
     RTT_GAIN,
+    AcceptorSlot,
     Ballot,
     Cursor,
+    Effects,
     Incarnation,
     Members,
     Membership,
+    Operation,
+    TimerId,
     Value,
     apply_change,
 )
 
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
-
-TimerId = tuple[Any, ...]
 
 FREE: Value = FREE_VALUE
 NEVER = float("-inf")
@@ -156,54 +157,6 @@ class BadMessage(ValueError):
 
     Raised by `Member.on_message` before anything changes; the caller logs it and drops the
     message."""
-
-
-@dataclass
-class Effects:
-    """What one input produced: messages ``(dest, msg)``, timers ``(timer_id, at)`` in the
-    member's clock, completed operations ``(op_id, result)`` and checker events."""
-
-    messages: list[tuple[Incarnation, tuple[Any, ...]]] = field(default_factory=list)
-    timers: list[tuple[TimerId, float]] = field(default_factory=list)
-    results: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-
-
-@dataclass
-class _Op:
-    """One client (or internal) operation on one name; a node runs one per name at a time."""
-
-    name: Any
-    kind: str  # "register" | "update" | "release" | "lookup"
-    args: tuple[Any, ...]
-    op_id: Any
-    attempt: int = 0
-    phase: str = "queued"  # queued | wait_lease | wait_epoch | prepare | accept | wait_commit | backoff
-    ballot: Ballot = NO_BALLOT
-    sent: float = 0.0  # local time this attempt's prepare went out (a round-trip sample)
-    competing: Ballot = NO_BALLOT  # in wait_commit: the ballot whose commit would end the wait
-    promises: dict[Incarnation, tuple[Ballot, Value]] = field(default_factory=dict)
-    accepted: set[Incarnation] = field(default_factory=set)
-    nacked: set[Incarnation] = field(default_factory=set)
-    retry_after: float = 0.0
-    base: tuple[Ballot, Value] = (NO_BALLOT, FREE)
-    new: Value = FREE
-    result: tuple[Any, ...] = ()
-    doubt: bool = False  # an accept naming a pid of this node went out
-
-
-@dataclass
-class _Slot:
-    """An acceptor's register for one name."""
-
-    promised: Ballot = NO_BALLOT
-    ballot: Ballot = NO_BALLOT
-    value: Value = FREE
-    # A copy may bring a higher-ballot value that moved the name away from a holder without
-    # being decided (it passed the takeover check at its source only): the holder it
-    # replaced here stays checked, as if it were still the value, until a check passes.
-    guard: Value = FREE
-    decided: bool = False  # the value is known decided (a commit, or a source said so)
 
 
 def _freeze(x: Any) -> Any:
@@ -335,7 +288,7 @@ class Member:
         self._ballot_id: tuple[Any, ...] = (me[0], 0, 0) if "ballot_without_incarnation" in bugs else me
         self._rng = random.Random(seed if seed is not None else zlib.crc32(repr(me).encode()))
         # Acceptor state.
-        self._tables: list[dict[Any, _Slot]] = [{} for _ in range(shard_count)]
+        self._tables: list[dict[Any, AcceptorSlot]] = [{} for _ in range(shard_count)]
         self._serve_start = now
         self._receipt: dict[Incarnation, float] = {}
         self._renewed_lgen: dict[Incarnation, int] = {}
@@ -344,7 +297,7 @@ class Member:
         self.serving = True
         # Proposer state.
         self.counter = 0
-        self._ops: dict[Any, deque[_Op]] = {}
+        self._ops: dict[Any, deque[Operation]] = {}
         self._piggy: dict[Any, tuple[Ballot, Ballot, Value]] = {}  # name -> (next, decided ballot, value)
         self._known: dict[Any, tuple[Ballot, Value]] = {}
         self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
@@ -389,22 +342,22 @@ class Member:
         On a member, a register or update waits (without a timer: the caller bounds it) for
         this node's lease to be valid before proposing. Operations on one name run one at a
         time on this node; later ones queue."""
-        return self._submit(name, _Op(name, "register", (pid,), op_id), now)
+        return self._submit(name, Operation(name, "register", (pid,), op_id), now)
 
     def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any) -> Effects:
         """Hand `name`, held here with `expected_token`, to `new_pid` of this node (the token
         grows). Results: ("ok", ballot, value), ("mismatch", ballot, value) when the name is
         not held here with that token, or ("lost", ballot, value) as for `register`."""
-        return self._submit(name, _Op(name, "update", (new_pid, expected_token), op_id), now)
+        return self._submit(name, Operation(name, "update", (new_pid, expected_token), op_id), now)
 
     def release(self, name: Any, now: float, op_id: Any) -> Effects:
         """Free `name` if a pid of this node holds it. Results: ("ok", ballot, value) or
         ("not_held", ballot, value). Retries until decided."""
-        return self._submit(name, _Op(name, "release", (), op_id), now)
+        return self._submit(name, Operation(name, "release", (), op_id), now)
 
     def lookup(self, name: Any, now: float, op_id: Any) -> Effects:
         """Majority read. Result: ("value", ballot, value)."""
-        return self._submit(name, _Op(name, "lookup", (), op_id), now)
+        return self._submit(name, Operation(name, "lookup", (), op_id), now)
 
     def change(
         self, op_id: Any, now: float, add: Incarnation | None = None, remove: Incarnation | None = None
@@ -569,11 +522,11 @@ class Member:
         if b[1] > self.counter:
             self.counter = b[1]
 
-    def _slot(self, name: Any) -> _Slot:
+    def _slot(self, name: Any) -> AcceptorSlot:
         table = self._tables[zlib.crc32(repr(name).encode()) % len(self._tables)]
         slot = table.get(name)
         if slot is None:
-            slot = table[name] = _Slot()
+            slot = table[name] = AcceptorSlot()
         return slot
 
     # ----------------------------------------------------------------- acceptor
@@ -707,7 +660,7 @@ class Member:
             self.valid_until = NEVER
         for name in list(self.grants):
             self._revoke(name)
-            self._enqueue_front(name, _Op(name, "release", (), None), now)
+            self._enqueue_front(name, Operation(name, "release", (), None), now)
 
     def _revoke(self, name: Any) -> None:
         g = self.grants.pop(name, None)
@@ -716,11 +669,11 @@ class Member:
 
     # ----------------------------------------------------------------- proposer
 
-    def _current(self, name: Any) -> _Op | None:
+    def _current(self, name: Any) -> Operation | None:
         q = self._ops.get(name)
         return q[0] if q else None
 
-    def _submit(self, name: Any, op: _Op, now: float) -> Effects:
+    def _submit(self, name: Any, op: Operation, now: float) -> Effects:
         fx = self._begin()
         try:
             hash(name)
@@ -732,7 +685,7 @@ class Member:
             self._start_round(name, op, now)
         return fx
 
-    def _enqueue_front(self, name: Any, op: _Op, now: float) -> None:
+    def _enqueue_front(self, name: Any, op: Operation, now: float) -> None:
         """Queue an internal release right after the operation running on `name` (or run it)."""
         q = self._ops.setdefault(name, deque())
         if not q:
@@ -741,10 +694,10 @@ class Member:
         else:
             q.insert(1, op)
 
-    def _needs_lease(self, op: _Op) -> bool:
+    def _needs_lease(self, op: Operation) -> bool:
         return self.is_member and op.kind in ("register", "update")
 
-    def _start_round(self, name: Any, op: _Op, now: float) -> None:
+    def _start_round(self, name: Any, op: Operation, now: float) -> None:
         op.attempt += 1
         op.promises, op.accepted, op.nacked, op.retry_after = {}, set(), set(), 0.0
         if self.is_member and not self.serving:
@@ -786,7 +739,7 @@ class Member:
         agreed = len({p for p in op.promises.values()}) == 1
         self._propose(name, op, base, agreed, now)
 
-    def _change(self, op: _Op, v: Value, now: float) -> tuple[Value | None, str]:
+    def _change(self, op: Operation, v: Value, now: float) -> tuple[Value | None, str]:
         """The operation's compare-and-set function: (new value or None for none, status)."""
         pid, token, _lgen, owner = v
         if op.kind == "lookup":
@@ -817,7 +770,7 @@ class Member:
             return None, "held"
         return (want, token + 1, self.lgen, self.me), "ok"
 
-    def _propose(self, name: Any, op: _Op, base: tuple[Ballot, Value], agreed: bool, now: float) -> None:
+    def _propose(self, name: Any, op: Operation, base: tuple[Ballot, Value], agreed: bool, now: float) -> None:
         op.base = base
         new, status = self._change(op, base[1], now)
         if new is None and op.kind == "register" and status == "ok":
@@ -860,7 +813,7 @@ class Member:
             else:
                 # Decided but not grantable: release it rather than leave the name blocked.
                 result = ("lost", b, new)
-                self._enqueue_front(name, _Op(name, "release", (), None), now)
+                self._enqueue_front(name, Operation(name, "release", (), None), now)
         self._finish(name, op, result, now)
 
     def _on_nack(self, sender: Incarnation, name: Any, b: Ballot, competing: Ballot, retry_after: float,
@@ -899,13 +852,13 @@ class Member:
         wait = min(COMMIT_WAIT_ROUND_TRIPS * self.round_trip(), self.lease * ROUND_FRACTION)
         self._timer(("wait", name, op.attempt), now + wait)
 
-    def _backoff(self, name: Any, op: _Op, now: float) -> None:
+    def _backoff(self, name: Any, op: Operation, now: float) -> None:
         """Retry `op` after a random pause (capped), or after the takeover check's wait."""
         op.phase = "backoff"
         cap = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(op.attempt, 6))
         self._timer(("retry", name, op.attempt), now + max(op.retry_after, cap * self._rng.random()))
 
-    def _restart_after_commit(self, name: Any, op: _Op, b: Ballot, now: float) -> None:
+    def _restart_after_commit(self, name: Any, op: Operation, b: Ballot, now: float) -> None:
         """The competing ballot's commit (at `b`) came: start `op` again at once.
 
         The decider's acceptors promised its next ballot, (epoch, counter + 1), with its
@@ -939,9 +892,9 @@ class Member:
             self._revoke(name)
         if v[0] is not None and v[3] == self.me and self.grants.get(name) is None and self._current(name) is None:
             # A value naming our pid that we never granted (an outcome in doubt): free it.
-            self._enqueue_front(name, _Op(name, "release", (), None), now)
+            self._enqueue_front(name, Operation(name, "release", (), None), now)
 
-    def _finish(self, name: Any, op: _Op, result: tuple[Any, ...], now: float) -> None:
+    def _finish(self, name: Any, op: Operation, result: tuple[Any, ...], now: float) -> None:
         q = self._ops[name]
         q.popleft()
         if op.op_id is not None:
@@ -949,7 +902,7 @@ class Member:
         if op.doubt and result[0] not in ("ok", "lost"):
             # An accept of our value went out and may yet be decided by someone's read:
             # free the name rather than leave an ungranted holder blocking it.
-            q.appendleft(_Op(name, "release", (), None))
+            q.appendleft(Operation(name, "release", (), None))
         if q:
             self._start_round(name, q[0], now)
         else:
