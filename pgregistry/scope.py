@@ -26,10 +26,8 @@ The full protocol is in docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Final
@@ -43,10 +41,11 @@ from .node import REPLACED, Node
 from .process import Process
 from .scope_checks import BadPeerMessage, check_key, check_pid, check_rows, parse_leave, parse_sync
 from .service import DISCOVER, PeerDiscovery
+from .subscriptions import EVERY_KEY, Subscriptions
 from .terms import SCALAR_TYPES as _SCALARS
 from .terms import Pid, Ref, is_value, same_term, short_repr
 
-__all__ = ["FAN_OUT_STALL", "ScopeServer", "SYNC_PART_ROWS"]
+__all__ = ["ScopeServer", "SYNC_PART_ROWS"]
 
 log = logging.getLogger("pgregistry.scope")
 
@@ -54,24 +53,9 @@ SYNC_PART_ROWS: Final = 4096
 """Rows per part of a sync round (a part closes after the pid that reaches it)."""
 
 
-FAN_OUT_STALL: Final = 0.05
-"""Seconds a single event's fan-out may hold the loop before it is logged."""
-_FAN_OUT_TIMED: Final = 10_000  # fan-outs to fewer subscribers are not timed (they cannot stall)
-
 _UNSENT_KEPT: Final = 100  # entries left out of replication that `sync` names; the rest are counted
 
-_SCOPE = object()  # subscription target meaning "every key"
 _ABSENT = object()  # "no such row", where None could be a stored value
-
-
-class _Subscription:
-    __slots__ = ("ref", "target", "process", "deliver")
-
-    def __init__(self, ref: Ref, target: Any, process: Process) -> None:
-        self.ref = ref
-        self.target = target
-        self.process = process
-        self.deliver = process.deliver  # bound once: fan-out calls it per event
 
 
 class _Round:
@@ -142,10 +126,10 @@ class ScopeServer:
         self.meta: dict[Any, Any] = {}
         self.closed = False
         self._next_tag: Callable[[], int] = itertools.count(1).__next__
-        self._scope_subs: dict[Ref, _Subscription] = {}
-        self._key_subs: dict[Any, dict[Ref, _Subscription]] = {}
-        self._subs: dict[Ref, _Subscription] = {}
-        self._subs_of_pid: dict[Pid, set[Ref]] = {}
+        self._subs = Subscriptions(name, log)
+        # The two dicts every write reads to know whether anyone listens (never replaced).
+        self._scope_subs = self._subs.scope
+        self._key_subs = self._subs.by_key
         # Gossip state: scope peers, the pids each one contributed rows for, the ops
         # queued for the next flush, and pending `sync` barriers.
         self._peers: dict[str, set[Pid]] = {}
@@ -166,7 +150,6 @@ class ScopeServer:
         self._held_back: set[tuple[Any, Pid]] = set()  # (key, pid) of rows some peer lacks
         self._input_log = LogBudget(log, f"scope {name!r}")
         self._unsent_log = LogBudget(log, f"scope {name!r}")
-        self._stall_log = LogBudget(log, f"scope {name!r}", budget=1, window=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -182,16 +165,13 @@ class ScopeServer:
         for peer in list(self._peers):
             self._send(peer, ["bye"])
         self.closed = True
-        for pid in {row[1] for row in self.table.rows()} | set(self._subs_of_pid):
+        for pid in {row[1] for row in self.table.rows()} | self._subs.subscriber_pids():
             process = self.runtime.process(pid)
             if process is not None:
                 process.remove_exit_hook(self)
         self.table.clear()
         self.meta.clear()
-        self._scope_subs.clear()
-        self._key_subs.clear()
         self._subs.clear()
-        self._subs_of_pid.clear()
         self._peers.clear()
         self._outbox.clear()
         self._discovery.close(lambda: RuntimeError(f"registry {self.name!r} stopped"))
@@ -267,10 +247,7 @@ class ScopeServer:
             self._publish_leaves(pid, rows)
             if self._peers:
                 self._queue(["l", [[key, pid, tag] for key, _value, tag in rows]])
-        refs = self._subs_of_pid.pop(pid, None)
-        if refs:
-            for ref in refs:
-                self._drop_subscription(ref)
+        self._subs.remove_pid(pid)
         if self._held_back:
             self._held_back = {entry for entry in self._held_back if entry[1] != pid}
 
@@ -361,44 +338,21 @@ class ScopeServer:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self, process: Process, key: Any = _SCOPE) -> Ref:
+    def subscribe(self, process: Process, key: Any = EVERY_KEY) -> Ref:
         """Subscribe `process` to every key (default) or to one key; return the ref."""
         ref = self.runtime.new_ref()
-        sub = _Subscription(ref, key, process)
-        self._subs[ref] = sub
-        if key is _SCOPE:
-            self._scope_subs[ref] = sub
-        else:
-            self._key_subs.setdefault(key, {})[ref] = sub
-        self._subs_of_pid.setdefault(process.pid, set()).add(ref)
+        self._subs.add(ref, key, process)
         self._watch(process)
         return ref
 
     def unsubscribe(self, ref: Any, caller: Process) -> bool:
         """End a subscription and flush its pending events from `caller`'s mailbox."""
-        sub = self._subs.get(ref) if type(ref) is Ref else None
+        sub = self._subs.get(ref)
         if sub is None:
             return False
-        self._drop_subscription(ref)
-        refs = self._subs_of_pid.get(sub.process.pid)
-        if refs is not None:
-            refs.discard(ref)
-            if not refs:
-                del self._subs_of_pid[sub.process.pid]
+        self._subs.remove(sub.ref)
         caller.flush(lambda msg: type(msg) in (Join, Leave, Update) and msg[0] == ref)
         return True
-
-    def _drop_subscription(self, ref: Ref) -> None:
-        sub = self._subs.pop(ref, None)
-        if sub is None:
-            return
-        if sub.target is _SCOPE:
-            del self._scope_subs[ref]
-        else:
-            subs = self._key_subs[sub.target]
-            del subs[ref]
-            if not subs:
-                del self._key_subs[sub.target]
 
     # -- fan-out -------------------------------------------------------------------------
 
@@ -406,64 +360,24 @@ class ScopeServer:
         """Nobody to tell: no subscriber and no listener (the common, fast case)."""
         return not (self._scope_subs or self._key_subs or self.listeners)
 
-    def _fan_out(self, event_type: type, key: Any, payload: list[Any]) -> None:
-        """One `event_type` event to every subscriber of `key`: scope-wide ones, then the key's.
-
-        Every event shares `payload` (no copy per subscriber) and is built with
-        ``tuple.__new__`` (the named tuple's own constructor is a Python-level call), so
-        the cost per subscriber is one small tuple and one mailbox append. A fan-out
-        that holds the loop for more than `FAN_OUT_STALL` seconds is logged.
-        """
-        scope_subs = self._scope_subs
-        key_subs = self._key_subs.get(key)
-        count = len(scope_subs) + (len(key_subs) if key_subs else 0)
-        if count < _FAN_OUT_TIMED:
-            self._deliver_all(event_type, key, payload, scope_subs, key_subs)
-            return
-        started = time.perf_counter()
-        # Each delivery allocates (the event, and a wake-up for a process waiting in
-        # `receive`): left on, the cyclic GC would run hundreds of collections over
-        # every process of the node during one fan-out. Paused, it runs once after.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            self._deliver_all(event_type, key, payload, scope_subs, key_subs)
-        finally:
-            if collecting:
-                gc.enable()
-        took = time.perf_counter() - started
-        if took > FAN_OUT_STALL:
-            self._stall_log.warning("scope %r: a %s event to %d subscribers held the loop for %.0f ms",
-                                    self.name, event_type.__name__, count, took * 1e3)
-
-    @staticmethod
-    def _deliver_all(event_type: type, key: Any, payload: list[Any], scope_subs: dict[Ref, _Subscription],
-                     key_subs: dict[Ref, _Subscription] | None) -> None:
-        new = tuple.__new__
-        for sub in scope_subs.values():
-            sub.deliver(new(event_type, (sub.ref, key, payload)))
-        if key_subs:
-            for sub in reversed(key_subs.values()):
-                sub.deliver(new(event_type, (sub.ref, key, payload)))
-
     def _publish_join(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
         if self._quiet():
             return
-        self._fan_out(Join, key, entries)
+        self._subs.fan_out(Join, key, entries)
         if self.listeners:
             self._tell_listeners([Registered(self.name, key, pid, value) for pid, value in entries])
 
     def _publish_leave(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
         if self._quiet():
             return
-        self._fan_out(Leave, key, entries)
+        self._subs.fan_out(Leave, key, entries)
         if self.listeners:
             self._tell_listeners([Unregistered(self.name, key, pid) for pid, _value in entries])
 
     def _publish_update(self, key: Any, changes: list[tuple[Pid, Any, Any]]) -> None:
         if not (self._scope_subs or key in self._key_subs):
             return  # listeners never see updates
-        self._fan_out(Update, key, changes)
+        self._subs.fan_out(Update, key, changes)
 
     def _publish_leaves(self, pid: Pid, rows: list[tuple[Any, Any, int]]) -> None:
         """One `Leave` per key for the rows a process lost (in its join order)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from pgregistry import scope as scope_module
+from pgregistry import subscriptions as subscriptions_module
 from pgregistry.errors import NotReplicated
 from pgregistry.events import Join, NodeDown
 from pgregistry.node import Node
@@ -193,8 +193,8 @@ async def test_a_peer_with_a_small_frame_limit_costs_only_itself_what_it_cannot_
 
 async def test_a_fan_out_that_holds_the_loop_is_logged_with_the_scope_and_the_count(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(scope_module, "FAN_OUT_STALL", 0.0)  # every timed fan-out "stalls"
-    count = scope_module._FAN_OUT_TIMED
+    monkeypatch.setattr(subscriptions_module, "FAN_OUT_STALL", 0.0)  # every timed fan-out "stalls"
+    count = subscriptions_module.FAN_OUT_TIMED
     async with Node("solo", cookie=COOKIE) as node:
         reg = await Registry.start(node, "fan")
         inboxes: list[list[Any]] = [[] for _ in range(count)]
