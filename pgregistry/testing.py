@@ -55,6 +55,8 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
+from .checks import parse_address
+
 __all__ = ["DirectedLink", "LinkMode", "LinkProxy", "Partition", "parse_address"]
 
 logger = logging.getLogger("pgregistry.testing")
@@ -90,24 +92,6 @@ class _Signal(enum.Enum):
     EOF = "eof"  # half-close: the sender will send no more
     CLOSE = "close"  # the sender's socket is gone, cleanly
     RESET = "reset"  # the sender's socket is gone with an error
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6-host]:port"``) into ``(host, port)``.
-
-    Raises `ValueError` on anything else, including a port outside 1..65535.
-    """
-    if not isinstance(address, str):
-        raise TypeError(f"address must be a 'host:port' string, not {type(address).__name__}")
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"address must look like 'host:port', got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {address!r}")
-    return host, port
 
 
 def _format_address(host: str, port: int) -> str:
