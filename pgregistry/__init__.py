@@ -22,13 +22,16 @@ from .errors import (
     AlreadyStarted,
     AuthenticationError,
     CallTimeout,
+    JoinRefused,
     NoProcess,
+    NoQuorum,
     NotLocal,
     NotReplicated,
     RegistryError,
     RemoteError,
 )
-from .events import Down, Join, Leave, NodeDown, NodeUp, Registered, Unregistered, Update
+from .events import Down, Join, Leave, NameLost, NodeDown, NodeUp, Registered, Unregistered, Update
+from .names import Names
 from .node import Node
 from .process import Via, demonitor, exit, monitor, receive, self, send
 from .registry import Registry
@@ -38,10 +41,11 @@ from .terms import Pid, Ref
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Registry", "Server", "Via", "Pid", "Ref",
+    "Node", "Registry", "Names", "Server", "Via", "Pid", "Ref",
     "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
-    "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown",
+    "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost",
     "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
     "CallTimeout", "AuthenticationError", "RemoteError", "NotReplicated",
+    "NoQuorum", "JoinRefused",
     "spec", "TABLE_IMPLEMENTATION", "__version__",
 ]

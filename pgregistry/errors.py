@@ -85,6 +85,18 @@ class NotReplicated(RegistryError):
                          + (f"; and {rest} more" if rest > 0 else ""))
 
 
+class NoQuorum(RegistryError, TimeoutError):
+    """No majority of the names cluster's members answered within the timeout.
+
+    The operation may still be decided later; if it would make a process of this node a
+    holder, the node releases the name again (see `pgregistry.names.Names`)."""
+
+
+class JoinRefused(RegistryError):
+    """A names cluster cannot take this node: it holds names, belongs to another
+    multi-member cluster, or its ``lease``/``shard_count`` differ from the cluster's."""
+
+
 class RemoteError(RegistryError):
     """An exception that happened on another node, as its type name and message.
 

@@ -9,6 +9,8 @@ Subscriber events (from `Registry.monitor_scope` / `Registry.monitor`):
     ``[(pid, old_value, new_value), ...]``.
 Listener messages (sent to locally registered names given as ``listeners=``):
     ``Registered(scope, key, pid, value)`` and ``Unregistered(scope, key, pid)``.
+Names by consensus (`pgregistry.names.Names` with ``on_lost="notify"``):
+    ``NameLost(name, pid, token)``: the holder `pid` is no longer the valid holder.
 Process and node monitoring:
     ``Down(ref, pid, reason)``, ``NodeUp(node)``, ``NodeDown(node, reason)``.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Final, NamedTuple
 
-__all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown"]
+__all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost"]
 
 
 class Join(NamedTuple):
@@ -69,8 +71,14 @@ class NodeDown(NamedTuple):
     reason: Any
 
 
+class NameLost(NamedTuple):
+    name: Any
+    pid: Any
+    token: int
+
+
 MESSAGE_TYPES: Final[dict[str, type]] = {
-    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered)
+    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered, NameLost)
 }
 """The message types above by name: what a ``send_t`` message of the node protocol may carry."""
 

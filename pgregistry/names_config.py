@@ -130,6 +130,7 @@ class MemberCore(Protocol):
 # A proposer's round gives up and retries after this fraction of a lease without a majority;
 # backoffs after a nack are drawn at random up to a cap that doubles from base to cap.
 ROUND_FRACTION = 1 / 6
+ROUND_TRIPS_PER_ROUND = 8  # a round's timeout is at least this many estimated round trips
 BACKOFF_CAP = 0.05
 BACKOFF_BASE = 0.005
 # A proposer nacked by a competing ballot first waits this many round trips for that

@@ -109,6 +109,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pgregistry.names_config import (
@@ -118,6 +119,7 @@ from pgregistry.names_config import (
     FREE_VALUE,
     NO_BALLOT,
     ROUND_FRACTION,
+    ROUND_TRIPS_PER_ROUND,
     RTT_DEFAULT,
     RTT_FLOOR,
     RTT_GAIN,
@@ -133,10 +135,13 @@ from pgregistry.names_config import (
     Value,
     apply_change,
 )
+from pgregistry.terms import key_problem
 
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
 
 FREE: Value = FREE_VALUE
+# Why an operation of this node revokes its own grant (see `Member._revoke`).
+_REVOKED_BY = {"update": "handoff", "release": "released"}
 NEVER = float("-inf")
 
 #: Planted bugs, for the simulator to show that its checker catches each one:
@@ -160,8 +165,9 @@ class BadMessage(ValueError):
 
 
 def _freeze(x: Any) -> Any:
-    """Lists (as msgpack decodes tuples) become tuples, recursively, so terms hash and compare."""
-    if isinstance(x, list | tuple):
+    """Lists (as plain msgpack decodes tuples) become tuples, recursively, so terms hash and
+    compare; a `pgregistry.terms.Pid` (a tuple subclass) stays what it is."""
+    if type(x) is list or type(x) is tuple:
         return tuple(_freeze(y) for y in x)
     return x
 
@@ -217,10 +223,9 @@ def _cursor(x: Any) -> Cursor:
 
 
 def _name(x: Any) -> Any:
-    try:
-        hash(x)
-    except TypeError as e:
-        raise BadMessage("name is not hashable") from e
+    problem = key_problem(x)
+    if problem is not None:
+        raise BadMessage(f"name: {problem}")
     return x
 
 
@@ -254,7 +259,11 @@ class Member:
     lease length in seconds of the local clock; `rho` the bound on clock rate drift;
     `shard_count` how many tables the acceptor keeps (names are spread by a stable hash);
     `bugs` plants protocol bugs for the simulator (see `BUGS`); `now` is the local clock at
-    start, from which the acceptor counts its first lease before allowing takeovers.
+    start, from which the acceptor counts its first lease before allowing takeovers;
+    `pid_ok` tells whether a holder in a peer's message is a pid (None: anything is);
+    `freeze` turns lists into tuples in every message first (for a transport, like plain
+    msgpack, that decodes tuples as lists; one that keeps tuples passes False, and a
+    list where a tuple belongs is then refused as malformed).
     Call `start` once to get the first renewal going."""
 
     def __init__(
@@ -269,12 +278,16 @@ class Member:
         bugs: frozenset[str] = frozenset(),
         now: float = 0.0,
         seed: int | None = None,
+        pid_ok: Callable[[Any], bool] | None = None,
+        freeze: bool = True,
     ) -> None:
         if not bugs <= BUGS:
             raise ValueError(f"unknown bugs: {sorted(bugs - BUGS)}")
         if shard_count < 1 or lease <= 0 or not 0 <= rho < 1:
             raise ValueError("shard_count >= 1, lease > 0 and 0 <= rho < 1")
         self.me = me
+        self._pid_ok = pid_ok
+        self._freeze = freeze
         self.members = list(members)
         self._member_set = set(members)
         self.epoch = epoch
@@ -302,6 +315,7 @@ class Member:
         self._known: dict[Any, tuple[Ballot, Value]] = {}
         self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
         self._rtt: float | None = None  # round-trip estimate (local clock); None before a sample
+        self.retries = 0  # rounds started again (after a timeout, a nack or a wait)
         # Lease state.
         self.lgen = 1
         self._seq = 0
@@ -331,6 +345,18 @@ class Member:
             return None
         return (g[0], g[1])
 
+    def known(self, name: Any) -> tuple[Ballot, Value] | None:
+        """The newest decided value of `name` this node learned (with its ballot), or None."""
+        return self._known.get(name)
+
+    def renewed_within_lease(self, inc: Incarnation, now: float) -> bool:
+        """Whether the member `inc` renewed its lease here less than a lease ago."""
+        return now - self._receipt.get(inc, NEVER) < self.lease
+
+    def busy(self) -> bool:
+        """Whether any operation is queued or running on this node (its own included)."""
+        return bool(self._ops)
+
     def register(self, name: Any, pid: Any, now: float, op_id: Any) -> Effects:
         """Make `pid` (a process of this node) hold `name` if it is free, or take it over from
         a node that stopped renewing. Results: ("ok", ballot, value) once granted here;
@@ -344,11 +370,18 @@ class Member:
         time on this node; later ones queue."""
         return self._submit(name, Operation(name, "register", (pid,), op_id), now)
 
-    def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any) -> Effects:
-        """Hand `name`, held here with `expected_token`, to `new_pid` of this node (the token
-        grows). Results: ("ok", ballot, value), ("mismatch", ballot, value) when the name is
-        not held here with that token, or ("lost", ballot, value) as for `register`."""
-        return self._submit(name, Operation(name, "update", (new_pid, expected_token), op_id), now)
+    def update(self, name: Any, new_pid: Any, expected_token: int, now: float, op_id: Any,
+               owner: Incarnation | None = None, owner_lgen: int = 0) -> Effects:
+        """Hand `name`, held here with `expected_token`, to `new_pid` (the token grows).
+
+        `new_pid` is a process of this node, or (with `owner`) of the member `owner`,
+        whose lease generation is `owner_lgen` (that node vouched for a valid lease): it
+        grants the name when it learns the decided value and its generation is still
+        `owner_lgen`, and releases it otherwise. Results: ("ok", ballot, value),
+        ("mismatch", ballot, value) when the name is not held here with that token, or
+        ("lost", ballot, value) as for `register`."""
+        op = Operation(name, "update", (new_pid, expected_token, owner, owner_lgen), op_id)
+        return self._submit(name, op, now)
 
     def release(self, name: Any, now: float, op_id: Any) -> Effects:
         """Free `name` if a pid of this node holds it. Results: ("ok", ballot, value) or
@@ -413,7 +446,7 @@ class Member:
 
         Raises `BadMessage` (and changes nothing) for a malformed message, another cluster's,
         or a reply from a non-member."""
-        m = _freeze(msg)
+        m = _freeze(msg) if self._freeze else msg
         if not (isinstance(m, tuple) and len(m) >= 3 and isinstance(m[0], str)):
             raise BadMessage("a message is (kind, cluster_id, epoch, ...)")
         kind, cid, epoch = m[0], m[1], m[2]
@@ -440,7 +473,7 @@ class Member:
                 raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
             if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
                 raise BadMessage("a copy entry is (name, ballot, value, decided)")
-            entries = [(_name(e[0]), _ballot(e[1]), _value(e[2]), e[3]) for e in args[1]]
+            entries = [(_name(e[0]), _ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
             self._cfg.on_copy_part(sender, epoch, _cursor(args[0]), entries, _cursor(args[2]), args[3], now)
             return fx
         if kind in ("renew", "renew_ack"):
@@ -478,14 +511,14 @@ class Member:
         elif kind == "prepare":
             self._on_prepare(sender, _name(args[0]), _ballot(args[1]))
         elif kind == "accept":
-            name, b, v = _name(args[0]), _ballot(args[1]), _value(args[2])
-            self._on_accept(sender, name, b, v, _ballot(args[3]), _value(args[4]), now)
+            name, b, v = _name(args[0]), _ballot(args[1]), self._value(args[2])
+            self._on_accept(sender, name, b, v, _ballot(args[3]), self._value(args[4]), now)
         elif kind == "commit":
-            self._on_commit(_name(args[0]), _ballot(args[1]), _value(args[2]), now)
+            self._on_commit(_name(args[0]), _ballot(args[1]), self._value(args[2]), now)
         elif kind == "renew":
             self._on_renew(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
         elif kind == "promise":
-            self._on_promise(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), _value(args[3]), now)
+            self._on_promise(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), self._value(args[3]), now)
         elif kind == "nack":
             ra = args[3]
             if not isinstance(ra, int | float) or isinstance(ra, bool) or not ra >= 0:
@@ -496,6 +529,12 @@ class Member:
         return fx
 
     # ----------------------------------------------------------------- plumbing
+
+    def _value(self, x: Any) -> Value:
+        v = _value(x)
+        if v[0] is not None and self._pid_ok is not None and not self._pid_ok(v[0]):
+            raise BadMessage("a value's holder is not a pid")
+        return v
 
     def _begin(self) -> Effects:
         self._fx = Effects()
@@ -659,13 +698,15 @@ class Member:
             self._counted = self._seq
             self.valid_until = NEVER
         for name in list(self.grants):
-            self._revoke(name)
+            self._revoke(name, "lapse")
             self._enqueue_front(name, Operation(name, "release", (), None), now)
 
-    def _revoke(self, name: Any) -> None:
+    def _revoke(self, name: Any, why: str) -> None:
+        """Drop this node's grant of `name`; `why` is "lapse" (the lease lapsed), "lost"
+        (another value was decided), "handoff" or "released" (an operation of this node)."""
         g = self.grants.pop(name, None)
         if g is not None:
-            self._event("revoke", name, g[0], g[1])
+            self._event("revoke", name, g[0], g[1], why)
 
     # ----------------------------------------------------------------- proposer
 
@@ -699,6 +740,8 @@ class Member:
 
     def _start_round(self, name: Any, op: Operation, now: float) -> None:
         op.attempt += 1
+        if op.attempt > 1:
+            self.retries += 1
         op.promises, op.accepted, op.nacked, op.retry_after = {}, set(), set(), 0.0
         if self.is_member and not self.serving:
             op.phase = "wait_epoch"  # resumed when this member serves its epoch
@@ -721,7 +764,7 @@ class Member:
         op.phase = "prepare"
         op.sent = now
         self._broadcast(("prepare", self.cluster_id, self.epoch, name, op.ballot))
-        self._timer(("retry", name, op.attempt), now + self.lease * ROUND_FRACTION)
+        self._timer(("retry", name, op.attempt), now + self.round_timeout())
 
     def _on_promise(self, sender: Incarnation, name: Any, b: Ballot, ab: Ballot, av: Value, now: float) -> None:
         self._see(ab)
@@ -749,9 +792,11 @@ class Member:
                 return (None, token, 0, None), "ok"
             return None, "not_held"
         if op.kind == "update":
-            new_pid, expected = op.args
+            new_pid, expected, new_owner, new_lgen = op.args
             if pid is not None and owner == self.me and token == expected:
-                return (new_pid, token + 1, self.lgen, self.me), "ok"
+                if new_owner is None:
+                    return (new_pid, token + 1, self.lgen, self.me), "ok"
+                return (new_pid, token + 1, new_lgen, new_owner), "ok"
             return None, "mismatch"
         want = op.args[0]
         if pid is None:
@@ -788,10 +833,11 @@ class Member:
             op.doubt = True
         g = self.grants.get(name)
         if g is not None and (new[0], new[1]) != (g[0], g[1]):
-            self._revoke(name)  # before the first accept that moves the name away
+            # Before the first accept that moves the name away.
+            self._revoke(name, _REVOKED_BY.get(op.kind, "lost"))
         op.phase = "accept"
         self._broadcast(("accept", self.cluster_id, self.epoch, name, op.ballot, new, base[0], base[1]))
-        self._timer(("retry", name, op.attempt), now + self.lease * ROUND_FRACTION)
+        self._timer(("retry", name, op.attempt), now + self.round_timeout())
 
     def _on_accepted(self, sender: Incarnation, name: Any, b: Ballot, now: float) -> None:
         op = self._current(name)
@@ -849,7 +895,7 @@ class Member:
         # trip or two: wait for its commit, then restart against the decided value, instead of
         # a random backoff and a prepare that its next ballot (promised with its accept) beats.
         op.phase, op.competing = "wait_commit", competing
-        wait = min(COMMIT_WAIT_ROUND_TRIPS * self.round_trip(), self.lease * ROUND_FRACTION)
+        wait = min(COMMIT_WAIT_ROUND_TRIPS * self.round_trip(), self.round_timeout())
         self._timer(("wait", name, op.attempt), now + wait)
 
     def _backoff(self, name: Any, op: Operation, now: float) -> None:
@@ -872,6 +918,12 @@ class Member:
         below RTT_FLOOR."""
         return max(RTT_FLOOR, RTT_DEFAULT if self._rtt is None else self._rtt)
 
+    def round_timeout(self) -> float:
+        """How long a round waits for a majority before it starts again: a sixth of a lease,
+        or more when round trips are slow (an overloaded cluster would otherwise restart
+        every round before it could finish, and never finish one), at most half a lease."""
+        return min(self.lease / 2, max(self.lease * ROUND_FRACTION, ROUND_TRIPS_PER_ROUND * self.round_trip()))
+
     def _sample_rtt(self, sample: float) -> None:
         # The first sample replaces the default (which may be far off); later ones are
         # smoothed so that one slow round does not stretch every wait.
@@ -889,10 +941,17 @@ class Member:
             self._piggy.pop(name)
         g = self.grants.get(name)
         if g is not None and (v[0], v[1]) != (g[0], g[1]):
-            self._revoke(name)
+            self._revoke(name, "lost")
         if v[0] is not None and v[3] == self.me and self.grants.get(name) is None and self._current(name) is None:
-            # A value naming our pid that we never granted (an outcome in doubt): free it.
-            self._enqueue_front(name, Operation(name, "release", (), None), now)
+            if v[2] == self.lgen and self.lease_valid(now):
+                # Handed to a pid of ours by the holder's node (`update` with an owner): the
+                # value carries our current generation, so it is ours to grant.
+                self.grants[name] = (v[0], v[1], v[2])
+                self._event("grant", name, v[0], v[1], v[2])
+            else:
+                # A value naming our pid that we cannot grant (an outcome in doubt, or a
+                # handoff that reached us after a lapse): free it.
+                self._enqueue_front(name, Operation(name, "release", (), None), now)
 
     def _finish(self, name: Any, op: Operation, result: tuple[Any, ...], now: float) -> None:
         q = self._ops[name]

@@ -10,6 +10,7 @@ registers a new server under it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from .terms import Pid, short_repr
@@ -18,13 +19,18 @@ __all__ = ["NamingService", "Via"]
 
 
 class NamingService(Protocol):
-    """A name service usable through `Via` (a unique `Registry` is one)."""
+    """A name service usable through `Via` (a unique `Registry` is one).
+
+    `whereis_name` answers at once from what the service knows here. `register_name` and
+    `unregister_name` may return an awaitable instead of their result, for a service
+    that must ask its peers first (`pgregistry.names.Names`); `Server.start` awaits it.
+    """
 
     def whereis_name(self, key: Any) -> Pid | None: ...
 
-    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool: ...
+    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool | Awaitable[bool]: ...
 
-    def unregister_name(self, key: Any) -> None: ...
+    def unregister_name(self, key: Any) -> Any: ...
 
 
 class Via:

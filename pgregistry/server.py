@@ -28,6 +28,7 @@ To another node, the monitor and the call travel as one message
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any, Protocol
 
@@ -86,12 +87,13 @@ class Server:
 
         `name` is None, a local name (registered before ``init`` runs and released when
         the process exits) or a `Via` (``whereis_name`` is asked first, then
-        ``register_name(key, pid, value)`` is called from inside the new process before
-        ``init``). A taken name raises `AlreadyStarted` with the holder's pid, and the
-        new process exits ``"normal"``. Exceptions of the naming service propagate. If
-        ``init`` raises, the process exits with that exception and `start` raises it.
-        Returns once ``init`` has finished. If `start` is cancelled while ``init`` runs,
-        the new process is killed. Must run on the node's loop thread.
+        ``register_name(key, pid, value)`` is called, and awaited if it returns an
+        awaitable, from inside the new process before ``init``). A taken name raises
+        `AlreadyStarted` with the holder's pid, and the new process exits ``"normal"``.
+        Exceptions of the naming service propagate. If ``init`` raises, the process
+        exits with that exception and `start` raises it. Returns once ``init`` has
+        finished. If `start` is cancelled while ``init`` runs, the new process is killed.
+        Must run on the node's loop thread.
         """
         runtime = getattr(node, "runtime", None)
         if not isinstance(runtime, Runtime):
@@ -146,7 +148,10 @@ async def _serve(cls: type[Server], args: tuple, via: Via | None, started: async
     """The body of a server process: register, init, then the message loop."""
     proc = current_process()
     try:
-        if via is not None and not via.service.register_name(via.key, proc.pid, via.value):
+        registered = None if via is None else via.service.register_name(via.key, proc.pid, via.value)
+        if inspect.isawaitable(registered):
+            registered = await registered  # a naming service that asks its peers (Names)
+        if via is not None and not registered:
             holder = via.service.whereis_name(via.key)
             if not started.done():
                 started.set_exception(AlreadyStarted(holder, via))

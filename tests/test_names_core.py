@@ -281,6 +281,16 @@ class Sim:
         self.checker.check(self.t)
         return op_id
 
+    def handoff(self, node: str, name: Any, pid: Any, token: int, to: str) -> int:
+        """`update` on `node` of `name` to `pid` of the node `to`, with its current generation
+        (as the service asks `to` for it first)."""
+        op_id = next(self.op_ids)
+        self.results[op_id] = (name, ())
+        n, w = self.nodes[node], self.nodes[to].member
+        self._apply(n.member.me, n.member.update(name, pid, token, n.local(self.t), op_id, w.me, w.lgen))
+        self.checker.check(self.t)
+        return op_id
+
     def change(self, node: str, add: Any = None, remove: Any = None) -> int:
         """Start a membership change on `node`; its result lands in `self.results[op_id]`."""
         op_id = next(self.op_ids)
@@ -410,7 +420,11 @@ def run_schedule(seed: int, actions: list[tuple[int, int, int, int]], bugs: froz
             sim.call(a, "release", name)
         elif kind == "update":
             g = node.grants.get(name)
-            sim.call(a, "update", name, (a, "u", k), g[1] if g else 0)
+            w = sim.nodes[b]
+            if a != b and k % 2 and w.member.lease_valid(w.local(sim.t)):
+                sim.handoff(a, name, (b, "h", k), g[1] if g else 0, b)  # to a pid of another node
+            else:
+                sim.call(a, "update", name, (a, "u", k), g[1] if g else 0)
         elif kind == "lookup":
             sim.call(a, "lookup", name)
         elif kind == "cut" and a != b:
