@@ -373,15 +373,20 @@ class Names:
             pid = args[0]
             if type(pid) is not Pid or not self._runtime.is_local(pid) or self._runtime.process(pid) is None:
                 return ["error", f"NoProcess: {short_repr(pid)} is not a live process of {self.node.id}"]
-            if not self.core.is_member or not self.core.lease_valid(lease_clock()):
-                return ["error", f"NoQuorum: {self.node.id} holds no valid lease"]
-            return ["ok", list(self.me), self.core.lgen]
+            return self._vouch()
         if what == "update" and len(args) == 4:
             name, new_pid, token, timeout = args
             if type(token) is not int or type(timeout) not in (int, float) or not 0 <= timeout <= 3600:
                 return ["error", "ValueError: bad update request"]
             return self._answer_update(name, new_pid, token, float(timeout))
         return ["error", f"ValueError: unknown request {short_repr(what)}"]
+
+    async def _vouch(self) -> list[Any]:
+        try:
+            await self._lease_valid(self._loop.time() + self.lease, "handoff")
+        except NoQuorum:
+            return ["error", f"NoQuorum: {self.node.id} holds no valid lease"]
+        return ["ok", list(self.me), self.core.lgen]
 
     async def _answer_update(self, name: Any, new_pid: Any, token: int, timeout: float) -> list[Any]:
         if self.core.holder(name, lease_clock()) is None:
@@ -454,7 +459,19 @@ class Names:
             self.core = self._new_core(cluster_id, epoch, members)
             self._apply(self.core.start(lease_clock()))
         old = [m for m in self.core.members if m[0] == self.me[0] and m != self.me]
+        deadline = self._loop.time() + timeout
         await self._change(timeout, "join", add=self.me, remove=old[0] if old else None)
+        # Usable at once: a member's first registration needs its lease, counted once a
+        # majority acked a renewal sent after the change.
+        await self._lease_valid(deadline, "join")
+
+    async def _lease_valid(self, deadline: float, what: str) -> None:
+        """Wait until this node serves as a member with a valid lease (`NoQuorum` at `deadline`)."""
+        core = self.core
+        while not (core.is_member and core.serving and core.lease_valid(lease_clock())):
+            if self._loop.time() >= deadline or self.closed or core is not self.core:
+                raise NoQuorum(f"{what}: this node has no valid lease (no majority acked its renewals in time)")
+            await asyncio.sleep(0.005)
 
     async def leave(self, node_id: str, timeout: float = 10.0) -> None:
         """Remove the member `node_id` (this node, or one that is dead) from the cluster.
