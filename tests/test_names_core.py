@@ -849,6 +849,40 @@ def test_planted_bug_is_found_by_random_schedules(bug: str) -> None:
     raise AssertionError(f"no schedule in 400 exposed {bug}")
 
 
+def test_handoff_to_another_members_pid_and_a_takeover_after_its_lease() -> None:
+    """a hands n to a pid of b (with b's generation); b grants it when it learns the value.
+    A handoff naming a generation its target no longer has is released by the target.
+    Then b is cut off: c takes n over only once b's lease may have lapsed; the token grows."""
+    sim = Sim(11)
+    sim.run_until(1.0)
+    sim.call("a", "register", "n", ("a", 1))
+    sim.run_until(1.1)
+    op = sim.handoff("a", "n", ("b", "h"), 1, "b")
+    sim.run_until(1.2)
+    assert sim.status(op) == "ok" and sim.holder("n") == ("b", (("b", "h"), 2))
+    sim.call("b", "release", "n")
+    sim.run_until(1.3)
+    sim.call("a", "register", "n", ("a", 1))
+    sim.run_until(1.4)
+    assert sim.holder("n") == ("a", (("a", 1), 3))
+    op_id = next(sim.op_ids)
+    sim.results[op_id] = ("n", ())
+    a, c = sim.nodes["a"], sim.nodes["c"].member
+    sim._apply(a.member.me, a.member.update("n", ("c", "x"), 3, a.local(sim.t), op_id, c.me, c.lgen - 1))
+    sim.run_until(1.6)
+    assert sim.status(op_id) == "ok" and sim.holder("n") is None  # c refused the old generation
+    keep_trying_to_register(sim, "b", 1)
+    assert sim.holder("n") == ("b", (("b", 1), 5))  # 4: the refused handoff (its release keeps 4)
+    sim.cut("b", "a")
+    sim.cut("b", "c")
+    start = sim.t
+    while sim.holder("n") is None or sim.holder("n")[0] != "c":
+        keep_trying_to_register(sim, "c", 1)
+        assert sim.t - start < 4 * LEASE, "c never took n over"
+    assert sim.t - start >= LEASE * (1 - RHO) - 0.3  # c registers every 0.2 s, b's last renewal was before the cut
+    assert sim.holder("n") == ("c", (("c", 1), 6))
+
+
 def test_operations_on_a_quiet_network() -> None:
     sim = Sim(7)
     sim.run_until(1.0)
