@@ -120,7 +120,7 @@ class Names:
         self.link = NamesLink(node, service, self.me, self._deliver, self._request, self._invited, self._hello)
         self.core = self._new_core(secrets.token_hex(8), 0, [self.me])
         self._naming = _Naming(self)
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timers: dict[tuple[Any, ...], tuple[tuple[Any, ...], asyncio.TimerHandle]] = {}
         self._waiters: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._abandoned: dict[int, Any] = {}  # op id -> the name it would give a holder
         self._held_by: dict[Pid, set[Any]] = {}  # live holders of this node -> their names
@@ -180,7 +180,7 @@ class Names:
             return
         self.closed = True
         self.link.close()
-        for handle in self._timers:
+        for _timer_id, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         for name, (pid, token, _lgen) in list(self.core.grants.items()):
@@ -207,6 +207,11 @@ class Names:
             self._on_event(ev)
         for op_id, result in fx.results:
             self._on_result(op_id, result)
+        for timer_id in fx.cancels:
+            entry = self._timers.get(_timer_key(timer_id))
+            if entry is not None and entry[0] == timer_id:
+                entry[1].cancel()
+                del self._timers[_timer_key(timer_id)]
         for timer_id, at in fx.timers:
             self._set_timer(timer_id, at)
         send = self.link.send
@@ -216,12 +221,17 @@ class Names:
     def _set_timer(self, timer_id: tuple[Any, ...], at: float) -> None:
         if self.closed:
             return
-        handle: asyncio.TimerHandle
-        handle = self._loop.call_later(max(0.0, at - lease_clock()), lambda: self._fire(handle, timer_id))
-        self._timers.add(handle)
+        key = _timer_key(timer_id)
+        old = self._timers.get(key)
+        if old is not None:
+            old[1].cancel()  # the core only acts on the newest timer of one key
+        handle = self._loop.call_at(self._loop.time() + max(0.0, at - lease_clock()), self._fire, key, timer_id)
+        self._timers[key] = (timer_id, handle)
 
-    def _fire(self, handle: asyncio.TimerHandle, timer_id: tuple[Any, ...]) -> None:
-        self._timers.discard(handle)
+    def _fire(self, key: tuple[Any, ...], timer_id: tuple[Any, ...]) -> None:
+        entry = self._timers.get(key)
+        if entry is not None and entry[0] == timer_id:
+            del self._timers[key]
         if not self.closed:
             self._apply(self.core.on_timer(timer_id, lease_clock()))
 
@@ -523,7 +533,7 @@ class Names:
             if not fut.done():
                 fut.set_exception(NoQuorum(f"names service {self.service!r} was reset"))
         self._waiters.clear()
-        for handle in self._timers:
+        for _timer_id, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         self.core = self._new_core(secrets.token_hex(8), 0, [self.me])
@@ -793,6 +803,8 @@ class Names:
             "held_here": len(core.grants),
             "round_trip": core.round_trip(),
             "retries": core.retries,
+            "accepts": core.accepts,
+            "rejects": core.rejects,
             "messages_sent": self.link.messages_out,
             "payloads_sent": self.link.payloads_out,
         }
@@ -809,6 +821,12 @@ class Names:
             if self._loop.time() >= deadline:
                 raise TimeoutError(f"names service {self.service!r}: operations still under way")
             await asyncio.sleep(0.01)
+
+
+def _timer_key(timer_id: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Timers of one key replace each other: a round's timer (or a wait's) is per name, the
+    attempt it belongs to only tells the core whether it is stale."""
+    return timer_id[:2] if timer_id[0] in ("retry", "wait") else timer_id
 
 
 async def _gated(gate: asyncio.Future[None], fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:

@@ -32,13 +32,16 @@ FREE_VALUE: Value = (None, 0, 0, None)
 TimerId = tuple[Any, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Effects:
     """What one input produced: messages ``(dest, msg)``, timers ``(timer_id, at)`` in the
-    member's clock, completed operations ``(op_id, result)`` and checker events."""
+    member's clock, timers no longer needed (`cancels`: a driver may drop them; firing
+    them anyway changes nothing), completed operations ``(op_id, result)`` and checker
+    events."""
 
     messages: list[tuple[Incarnation, tuple[Any, ...]]] = field(default_factory=list)
     timers: list[tuple[TimerId, float]] = field(default_factory=list)
+    cancels: list[TimerId] = field(default_factory=list)
     results: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -66,7 +69,7 @@ class Operation:
     doubt: bool = False  # an accept naming a pid of this node went out
 
 
-@dataclass
+@dataclass(slots=True)
 class AcceptorSlot:
     """An acceptor's register for one name."""
 
@@ -97,7 +100,7 @@ class MemberCore(Protocol):
     majority: int
     serving: bool
     counter: int
-    _member_set: set[Incarnation]
+    _member_set: dict[Incarnation, Incarnation]  # each member -> itself (to share one tuple)
     _ballot_id: tuple[Any, ...]
     _rng: Any
     _tables: list[dict[Any, AcceptorSlot]]
@@ -423,7 +426,7 @@ class Membership:
         self.sealed_prev = was_member and self.m.serving and prev is not None
         self.m._event("config", epoch, members)
         self.m.epoch, self.m.members = epoch, list(members)
-        self.m._member_set = set(members)
+        self.m._member_set = {m: m for m in members}
         self.m.majority = len(members) // 2 + 1
         self.m.is_member = self.m.me in self.m._member_set
         self.slot, self.round, self.copy = ConfigSlot(), None, None

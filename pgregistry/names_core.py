@@ -140,6 +140,9 @@ from pgregistry.terms import key_problem
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
 
 FREE: Value = FREE_VALUE
+# Piggy-backed promises kept (for the names of the most recent decisions of this node): a
+# later operation on one of them skips prepare; on any other it prepares first, as always.
+PIGGY_LIMIT = 16384
 # Why an operation of this node revokes its own grant (see `Member._revoke`).
 _REVOKED_BY = {"update": "handoff", "release": "released"}
 NEVER = float("-inf")
@@ -179,30 +182,36 @@ def _int(x: Any, what: str) -> int:
 
 
 def _incarnation(x: Any, what: str = "incarnation") -> Incarnation:
-    if not (isinstance(x, tuple) and len(x) == 3 and type(x[0]) is str):
-        raise BadMessage(f"{what} must be (node_id, creation, nonce)")
-    return (x[0], _int(x[1], what), _int(x[2], what))
+    # The parsers return their input when it is well formed: no copy per message.
+    if type(x) is tuple and len(x) == 3 and type(x[0]) is str and type(x[1]) is int and type(x[2]) is int:
+        return x
+    raise BadMessage(f"{what} must be (node_id, creation, nonce)")
 
 
 def _ballot(x: Any) -> Ballot:
-    if not (isinstance(x, tuple) and len(x) == 3):
+    if not (type(x) is tuple and len(x) == 3):
         raise BadMessage("ballot must be (epoch, counter, incarnation)")
     if x[2] == ():
         if (x[0], x[1]) != (-1, -1):
             raise BadMessage("only the empty ballot has no incarnation")
         return NO_BALLOT
-    return (_int(x[0], "epoch"), _int(x[1], "counter"), _incarnation(x[2], "ballot incarnation"))
+    _int(x[0], "epoch")
+    _int(x[1], "counter")
+    _incarnation(x[2], "ballot incarnation")
+    return x
 
 
 def _value(x: Any) -> Value:
-    if not (isinstance(x, tuple) and len(x) == 4):
+    if not (type(x) is tuple and len(x) == 4):
         raise BadMessage("value must be (pid, token, lgen, owner)")
     pid, token, lgen, owner = x
     if _int(token, "token") < 0 or _int(lgen, "lgen") < 0:
         raise BadMessage("token and lgen are never negative")
     if (pid is None) != (owner is None):
         raise BadMessage("a value has a pid and an owner, or neither")
-    return (pid, token, lgen, None if owner is None else _incarnation(owner, "owner"))
+    if owner is not None:
+        _incarnation(owner, "owner")
+    return x
 
 
 def _members(x: Any, empty: bool = False) -> Members:
@@ -289,7 +298,7 @@ class Member:
         self._pid_ok = pid_ok
         self._freeze = freeze
         self.members = list(members)
-        self._member_set = set(members)
+        self._member_set = {m: m for m in members}
         self.epoch = epoch
         self.cluster_id = cluster_id
         self.lease = lease
@@ -316,6 +325,8 @@ class Member:
         self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
         self._rtt: float | None = None  # round-trip estimate (local clock); None before a sample
         self.retries = 0  # rounds started again (after a timeout, a nack or a wait)
+        self.accepts = 0  # accepts this acceptor took
+        self.rejects = 0  # prepares and accepts it refused (nack)
         # Lease state.
         self.lgen = 1
         self._seq = 0
@@ -473,7 +484,7 @@ class Member:
                 raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
             if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
                 raise BadMessage("a copy entry is (name, ballot, value, decided)")
-            entries = [(_name(e[0]), _ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
+            entries = [(_name(e[0]), self._ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
             self._cfg.on_copy_part(sender, epoch, _cursor(args[0]), entries, _cursor(args[2]), args[3], now)
             return fx
         if kind in ("renew", "renew_ack"):
@@ -500,41 +511,53 @@ class Member:
         if kind in replies and sender not in self._member_set:
             raise BadMessage(f"{kind} from a non-member")
         if kind in ("cprepare", "caccept", "cpromise", "cnack", "caccepted"):
-            b = _ballot(args[0])
-            other = _ballot(args[1]) if kind in ("cpromise", "cnack") else NO_BALLOT
+            b = self._ballot(args[0])
+            other = self._ballot(args[1]) if kind in ("cpromise", "cnack") else NO_BALLOT
             members = _members(args[1]) if kind == "caccept" else ()
             if kind == "cpromise":
                 members = _members(args[2], empty=True)
             self._cfg.on_config_message(sender, kind, b, other, members, now)
         elif kind == "sealed":
-            self._cfg.on_sealed(_name(args[0]), _ballot(args[1]), now)
+            self._cfg.on_sealed(_name(args[0]), self._ballot(args[1]), now)
         elif kind == "prepare":
-            self._on_prepare(sender, _name(args[0]), _ballot(args[1]))
+            self._on_prepare(sender, _name(args[0]), self._ballot(args[1]))
         elif kind == "accept":
-            name, b, v = _name(args[0]), _ballot(args[1]), self._value(args[2])
-            self._on_accept(sender, name, b, v, _ballot(args[3]), self._value(args[4]), now)
+            name, b, v = _name(args[0]), self._ballot(args[1]), self._value(args[2])
+            self._on_accept(sender, name, b, v, self._ballot(args[3]), self._value(args[4]), now)
         elif kind == "commit":
-            self._on_commit(_name(args[0]), _ballot(args[1]), self._value(args[2]), now)
+            self._on_commit(_name(args[0]), self._ballot(args[1]), self._value(args[2]), now)
         elif kind == "renew":
             self._on_renew(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
         elif kind == "promise":
-            self._on_promise(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), self._value(args[3]), now)
+            b, ab, av = self._ballot(args[1]), self._ballot(args[2]), self._value(args[3])
+            self._on_promise(sender, _name(args[0]), b, ab, av, now)
         elif kind == "nack":
             ra = args[3]
             if not isinstance(ra, int | float) or isinstance(ra, bool) or not ra >= 0:
                 raise BadMessage("retry_after must be a number >= 0")
-            self._on_nack(sender, _name(args[0]), _ballot(args[1]), _ballot(args[2]), float(ra), now)
+            self._on_nack(sender, _name(args[0]), self._ballot(args[1]), self._ballot(args[2]), float(ra), now)
         else:
-            self._on_accepted(sender, _name(args[0]), _ballot(args[1]), now)
+            self._on_accepted(sender, _name(args[0]), self._ballot(args[1]), now)
         return fx
 
     # ----------------------------------------------------------------- plumbing
 
     def _value(self, x: Any) -> Value:
         v = _value(x)
-        if v[0] is not None and self._pid_ok is not None and not self._pid_ok(v[0]):
-            raise BadMessage("a value's holder is not a pid")
+        if v[0] is not None:
+            if self._pid_ok is not None and not self._pid_ok(v[0]):
+                raise BadMessage("a value's holder is not a pid")
+            owner = self._member_set.get(v[3])
+            if owner is not None and owner is not v[3]:
+                v = (v[0], v[1], v[2], owner)  # one tuple per member, not one per register
         return v
+
+    def _ballot(self, x: Any) -> Ballot:
+        b = _ballot(x)
+        inc = self._member_set.get(b[2])
+        if inc is not None and inc is not b[2]:
+            b = (b[0], b[1], inc)
+        return b
 
     def _begin(self) -> Effects:
         self._fx = Effects()
@@ -589,6 +612,7 @@ class Member:
             slot.promised = b
             self._send(sender, ("promise", self.cluster_id, self.epoch, name, b, slot.ballot, slot.value))
         else:
+            self.rejects += 1
             self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
 
     def _takeover_wait(self, sender: Incarnation, h: Value, new: Value, now: float) -> float | None:
@@ -610,6 +634,7 @@ class Member:
         self._see(b)
         slot = self._slot(name)
         if b < slot.promised:
+            self.rejects += 1
             self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, 0.0))
             return
         moved: list[Value] = []
@@ -618,6 +643,7 @@ class Member:
             if wait is None:
                 continue
             if wait > 0:
+                self.rejects += 1
                 self._send(sender, ("nack", self.cluster_id, self.epoch, name, b, slot.promised, wait))
                 return
             moved.append(h)
@@ -628,6 +654,7 @@ class Member:
         # Piggy-backed promise of the proposer's next ballot, for this name only.
         slot.promised = (b[0], b[1] + 1, b[2])
         self._event("accepted", name, b, v, bb)
+        self.accepts += 1
         self._send(sender, ("accepted", self.cluster_id, self.epoch, name, b))
 
     def _on_commit(self, name: Any, b: Ballot, v: Value, now: float) -> None:
@@ -847,7 +874,11 @@ class Member:
         if len(op.accepted) < self.majority:
             return
         b, new = op.ballot, op.new
-        self._piggy[name] = ((b[0], b[1] + 1, b[2]), b, new)
+        piggy = self._piggy
+        piggy.pop(name, None)  # to the end: the oldest promise is the first dropped
+        piggy[name] = ((b[0], b[1] + 1, b[2]), b, new)
+        if len(piggy) > PIGGY_LIMIT:
+            del piggy[next(iter(piggy))]
         self._broadcast(("commit", self.cluster_id, self.epoch, name, b, new))
         self._known[name] = (b, new)
         result = op.result
@@ -956,6 +987,9 @@ class Member:
     def _finish(self, name: Any, op: Operation, result: tuple[Any, ...], now: float) -> None:
         q = self._ops[name]
         q.popleft()
+        self._fx.cancels.append(("retry", name, op.attempt))
+        if op.phase == "wait_commit":
+            self._fx.cancels.append(("wait", name, op.attempt))
         if op.op_id is not None:
             self._fx.results.append((op.op_id, result))
         if op.doubt and result[0] not in ("ok", "lost"):
