@@ -549,10 +549,11 @@ class Names:
     async def register_name(self, name: Any, pid: Pid | None = None, timeout: float = 5.0) -> bool:
         """Make `pid` (a live process of this node; default the caller) the holder of `name`.
 
-        True once it holds the name (also if it already did); False if a process of
-        another node holds it and that node still renews its lease (or a process of this
-        node holds it). If the holder's node stopped renewing, waits (within `timeout`)
-        for its lease to end and takes the name over. `TypeError` for a name that is not
+        True once it holds the name (also if it already did); False at once if a process
+        of another node holds it and that node is connected and renews its lease, or a
+        process of this node holds it. If the holder's node is not connected or stopped
+        renewing, waits (within `timeout`) for its lease to end and takes the name over;
+        False if it is still held at the timeout. `TypeError` for a name that is not
         a key term, `NotLocal`/`NoProcess` for a pid that is not a live local process,
         `NoQuorum` after `timeout`.
         """
@@ -574,7 +575,15 @@ class Names:
                 self._latency["register"].samples.append(self._loop.time() - started)
                 return True
             if status == "held":
-                return False
+                owner = result[2][3]
+                if owner == self.me or self.link.peers.get(owner[0]) == owner:
+                    return False
+                # Its node is not connected: wait for its lease to end, then try again.
+                pause = min(self.lease / 4, deadline - self._loop.time())
+                if pause <= 0:
+                    return False
+                await asyncio.sleep(pause)
+                continue
             # "busy": the holder's node renewed lately (wait until its lease may be over);
             # "lost": decided while this node's lease lapsed (it waits for a new one).
             pause = result[2] if status == "busy" else 0.0

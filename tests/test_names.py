@@ -442,3 +442,18 @@ async def test_the_trace_sees_leases_and_grants_with_the_lease_clock() -> None:
         assert all(before <= t <= lease_clock() for t, _ev in seen)
         revoke = next(ev for _t, ev in seen if ev[0] == "revoke")
         assert revoke == ("revoke", "x", pid, 1, "released")
+
+
+async def test_register_name_waits_out_the_lease_of_a_holder_whose_node_is_gone() -> None:
+    async with names_cluster(3) as members:
+        (a, na), (b, nb), _c = members
+        assert await na.register_name("leader", a.spawn(idle))
+        token = na.token("leader")
+        await eventually(lambda: nb.whereis_name("leader") is not None, what="b learns the holder")
+        await a.stop()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        winner = b.spawn(idle)
+        assert await nb.register_name("leader", winner, timeout=LEASE * 5) is True  # one call: it waits
+        assert loop.time() - start < LEASE * 4
+        assert nb.whereis_name("leader") == winner and (nb.token("leader") or 0) > (token or 0)
