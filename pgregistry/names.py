@@ -34,7 +34,7 @@ from .errors import JoinRefused, NoProcess, NoQuorum, NotLocal
 from .events import NameLost
 from .names_config import Effects, Incarnation
 from .names_core import BadMessage, Member
-from .names_link import NamesLink
+from .names_link import NamesLink, fail
 from .naming import Via
 from .node import Node
 from .process import check_timeout, current_process
@@ -64,15 +64,20 @@ _LATENCY_SAMPLES: Final = 1024
 
 class _Naming:
     """What `Via` asks: `Names` as a `pgregistry.naming.NamingService` (the third argument of
-    ``register_name`` is the via's value there, a timeout here)."""
+    ``register_name`` is the via's value there, a timeout here). With a `token`, a name
+    resolves only while its holder has that fencing token."""
 
-    __slots__ = ("names",)
+    __slots__ = ("names", "token")
 
-    def __init__(self, names: Names) -> None:
+    def __init__(self, names: Names, token: int | None = None) -> None:
         self.names = names
+        self.token = token
 
     def whereis_name(self, key: Any) -> Pid | None:
-        return self.names.whereis_name(key)
+        if self.token is None:
+            return self.names.whereis_name(key)
+        held = self.names.holder(key)
+        return held[0] if held is not None and held[1] == self.token else None
 
     def register_name(self, key: Any, pid: Pid, value: Any = None) -> Awaitable[bool]:
         return self.names.register_name(key, pid)
@@ -126,6 +131,7 @@ class Names:
         self._held_by: dict[Pid, set[Any]] = {}  # live holders of this node -> their names
         self._next_op = 0
         self._rejoining = False
+        self._joining = False  # a join (or rejoin) is under way: not a member yet, soon one
         self.closed = False
         self.counters = dict.fromkeys(
             ("registers", "lookups", "updates", "releases", "handoffs", "step_downs", "refused_messages"), 0)
@@ -167,10 +173,16 @@ class Names:
             self.link.say_hello(peer)
         return self
 
-    async def stop(self) -> None:
-        """Stop the service on this node: its holders lose their names (killed or notified)
-        and its peers see it as a member that stopped answering."""
+    async def stop(self, timeout: float = 1.0) -> None:
+        """Stop the service on this node: release the names held here (within `timeout`,
+        so that others may take them at once rather than after a lease), then close. The
+        holders are killed (or notified) as for a lost lease; the other members see this
+        node as a member that stopped answering until it is removed (`leave`)."""
         self.node.require_loop_thread("Names.stop")
+        check_timeout(timeout, "Names.stop")
+        releases = [self.unregister_name(name, timeout) for name in list(self.core.grants)]
+        if releases:
+            await asyncio.gather(*releases, return_exceptions=True)
         self.close()
         self.node.detach_service(self.service)
 
@@ -188,7 +200,7 @@ class Names:
         self.core.grants.clear()
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(RuntimeError(f"names service {self.service!r} stopped"))
+                fail(fut, RuntimeError(f"names service {self.service!r} stopped"))
         self._waiters.clear()
 
     def __repr__(self) -> str:
@@ -338,6 +350,11 @@ class Names:
         if self.closed:
             raise RuntimeError(f"Names.{what}: names service {self.service!r} is stopped")
 
+    def _check_member(self, what: str) -> None:
+        if not self.core.is_member and not self._joining:
+            raise NoQuorum(f"Names.{what}: {self.node.id} is not a member of a names cluster (it left one): "
+                           "join one, or reset(force=True) to start one alone")
+
     # -- peers ----------------------------------------------------------------------------
 
     def peer_up(self, peer: str) -> None:
@@ -470,10 +487,14 @@ class Names:
             self._apply(self.core.start(lease_clock()))
         old = [m for m in self.core.members if m[0] == self.me[0] and m != self.me]
         deadline = self._loop.time() + timeout
-        await self._change(timeout, "join", add=self.me, remove=old[0] if old else None)
-        # Usable at once: a member's first registration needs its lease, counted once a
-        # majority acked a renewal sent after the change.
-        await self._lease_valid(deadline, "join")
+        self._joining = True
+        try:
+            await self._change(timeout, "join", add=self.me, remove=old[0] if old else None)
+            # Usable at once: a member's first registration needs its lease, counted once a
+            # majority acked a renewal sent after the change.
+            await self._lease_valid(deadline, "join")
+        finally:
+            self._joining = False
 
     async def _lease_valid(self, deadline: float, what: str) -> None:
         """Wait until this node serves as a member with a valid lease (`NoQuorum` at `deadline`)."""
@@ -531,7 +552,7 @@ class Names:
             self._lost(name, pid, token)
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_exception(NoQuorum(f"names service {self.service!r} was reset"))
+                fail(fut, NoQuorum(f"names service {self.service!r} was reset"))
         self._waiters.clear()
         for _timer_id, handle in self._timers.values():
             handle.cancel()
@@ -558,6 +579,7 @@ class Names:
         `NoQuorum` after `timeout`.
         """
         self._check_open("register_name")
+        self._check_member("register_name")
         check_key(name, "name")
         check_timeout(timeout, "Names.register_name")
         pid = self._live_local(pid, "register_name")
@@ -612,15 +634,17 @@ class Names:
         while that node is connected and has renewed here within a lease. `TypeError` for
         a name that is not a key term.
         """
-        held = self._holder(name)
+        held = self.holder(name)
         return None if held is None else held[0]
 
     def token(self, name: Any) -> int | None:
         """The fencing token of `name`'s valid holder as this node knows it, or None."""
-        held = self._holder(name)
+        held = self.holder(name)
         return None if held is None else held[1]
 
-    def _holder(self, name: Any) -> tuple[Pid, int] | None:
+    def holder(self, name: Any) -> tuple[Pid, int] | None:
+        """``(pid, token)`` of the valid holder of `name` as this node knows it, or None
+        (the local read behind `whereis_name` and `token`)."""
         core = self.core
         grant = core.grants.get(name)
         now = lease_clock()
@@ -772,11 +796,19 @@ class Names:
         self._runtime.send(pid, msg)
         return pid
 
-    def via(self, name: Any) -> Via:
+    def via(self, name: Any, token: int | None = None) -> Via:
         """A `Via` for `Server.start(name=...)`, `call`, `cast` and `send`: resolved by
-        `whereis_name` at each use, registered by `register_name`."""
+        `whereis_name` at each use, registered by `register_name`.
+
+        With `token`, it resolves only while the holder has that fencing token: a call
+        through it reaches the holder the caller saw, or raises `NoProcess` once the name
+        has moved on."""
         check_key(name, "name")
-        return Via(self._naming, name)
+        if token is None:
+            return Via(self._naming, name)
+        if type(token) is not int:
+            raise TypeError(f"via: token must be an int or None, got {short_repr(token)}")
+        return Via(_Naming(self, token), name)
 
     def _live_local(self, pid: Any, what: str) -> Pid:
         if pid is None:

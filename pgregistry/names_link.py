@@ -35,7 +35,7 @@ from .names_config import Incarnation
 from .node import Node
 from .terms import short_repr
 
-__all__ = ["NamesLink", "BATCH"]
+__all__ = ["NamesLink", "BATCH", "fail"]
 
 log = logging.getLogger("pgregistry.names")
 
@@ -150,7 +150,7 @@ class NamesLink:
             if node_id == peer:
                 del self._replies[rid]
                 if not fut.done():
-                    fut.set_exception(NoProcess(f"{peer} went down before it answered"))
+                    fail(fut, NoProcess(f"{peer} went down before it answered"))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -230,8 +230,15 @@ class NamesLink:
             self._flush_handle = None
         for _peer, fut in self._replies.values():
             if not fut.done():
-                fut.set_exception(RuntimeError(f"names service {self.service!r} stopped"))
+                fail(fut, RuntimeError(f"names service {self.service!r} stopped"))
         self._replies.clear()
+
+
+def fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail `fut` with `exc` without a "never retrieved" log if its waiter is gone (its wait
+    timed out or was cancelled): the error is for whoever still waits, nobody else."""
+    fut.set_exception(exc)
+    fut.exception()
 
 
 def _outcome(task: asyncio.Future[Any]) -> Any:

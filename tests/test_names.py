@@ -457,3 +457,86 @@ async def test_register_name_waits_out_the_lease_of_a_holder_whose_node_is_gone(
         assert await nb.register_name("leader", winner, timeout=LEASE * 5) is True  # one call: it waits
         assert loop.time() - start < LEASE * 4
         assert nb.whereis_name("leader") == winner and (nb.token("leader") or 0) > (token or 0)
+
+
+async def test_a_via_with_a_token_reaches_only_that_holder() -> None:
+    async with names_cluster(2) as members:
+        (a, na), (b, nb) = members
+        srv = await Wizard.start(a, "hello", name=na.via("desk"))
+        await eventually(lambda: nb.token("desk") is not None, what="b learns the token")
+        token = nb.token("desk")
+        assert token is not None
+        caller = spawn_agent(b)
+        assert await run_as(caller, lambda: call(nb.via("desk", token=token), "me")) == "hello, me"
+        successor = a.spawn(idle)
+        assert await na.update("desk", successor, token)
+        await eventually(lambda: nb.token("desk") == token + 1, what="b learns the new token")
+        with pytest.raises(NoProcess):
+            await run_as(caller, lambda: call(nb.via("desk", token=token), "me"))
+        assert a.runtime.process(srv) is not None  # handed over, not killed
+        with pytest.raises(TypeError, match="token"):
+            nb.via("desk", token="1")  # type: ignore[arg-type]
+
+
+async def test_stop_releases_the_names_held_so_others_take_them_at_once() -> None:
+    async with names_cluster(3) as members:
+        (a, na), (b, nb), _c = members
+        for i in range(3):
+            assert await na.register_name(("held", i), a.spawn(idle))
+        await na.stop()
+        for i in range(3):
+            assert await nb.lookup(("held", i)) is None
+            assert await nb.register_name(("held", i), b.spawn(idle), timeout=LEASE / 2)  # no lease to wait
+
+
+async def test_a_node_that_left_fails_fast_until_it_joins_again() -> None:
+    async with names_cluster(3) as members:
+        (a, na), (b, nb), (c, nc) = members
+        await nc.leave(c.id)
+        await eventually(lambda: sorted(na.nodes()) == sorted([a.id, b.id]), what="a sees c gone")
+        with pytest.raises(NoQuorum, match="not a member"):
+            await nc.register_name("x", c.spawn(idle))
+        await nc.join(b.id)
+        assert await nc.register_name("x", c.spawn(idle))
+
+
+async def test_membership_changes_under_load_keep_one_holder_per_name() -> None:
+    async with names_cluster(3) as members:
+        (a, na), (b, nb), (c, nc) = members
+        stop = asyncio.Event()
+        outcomes: dict[str, int] = {"ok": 0, "held": 0, "no_quorum": 0}
+
+        async def load(names: Names, node: Node, tag: str) -> None:
+            i = 0
+            while not stop.is_set():
+                name = ("load", i % 40)
+                i += 1
+                try:
+                    won = await names.register_name(name, node.spawn(idle), timeout=1.0)
+                    outcomes["ok" if won else "held"] += 1
+                    if won and i % 3 == 0:
+                        await names.unregister_name(name, timeout=1.0)
+                except NoQuorum:
+                    outcomes["no_quorum"] += 1  # writes pause from seal to serve
+
+        tasks = [asyncio.ensure_future(load(n, node, node.name)) for node, n in ((a, na), (b, nb))]
+        async with Node("n3", cookie=COOKIE, **FAST) as d:
+            nd = await Names.start(d, lease=LEASE)
+            await nd.join(a.id)
+            await na.leave(c.id)
+            await nd.leave(d.id)
+            await nc.join(a.id)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert outcomes["ok"] > 20, outcomes
+        assert sorted(na.nodes()) == sorted([a.id, b.id, c.id])
+        # One holder per name, the same on every member, and what a majority decided.
+        for i in range(40):
+            name = ("load", i)
+            decided = await na.lookup(name)
+            local = {n.node.id: n.holder(name) for n in (na, nb, nc)}
+            valid = {h for h in local.values() if h is not None and h[0].node in (a.id, b.id)}
+            assert len({h[0] for h in valid}) <= 1, (name, local)
+            if decided is not None:
+                await eventually(lambda name=name, decided=decided: na.holder(name) in (decided, None)
+                                 and nb.holder(name) in (decided, None), what="members agree")
