@@ -59,6 +59,9 @@ def lease_clock() -> float:
 
 _ON_LOST: Final = ("kill", "notify")
 _NO_NAME: Final = object()
+# Timers are set this much late, so that a loop that rounds delays (uvloop: to whole
+# milliseconds) fires them at or after the lease clock's instant, not a hair before.
+_TIMER_SLACK: Final = 0.001
 _LATENCY_SAMPLES: Final = 1024
 
 
@@ -237,15 +240,23 @@ class Names:
         old = self._timers.get(key)
         if old is not None:
             old[1].cancel()  # the core only acts on the newest timer of one key
-        handle = self._loop.call_at(self._loop.time() + max(0.0, at - lease_clock()), self._fire, key, timer_id)
+        delay = max(0.0, at - lease_clock())
+        handle = self._loop.call_at(self._loop.time() + delay + _TIMER_SLACK, self._fire, key, timer_id, at)
         self._timers[key] = (timer_id, handle)
 
-    def _fire(self, key: tuple[Any, ...], timer_id: tuple[Any, ...]) -> None:
+    def _fire(self, key: tuple[Any, ...], timer_id: tuple[Any, ...], at: float) -> None:
         entry = self._timers.get(key)
         if entry is not None and entry[0] == timer_id:
             del self._timers[key]
-        if not self.closed:
-            self._apply(self.core.on_timer(timer_id, lease_clock()))
+        if self.closed:
+            return
+        now = lease_clock()
+        if now < at:
+            # Early by the loop's rounding (uvloop keeps whole milliseconds), or the loop's
+            # clock ran ahead of the lease clock: the core must see its own time reached.
+            self._set_timer(timer_id, at)
+            return
+        self._apply(self.core.on_timer(timer_id, now))
 
     def _deliver(self, sender: Incarnation, msg: Any) -> None:
         if self.closed:
@@ -469,6 +480,9 @@ class Names:
         core = self.core
         if cluster_id == core.cluster_id and self.me in core.members:
             return
+        if self.me in members:
+            raise JoinRefused(f"{peer}'s names cluster lists this very incarnation of {self.node.id} as a member, "
+                              "with registers it does not have: restart the names service to join as a new one")
         if lease != self.lease:
             raise JoinRefused(f"{peer}'s names cluster uses lease={lease}, this node lease={self.lease}: "
                               "every member must use the same lease (its safety depends on it)")
@@ -557,8 +571,15 @@ class Names:
         for _timer_id, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        # A new incarnation too: this node's old self is still a member of the old cluster
+        # (with registers it no longer has); rejoining it must go through a replace step.
+        self.me = (self.node.id, self.node.creation, secrets.randbits(62))
+        self.link.me = self.me
+        self.link.peers.clear()
         self.core = self._new_core(secrets.token_hex(8), 0, [self.me])
         self._apply(self.core.start(lease_clock()))
+        for peer in self.node.peers():
+            self.link.say_hello(peer)
 
     @property
     def cluster_id(self) -> str:
@@ -656,10 +677,10 @@ class Names:
         known = core.known(name)
         if known is None:
             return None
-        pid, token, _lgen, owner = known[1]
+        pid, token, lgen, owner = known[1]
         if pid is None or owner == self.me or self.link.peers.get(owner[0]) != owner:
             return None
-        if not core.renewed_within_lease(owner, now):
+        if not core.renews(owner, lgen, now):
             return None
         return (pid, token)
 

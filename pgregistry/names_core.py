@@ -153,10 +153,13 @@ NEVER = float("-inf")
 #: so a restarted node reuses its old ballots; "shard_wide_skip_prepare": one decided accept
 #: lets the proposer skip prepare on every name, trusting what it last heard of them;
 #: "no_takeover_check": acceptors let anyone move a name away from a renewing holder;
-#: "no_epoch_wait": a member serves a new epoch as soon as it learns it, without the copy.
-BUGS = frozenset(
-    {"no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check", "no_epoch_wait"}
-)
+#: "no_epoch_wait": a member serves a new epoch as soon as it learns it, without the copy;
+#: "read_from_memory": an operation that changes nothing, run on a piggy-backed promise,
+#: answers from what this node decided last, without asking a majority.
+BUGS = frozenset({
+    "no_lgen", "ballot_without_incarnation", "shard_wide_skip_prepare", "no_takeover_check", "no_epoch_wait",
+    "read_from_memory",
+})
 
 
 
@@ -360,9 +363,11 @@ class Member:
         """The newest decided value of `name` this node learned (with its ballot), or None."""
         return self._known.get(name)
 
-    def renewed_within_lease(self, inc: Incarnation, now: float) -> bool:
-        """Whether the member `inc` renewed its lease here less than a lease ago."""
-        return now - self._receipt.get(inc, NEVER) < self.lease
+    def renews(self, inc: Incarnation, lgen: int, now: float) -> bool:
+        """Whether the member `inc` renewed here less than a lease ago and, as far as this
+        node heard, is still in generation `lgen` (a renewal of a later one means it lapsed:
+        its holders of `lgen` stepped down)."""
+        return now - self._receipt.get(inc, NEVER) < self.lease and self._renewed_lgen.get(inc, 0) <= lgen
 
     def busy(self) -> bool:
         """Whether any operation is queued or running on this node (its own included)."""
@@ -431,8 +436,11 @@ class Member:
         if kind == "renew":
             self._renew(now)
         elif kind == "lapse":
-            if timer_id[1] == self.lgen and self.valid_until != NEVER and now >= self.valid_until:
-                self._lapse(now)
+            if timer_id[1] == self.lgen and self.valid_until != NEVER:
+                if now >= self.valid_until:
+                    self._lapse(now)
+                else:  # fired early (a loop that rounds its timers): it must fire again
+                    self._timer(timer_id, self.valid_until)
         elif kind in ("seal", "cretry", "copy"):
             self._cfg.on_timer(timer_id, now)
         elif kind == "wait":
@@ -784,7 +792,11 @@ class Member:
         if piggy is not None:
             op.ballot = piggy[0]
             self._see(op.ballot)
-            self._propose(name, op, (piggy[1], piggy[2]), True, now)
+            # Not `agreed`: what this node decided may have been replaced since, so even an
+            # operation that changes nothing sends its (identity) accept, which a majority
+            # takes only if no newer ballot was promised: a read is never answered from
+            # memory alone.
+            self._propose(name, op, (piggy[1], piggy[2]), "read_from_memory" in self.bugs, now)
             return
         self.counter += 1
         op.ballot = (self.epoch, self.counter, self._ballot_id)
@@ -811,7 +823,7 @@ class Member:
 
     def _change(self, op: Operation, v: Value, now: float) -> tuple[Value | None, str]:
         """The operation's compare-and-set function: (new value or None for none, status)."""
-        pid, token, _lgen, owner = v
+        pid, token, lgen, owner = v
         if op.kind == "lookup":
             return None, "value"
         if op.kind == "release":
@@ -836,9 +848,9 @@ class Member:
                 return None, "held"
             # A value of ours that was never granted here (an outcome in doubt): reuse it.
             return (want, token + 1, self.lgen, self.me), "ok"
-        # Held elsewhere: refuse at once while its node renews here; else try a takeover,
-        # which the acceptors' lease check decides.
-        if self.is_member and now - self._receipt.get(owner, NEVER) < self.lease:
+        # Held elsewhere: refuse at once while its node renews here in the holder's own
+        # generation; else try a takeover, which the acceptors' lease check decides.
+        if self.is_member and self.renews(owner, lgen, now):
             return None, "held"
         return (want, token + 1, self.lgen, self.me), "ok"
 
@@ -856,8 +868,8 @@ class Member:
                 return
             new = base[1]  # a majority disagree: an identity accept decides the value read
         op.new, op.result = new, (status, op.ballot, new)
-        if new[0] is not None and new[3] == self.me and op.kind in ("register", "update"):
-            op.doubt = True
+        if new[0] is not None and new[3] == self.me and op.kind in ("register", "update") and new != base[1]:
+            op.doubt = True  # a new value naming our pid (an identity accept proposes nothing new)
         g = self.grants.get(name)
         if g is not None and (new[0], new[1]) != (g[0], g[1]):
             # Before the first accept that moves the name away.

@@ -540,3 +540,19 @@ async def test_membership_changes_under_load_keep_one_holder_per_name() -> None:
             if decided is not None:
                 await eventually(lambda name=name, decided=decided: na.holder(name) in (decided, None)
                                  and nb.holder(name) in (decided, None), what="members agree")
+
+
+async def test_a_reset_node_rejoins_its_old_cluster_as_a_new_incarnation() -> None:
+    async with names_cluster(3) as members:
+        (a, na), (b, nb), (c, nc) = members
+        holder = a.spawn(idle)
+        assert await na.register_name("kept", holder)
+        token = na.token("kept")
+        old = nc.me
+        await nc.reset(force=True)
+        assert nc.me != old and nc.nodes() == [c.id]
+        await nc.join(a.id)  # a replace step: c's old incarnation leaves, the new one copies
+        assert old not in na.core.members and nc.me in na.core.members
+        assert await nc.lookup("kept") == (holder, token)
+        # The new incarnation copied the registers before it voted (its old self's are gone).
+        assert nc.core._slot("kept").value[:2] == (holder, token)

@@ -93,6 +93,7 @@ class Checker:
         self.ballots: dict[tuple[Any, Any], tuple[Any, set[Any], Any]] = {}
         self.decided: dict[Any, dict[Any, tuple[Any, Any]]] = {}
         self.granted_ever: list[tuple[float, Grant]] = []
+        self.decided_at: dict[tuple[Any, Any], float] = {}
 
     def event(self, inc: Any, ev: tuple[Any, ...], t: float) -> None:
         kind = ev[0]
@@ -160,11 +161,18 @@ class Checker:
             if b < b2 and base2 < b:
                 raise Violation(f"{name!r}: value at {b2} computed from {base2}, older than decided {b}")
         chain[b] = (v, base)
+        self.decided_at.setdefault((name, b), self.sim.t)
 
-    def result(self, name: Any, res: tuple[Any, ...]) -> None:
+    def result(self, name: Any, res: tuple[Any, ...], started: float = float("inf")) -> None:
         if name == CHANGE:
             return
         status, b, v = res
+        if status == "value":
+            # Linearizable reads: a lookup never answers a value older than one decided
+            # before it started.
+            for b2 in self.decided.get(name, {}):
+                if b2 > b and self.decided_at[name, b2] < started:
+                    raise Violation(f"{name!r}: lookup answered {b}, but {b2} was decided before it started")
         if b is None or (b == NO_BALLOT and v == FREE):
             return
         got = self.decided.get(name, {}).get(b)
@@ -203,6 +211,7 @@ class Sim:
         self.nodes: dict[str, NodeState] = {}
         self.checker = Checker(self)
         self.results: dict[Any, tuple[Any, tuple[Any, ...]]] = {}
+        self.started: dict[Any, float] = {}  # op id -> true time the client operation started
         self.op_ids = itertools.count(1)
         self.steps = 0
         for inc in incs + [(n, 1, self.rng.randrange(1 << 30)) for n in extra]:
@@ -239,7 +248,7 @@ class Sim:
         for op_id, res in fx.results:
             name = self.results[op_id][0]
             self.results[op_id] = (name, res)
-            self.checker.result(name, res)
+            self.checker.result(name, res, self.started.get(op_id, float("inf")))
         for timer_id, at in fx.timers:
             self._push(max(node.true(at), self.t), "timer", (inc, timer_id))
         for dest, msg in fx.messages:
@@ -275,6 +284,7 @@ class Sim:
         """Start a client operation now; its result lands in `self.results[op_id]`."""
         op_id = next(self.op_ids)
         self.results[op_id] = (name, ())
+        self.started[op_id] = self.t
         n = self.nodes[node]
         fx = getattr(n.member, kind)(name, *args, n.local(self.t), op_id)
         self._apply(n.member.me, fx)
@@ -820,9 +830,33 @@ def test_change_validation_and_a_change_in_parts() -> None:
 # ------------------------------------------------------------------ planted bugs
 
 
+def stale_read_after_another_decision(bugs: frozenset[str] = frozenset()) -> Sim:
+    """a decides n (and keeps a promise for its next ballot), then b decides n while its
+    commit to a is held back: a's lookup must not answer what a decided from memory."""
+    sim = Sim(12, bugs)
+    sim.run_until(1.0)
+    sim.call("a", "register", "n", ("a", 1))
+    sim.run_until(1.1)
+    sim.call("a", "release", "n")
+    sim.run_until(1.2)
+    sim.link("b", "a").hold_kinds = frozenset({"commit"})
+    sim.call("b", "register", "n", ("b", 1))
+    sim.run_until(1.3)
+    assert sim.holder("n") == ("b", (("b", 1), 2))
+    look = sim.call("a", "lookup", "n")
+    sim.run_until(1.4)
+    assert sim.results[look][1][2][:2] == (("b", 1), 2)
+    return sim
+
+
+def test_a_lookup_never_answers_from_memory() -> None:
+    stale_read_after_another_decision()
+
+
 @pytest.mark.parametrize(
     ("bug", "schedule"),
     [
+        ("read_from_memory", stale_read_after_another_decision),
         ("no_lgen", renewal_acks_late),
         ("ballot_without_incarnation", restart_then_delayed_accept),
         ("shard_wide_skip_prepare", skip_prepare_on_other_name),
