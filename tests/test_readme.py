@@ -28,3 +28,8 @@ def test_readme_example_runs() -> None:
     assert len(lines) == 7
     assert all(line.startswith("Join(") for line in lines[:3])
     assert lines[6].startswith("Leave(") and "'load': 3" in lines[6]
+
+
+def test_readme_names_example_runs() -> None:
+    lines = _run_block(2)
+    assert len(lines) == 2 and lines[0].startswith("hello from b@127.0.0.1:") and lines[1] == "True"
