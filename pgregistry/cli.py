@@ -41,6 +41,7 @@ from . import _table
 from ._control import CONTROL_NAME, SELECT_ALL, Control, NodeProcess, control
 from .errors import RegistryError
 from .events import Join, Leave, NodeDown, NodeUp, Update
+from .names import Names
 from .node import Node
 from .process import receive
 from .process import self as self_pid
@@ -62,6 +63,10 @@ class _EndOfInput(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done.set()
+
+
+#: The lease of ``--names`` without ``--lease`` (`Names.start`'s default).
+DEFAULT_LEASE: Final = 3.0
 
 
 def _unique(items: Sequence[str] | None) -> list[str]:
@@ -95,16 +100,51 @@ async def run_node(args: argparse.Namespace) -> int:
                 registries[scope] = await Registry.start(node, scope, keys="duplicate")
         except (TypeError, ValueError) as exc:
             return _fail(f"--scope: {exc}", 2)
-        await Control.start(node, node, registries, name=CONTROL_NAME)
+        names: dict[str, Names] = {}
+        if args.names is not None:
+            try:
+                lease = DEFAULT_LEASE if args.lease is None else args.lease
+                names[args.names] = await Names.start(node, args.names, lease=lease)
+            except (TypeError, ValueError, RegistryError) as exc:
+                return _fail(f"--names: {exc}", 2)
+        await Control.start(node, node, registries, names, name=CONTROL_NAME)
         for address in _unique(args.connect):
             try:
                 await node.connect(address)
             except (OSError, TimeoutError, RegistryError, ValueError, TypeError) as exc:
                 return _fail(f"cannot connect to {address}: {type(exc).__name__}: {exc}", 1)
+        if args.join is not None:
+            failure = await _join(names[args.names], args.join, args.join_timeout)
+            if failure is not None:
+                return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
         print(f"NODE {node.id}", flush=True)
         await stop.wait()
         _ignore_signals(loop)  # one signal stops the node; more must not cut the stop short
     return 0
+
+
+async def _join(names: Names, address: str, timeout: float) -> str | None:
+    """``--join``: make `names` a member of the names cluster of the node at `address`.
+
+    Tries again while nothing answers there (a node not up yet), for `timeout` seconds in
+    all; returns None once a member, else why not, as one readable line.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.05
+    while True:
+        try:
+            await names.join(address, timeout=max(0.1, deadline - loop.time()))
+            return None
+        except TimeoutError as exc:  # before OSError: a TimeoutError is one (NoQuorum, no names service there)
+            return f"{type(exc).__name__}: {exc}"
+        except OSError as exc:  # refused, unreachable: maybe not up yet
+            if loop.time() + pause >= deadline:
+                return f"nothing answered there within {timeout:g} s (last: {type(exc).__name__}: {exc})"
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+        except (RegistryError, ValueError, TypeError) as exc:  # JoinRefused, AuthenticationError, a bad address
+            return f"{type(exc).__name__}: {exc}"
 
 
 def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -456,7 +496,12 @@ def _run(coro: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgregistry`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "node" and args.names is None:
+        alone = [option for option, value in (("--lease", args.lease), ("--join", args.join)) if value is not None]
+        if alone:
+            parser.error(f"{' and '.join(alone)} need{'s' if len(alone) == 1 else ''} --names")
     if args.command == "node":
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -500,6 +545,18 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--tick-interval", type=float, default=1.0, metavar="T", help="seconds between ticks (1.0)")
     node.add_argument("--down-after", type=float, default=5.0, metavar="D",
                       help="seconds of silence after which a peer is down (5.0)")
+    node.add_argument("--names", nargs="?", const="names", default=None, metavar="SERVICE",
+                      help="run a names service (cluster-unique names decided by a majority) called SERVICE "
+                           "(default 'names'); it starts as a cluster of this node alone")
+    node.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                      help=f"lease of the names service, the same on every member (default {DEFAULT_LEASE}); a "
+                           "name held on a node that stopped renewing can be taken over after it")
+    node.add_argument("--join", default=None, metavar="ADDR",
+                      help="join the names cluster of the node at ADDR (host:port or a node id; needs --names), "
+                           "trying again while nothing answers there, for --join-timeout seconds; NODE is "
+                           "printed once a member")
+    node.add_argument("--join-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="seconds --join may take in all (30)")
     node.add_argument("--exit-with-stdin", action="store_true",
                       help="also stop when stdin reaches end of file (for a parent holding a pipe)")
     node.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
