@@ -84,7 +84,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -434,13 +434,14 @@ class NodeProcess:
         names: str | None = None,
         lease: float | None = None,
         join: str | None = None,
+        env: Mapping[str, str] | None = None,
         log: Path | None = None,
         timeout: float = START_TIMEOUT,
     ) -> NodeProcess:
         """Start ``python -m pgregistry node`` with these options and wait for its id.
 
         `names`, `lease` and `join` are ``--names``, ``--lease`` and ``--join`` (None:
-        left out).
+        left out); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints
         something else first, `TimeoutError` after `timeout` seconds; the child is
@@ -458,10 +459,11 @@ class NodeProcess:
             args += ["--lease", repr(lease)]
         if join is not None:
             args += ["--join", join]
-        env = {**os.environ, "PGREGISTRY_COOKIE": cookie}
+        environment = {**os.environ, **(env or {}), "PGREGISTRY_COOKIE": cookie}
         with contextlib.ExitStack() as files:
             stderr = files.enter_context(log.open("ab")) if log is not None else None
-            popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+            popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                     env=environment)
         child = cls(name, popen, log)
         try:
             await child._read_id(timeout)
