@@ -49,7 +49,30 @@ or fails. The server never crashes on a request; `control` turns an error reply 
 ``("add_route", peer, address)``
     `Node.add_route`; returns None.
 ``("info",)``
-    ``{"id", "creation", "os_pid", "scopes", "peers"}``.
+    ``{"id", "creation", "os_pid", "scopes", "names", "peers"}``.
+
+Names (`pgregistry.names.Names`): ``service`` names a names service the node runs
+(``pgregistry node --names``). The commands start no code of the caller's choosing: a
+name can only be given to `Singleton`, the control server's own echo server, and every
+wait has a fixed bound (`NAMES_TIMEOUT`), not one taken from the request.
+
+``("names_join", service, address)``
+    `Names.join` the names cluster of the node at `address` (an id or ``host:port``);
+    returns the member ids.
+``("names_stat", service)``
+    `Names.stat`: members, live members, lease state, counters.
+``("names_serve", service, name)``
+    Start a `Singleton` server under ``names.via(name)``: the name is decided by a
+    majority (a holder whose node stopped renewing is waited out). Returns ``(pid, token,
+    True)`` once it holds the name, or ``(holder, token, False)`` if a live process of
+    another node holds it (`holder` and `token` as this node knows them, maybe None).
+``("names_call", service, name, request)``
+    `~pgregistry.server.call` ``names.via(name)`` with `request` from this node; returns
+    the reply (a `Singleton` answers ``(node_id, pid, token, request)``).
+``("names_whereis", service, name)``
+    ``(pid, token)`` of the valid holder as this node knows it (a local read), or None.
+``("names_lookup", service, name)``
+    `Names.lookup`: ``(pid, token)`` as a majority decided it, or None.
 """
 
 from __future__ import annotations
@@ -61,27 +84,32 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import RegistryError
+from .errors import AlreadyStarted, RegistryError
 from .events import Down, Join, Leave, Update
+from .names import Names
 from .node import Node
+from .process import current_process, monitor, receive, send
 from .process import exit as exit_process
-from .process import monitor, receive, send
 from .registry import Registry
 from .server import Server, call
 from .spec import V1, V2, V3
 from .terms import Pid, check_key, check_value, short_repr
 
-__all__ = ["CONTROL_NAME", "MAX_WORKERS", "Control", "ControlError", "NodeProcess", "control"]
+__all__ = ["CONTROL_NAME", "MAX_WORKERS", "NAMES_TIMEOUT", "Control", "ControlError", "NodeProcess", "Singleton",
+           "control"]
 
 #: The local name of the control server on every ``pgregistry node``.
 CONTROL_NAME: Final = "pgregistry_control"
 
 #: Most workers one ``register`` request may start.
 MAX_WORKERS: Final = 10_000
+
+#: Seconds a names command may wait for a majority (the caller's `control` timeout must be longer).
+NAMES_TIMEOUT: Final = 10.0
 
 #: Seconds a new ``pgregistry node`` process gets to print its ``NODE`` line.
 START_TIMEOUT: Final = 20.0
@@ -106,6 +134,12 @@ _COMMANDS: Final[dict[str, tuple[str, ...]]] = {
     "peers": (),
     "add_route": ("peer", "address"),
     "info": (),
+    "names_join": ("service", "address"),
+    "names_stat": ("service",),
+    "names_serve": ("service", "name"),
+    "names_call": ("service", "name", "request"),
+    "names_whereis": ("service", "name"),
+    "names_lookup": ("service", "name"),
 }
 
 
@@ -155,21 +189,42 @@ async def _subscriber(reg: Registry, report_to: Pid, subscribed: asyncio.Future[
             send(report_to, ("event", node_id, kind.__name__, msg.key, msg[2], t_ns))
 
 
+class Singleton(Server):
+    """The server ``names_serve`` starts under a names via: answers every call with
+    ``(node_id, pid, token, request)``, `token` the fencing token of its name as its node
+    knows it (None once the name is no longer validly held)."""
+
+    names: Names
+    name: Any
+
+    async def init(self, names: Names, name: Any) -> None:
+        """Keep the names service and the name this server holds."""
+        self.names = names
+        self.name = name
+
+    async def handle_call(self, request: Any, caller: Pid) -> tuple[str, Pid, int | None, Any]:
+        """Say who answers, with which token."""
+        return (self.names.node.id, current_process().pid, self.names.token(self.name), request)
+
+
 class Control(Server):
     """The control server of a node: answers the requests of the module docstring.
 
-    Start it with ``await Control.start(node, node, registries, name=CONTROL_NAME)``,
-    `registries` mapping each scope name to its running `Registry`.
+    Start it with ``await Control.start(node, node, registries, names, name=CONTROL_NAME)``,
+    `registries` mapping each scope name to its running `Registry`, `names` (optional)
+    each names service name to its running `Names`.
     """
 
     node: Node
     registries: dict[str, Registry]
+    names: dict[str, Names]
     workers: dict[tuple[str, Any], list[Pid]]
 
-    async def init(self, node: Node, registries: dict[str, Registry]) -> None:
-        """Keep the node and its registries; no worker runs yet."""
+    async def init(self, node: Node, registries: dict[str, Registry], names: dict[str, Names] | None = None) -> None:
+        """Keep the node, its registries and names services; no worker runs yet."""
         self.node = node
         self.registries = dict(registries)
+        self.names = dict(names or {})
         self.workers = {}
 
     async def handle_call(self, request: Any, caller: Pid) -> tuple[str, Any]:
@@ -190,6 +245,13 @@ class Control(Server):
             raise ValueError(f"{short_repr(command)} takes {_usage(command)}, got {len(args)} argument(s)")
         handler: Callable[..., Awaitable[Any]] = getattr(self, f"_cmd_{command}")
         return await handler(*args)
+
+    def _names(self, service: Any) -> Names:
+        names = self.names.get(service) if type(service) is str else None
+        if names is None:
+            raise ValueError(f"no names service {short_repr(service, 80)} on {self.node.id}; "
+                             f"it runs {sorted(self.names)}")
+        return names
 
     def _registry(self, scope: Any) -> Registry:
         reg = self.registries.get(scope) if type(scope) is str else None
@@ -266,7 +328,38 @@ class Control(Server):
     async def _cmd_info(self) -> dict[str, Any]:
         node = self.node
         return {"id": node.id, "creation": node.creation, "os_pid": os.getpid(),
-                "scopes": sorted(self.registries), "peers": node.peers()}
+                "scopes": sorted(self.registries), "names": sorted(self.names), "peers": node.peers()}
+
+    async def _cmd_names_join(self, service: Any, address: Any) -> list[str]:
+        names = self._names(service)
+        if type(address) is not str:
+            raise TypeError(f"address must be a str, got {short_repr(address, 80)}")
+        await names.join(address, timeout=NAMES_TIMEOUT)
+        return names.nodes()
+
+    async def _cmd_names_stat(self, service: Any) -> dict[str, Any]:
+        return self._names(service).stat()
+
+    async def _cmd_names_serve(self, service: Any, name: Any) -> tuple[Pid | None, int | None, bool]:
+        names = self._names(service)
+        via = names.via(name)  # TypeError for a name that is not a key
+        try:
+            pid = await asyncio.wait_for(Singleton.start(self.node, names, name, name=via), NAMES_TIMEOUT)
+        except AlreadyStarted:
+            return (names.whereis_name(name), names.token(name), False)
+        return (pid, names.token(name), True)
+
+    async def _cmd_names_call(self, service: Any, name: Any, request: Any) -> Any:
+        return await call(self._names(service).via(name), request, NAMES_TIMEOUT)
+
+    async def _cmd_names_whereis(self, service: Any, name: Any) -> tuple[Pid, int] | None:
+        names = self._names(service)
+        pid = names.whereis_name(name)
+        token = names.token(name)
+        return None if pid is None or token is None else (pid, token)
+
+    async def _cmd_names_lookup(self, service: Any, name: Any) -> tuple[Pid, int] | None:
+        return await self._names(service).lookup(name, timeout=NAMES_TIMEOUT)
 
 
 async def control(node_id: str, request: tuple[Any, ...], timeout: float = 5.0) -> Any:
@@ -338,10 +431,17 @@ class NodeProcess:
         port: int = 0,
         tick_interval: float = 1.0,
         down_after: float = 5.0,
+        names: str | None = None,
+        lease: float | None = None,
+        join: str | None = None,
+        env: Mapping[str, str] | None = None,
         log: Path | None = None,
         timeout: float = START_TIMEOUT,
     ) -> NodeProcess:
         """Start ``python -m pgregistry node`` with these options and wait for its id.
+
+        `names`, `lease` and `join` are ``--names``, ``--lease`` and ``--join`` (None:
+        left out); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints
         something else first, `TimeoutError` after `timeout` seconds; the child is
@@ -353,10 +453,17 @@ class NodeProcess:
             args += ["--scope", scope]
         for address in connect:
             args += ["--connect", address]
-        env = {**os.environ, "PGREGISTRY_COOKIE": cookie}
+        if names is not None:
+            args += ["--names", names]
+        if lease is not None:
+            args += ["--lease", repr(lease)]
+        if join is not None:
+            args += ["--join", join]
+        environment = {**os.environ, **(env or {}), "PGREGISTRY_COOKIE": cookie}
         with contextlib.ExitStack() as files:
             stderr = files.enter_context(log.open("ab")) if log is not None else None
-            popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+            popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                     env=environment)
         child = cls(name, popen, log)
         try:
             await child._read_id(timeout)

@@ -13,6 +13,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from pgregistry._control import CONTROL_NAME, Control, ControlError, control
+from pgregistry.names import Names
 from pgregistry.node import Node
 from pgregistry.process import receive
 from pgregistry.process import self as self_pid
@@ -84,6 +86,27 @@ def test_demo_runs_a_three_process_cluster_and_leaves_nothing_running() -> None:
     # SIGKILL: c's entry leaves everywhere.
     assert re.search(r"event  Leave  'web'   c\.\d+ \{'node': 'c', 'load': 6\}", out), out
     assert "NodeDown('c'" in out and "count() on a, b, narrator: 5, 5, 5" in out
+    # Names: a server under a name decided by a majority, called from another node.
+    assert "b and c joined a's names cluster: members a, b, c" in out
+    assert re.search(r"b started a server under names\.via\('singleton'\): b\.\d+, fencing token 1 ", out), out
+    assert re.search(r"a called names\.via\('singleton'\): answered by b\.\d+ on b, token 1\n", out), out
+    # The holder in the minority steps down; the majority side takes the name, with a larger token.
+    assert "split {b} | {a, c}" in out
+    assert re.search(r"b stepped down, its holder b\.\d+ was killed with reason 'lost_quorum' [\d.]+ m?s after the "
+                     r"split\n", out), out
+    assert "whereis_name('singleton') on b now: no valid holder" in out
+    assert re.search(r"the majority side took it: c's server c\.\d+ holds the name [\d.]+ m?s after the split "
+                     r"\(after b's holder was gone: True\), fencing token 2 > 1: True", out), out
+    assert re.search(r"heal: [\d.]+ s later b sees the holder the majority chose, c\.\d+ with token 2", out), out
+    # After the holder's node is killed, a survivor takes the name over within about a lease.
+    taken = re.search(r"\n  ([ab]) took it over ([\d.]+) (m?s) after the kill \(lease 1\.0 s\): \1\.\d+, "
+                      r"fencing token 3 > 2: True\n", out)
+    assert taken, out
+    seconds = float(taken[2]) / (1000 if taken[3] == "ms" else 1)
+    assert 0.5 < seconds < 3.0, out  # not before the lease could have ended, not much after
+    other = "b" if taken[1] == "a" else "a"
+    assert re.search(rf"{other} called names\.via\('singleton'\): answered by {taken[1]}\.\d+ on {taken[1]}, token 3",
+                     out), out
     assert "node a stopped by SIGTERM: exit status 0" in out and "node b stopped by SIGTERM: exit status 0" in out
     assert "node c was killed: exit status -9" in out
     assert "every node process the demo started has exited: True" in out
@@ -157,6 +180,11 @@ async def test_node_joins_a_cluster_and_its_control_server_answers() -> None:
     (["--name", "n", "--port", "70000"], 2, "port must be in"),
     (["--name", "n", "--connect", "not-an-address"], 1, "cannot connect to not-an-address"),
     (["--port", "0"], 2, "--name"),
+    (["--name", "n", "--join", "127.0.0.1:1"], 2, "--join needs --names"),
+    (["--name", "n", "--lease", "1", "--join", "127.0.0.1:1"], 2, "--lease and --join need --names"),
+    (["--name", "n", "--names", "--lease", "0.001"], 2, "--names: lease must be"),
+    (["--name", "n", "--names", "--join", "127.0.0.1:1", "--join-timeout", "0.5"], 1,
+     "cannot join the names cluster of 127.0.0.1:1: nothing answered there within 0.5 s"),
 ])
 def test_node_rejects_bad_options(args: list[str], status: int, message: str) -> None:
     with _running(_start_node(*args)) as proc:
@@ -183,6 +211,98 @@ def test_node_with_exit_with_stdin_stops_when_its_parent_goes_away() -> None:
         proc.stdin.close()
         proc.wait(10)
         assert proc.returncode == 0
+
+
+def _free_port() -> int:
+    """A port nothing listens on right now (the OS's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def _eventually(check: Any, what: str, timeout: float = 10.0) -> None:
+    """Poll the async predicate `check` until it is true, for `timeout` seconds at most."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+async def test_nodes_with_names_and_join_form_one_names_cluster() -> None:
+    port, b_port = _free_port(), _free_port()
+    names = ["--names", "--lease", "1", "--tick-interval", "0.2", "--down-after", "1"]
+    # b starts first and listens before it joins: nothing listens at a's address yet, so it keeps trying.
+    b = _start_node("--name", "b", "--port", str(b_port), *names, "--join", f"127.0.0.1:{port}")
+    with _running(b):
+        await _eventually(lambda: _listening(b_port), "b to listen")
+        assert b.poll() is None
+        a = _start_node("--name", "a", "--port", str(port), *names)
+        with _running(a):
+            a_id = (await asyncio.to_thread(_read_line, a)).split()[1]
+            assert a_id == f"a@127.0.0.1:{port}"
+            b_id = (await asyncio.to_thread(_read_line, b)).split()[1]  # printed once a member
+            c = _start_node("--name", "c", *names, "--join", a_id)
+            with _running(c):
+                c_id = (await asyncio.to_thread(_read_line, c)).split()[1]
+                everyone = sorted([a_id, b_id, c_id])
+                async with Node("t", cookie=COOKIE) as t:
+                    await t.connect(a_id)
+                    await _until(lambda: sorted(t.peers()) == everyone, "t to meet every node")
+
+                    async def one_cluster() -> bool:
+                        stats = [await control(node, ("names_stat", "names")) for node in everyone]
+                        return all(sorted(stat["members"]) == everyone and sorted(stat["live_members"]) == everyone
+                                   and stat["lease_valid"] for stat in stats) \
+                            and len({stat["cluster_id"] for stat in stats}) == 1
+
+                    await _eventually(one_cluster, "one names cluster of a, b and c")
+                    info = await control(c_id, ("info",))
+                    assert info["names"] == ["names"]
+                    # A name decided by the cluster: held on b, seen and called from a and c.
+                    pid, token, won = await control(b_id, ("names_serve", "names", "job"), 15.0)
+                    assert won and pid.node == b_id and token == 1
+                    assert await control(c_id, ("names_lookup", "names", "job"), 15.0) == (pid, token)
+                    assert await control(a_id, ("names_call", "names", "job", "hi"), 15.0) == (b_id, pid, 1, "hi")
+                    assert await control(c_id, ("names_serve", "names", "job"), 15.0) == (pid, token, False)
+                for proc in (a, b, c):
+                    proc.terminate()
+                for proc in (a, b, c):
+                    _out, err = await asyncio.to_thread(proc.communicate, timeout=10)
+                    assert proc.returncode == 0, err
+
+
+@pytest.mark.timeout(60)
+async def test_a_refused_join_is_one_readable_line() -> None:
+    a = _start_node("--name", "a", "--names", "--lease", "1")
+    with _running(a):
+        a_id = (await asyncio.to_thread(_read_line, a)).split()[1]
+        d = _start_node("--name", "d", "--names", "--lease", "2", "--join", a_id)
+        with _running(d):
+            out, err = await asyncio.to_thread(d.communicate, timeout=20)
+            assert d.returncode == 1 and out == "", err
+            assert err.startswith(f"pgregistry node: error: cannot join the names cluster of {a_id}: "
+                                  "JoinRefused: "), err
+            assert "lease=1.0, this node lease=2.0" in err and "Traceback" not in err
+            assert len(err.strip().splitlines()) == 1, err
+        plain = _start_node("--name", "p")  # a node without a names service
+        with _running(plain):
+            p_id = (await asyncio.to_thread(_read_line, plain)).split()[1]
+            e = _start_node("--name", "e", "--names", "--join", p_id, "--join-timeout", "1")
+            with _running(e):
+                _out, err = await asyncio.to_thread(e.communicate, timeout=20)
+                assert e.returncode == 1 and "Traceback" not in err, err
+                assert f"cannot join the names cluster of {p_id}: TimeoutError: {p_id} runs no names service" in err
 
 
 # --------------------------------------------------------------------------- the control server
@@ -265,6 +385,35 @@ async def test_control_subscriber_ends_when_the_process_it_reports_to_exits() ->
         await _until(lambda: node_n.runtime.process(subscriber) is None, "the subscriber to end")
 
 
+async def test_control_names_requests_serve_call_and_look_up_a_name() -> None:
+    async with Node("n", cookie=COOKIE) as n:
+        names = await Names.start(n, "names", lease=1.0)
+        await Control.start(n, n, {}, {"names": names}, name=CONTROL_NAME)
+        async with Node("t", cookie=COOKIE) as t:
+            await t.connect(n.id)
+            stat = await control(n.id, ("names_stat", "names"))
+            assert stat["members"] == [n.id] and stat["lease"] == 1.0
+            assert await control(n.id, ("names_whereis", "names", "job")) is None
+            assert await control(n.id, ("names_lookup", "names", "job")) is None
+            pid, token, won = await control(n.id, ("names_serve", "names", "job"))
+            assert won and pid.node == n.id and names.whereis_name("job") == pid and names.token("job") == token
+            assert await control(n.id, ("names_serve", "names", "job")) == (pid, token, False)
+            assert await control(n.id, ("names_whereis", "names", "job")) == (pid, token)
+            assert await control(n.id, ("names_lookup", "names", "job")) == (pid, token)
+            assert await control(n.id, ("names_call", "names", "job", [1, 2])) == (n.id, pid, token, [1, 2])
+            assert (await control(n.id, ("info",)))["names"] == ["names"]
+            for request, reason in [
+                (("names_stat", "nope"), "no names service 'nope'"),
+                (("names_serve", "names", ["not", "a", "key"]), "TypeError"),
+                (("names_join", "names", 5), "TypeError: address must be a str"),
+                (("names_call", "names", "nobody", 1), "NoProcess"),
+            ]:
+                with pytest.raises(ControlError) as caught:
+                    await control(n.id, request)
+                assert reason in caught.value.reason
+            assert await control(n.id, ("names_whereis", "names", "job")) == (pid, token)  # still serving
+
+
 @pytest.mark.parametrize(("request_", "reason"), [
     ("register", "a control request is a tuple"),
     ((), "a control request is a tuple"),
@@ -279,6 +428,8 @@ async def test_control_subscriber_ends_when_the_process_it_reports_to_exits() ->
     (("add_route", "no-at-sign", "127.0.0.1:1"), "TypeError"),
     (("connect", "127.0.0.1:notaport"), "ValueError"),
     (("peers", "extra"), "'peers' takes ('peers'), got 1"),
+    (("names_stat", "names"), "no names service 'names'"),
+    (("names_serve", "names"), "'names_serve' takes ('names_serve', service, name), got 1"),
 ])
 async def test_control_refuses_bad_requests_and_keeps_serving(request_: Any, reason: str) -> None:
     async with _controlled() as (t, jobs, n):
