@@ -181,10 +181,6 @@ CHILDREN: Final = ("a", "b", "c")
 NAMES: Final = "names"
 LEASE: Final = 1.0
 SINGLETON: Final = "singleton"
-# The nodes run asyncio's loop, not uvloop: uvloop may run a timer up to ~1 ms before its
-# time, and the names service then ignores the timer that should lapse its lease (the
-# holder of a node in the minority would never step down). Remove once that is fixed.
-CHILD_ENV: Final = {"PGREGISTRY_LOOP": "asyncio"}
 WAIT: Final = 10.0  # seconds any one step of the demo may take before it gives up
 
 
@@ -341,7 +337,7 @@ async def _start_children(cookie: str, logs: Path, children: list[NodeProcess]) 
     """Start a, b and c at once; each one goes into `children` as soon as it runs."""
     results = await asyncio.gather(
         *(NodeProcess.start(name, cookie=cookie, scopes=[SCOPE], tick_interval=TICK, down_after=DOWN_AFTER,
-                            names=NAMES, lease=LEASE, env=CHILD_ENV, log=logs / f"{name}.log") for name in CHILDREN),
+                            names=NAMES, lease=LEASE, log=logs / f"{name}.log") for name in CHILDREN),
         return_exceptions=True,
     )
     started = [result for result in results if isinstance(result, NodeProcess)]
