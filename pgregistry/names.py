@@ -66,9 +66,9 @@ _LATENCY_SAMPLES: Final = 1024
 
 
 class _Naming:
-    """What `Via` asks: `Names` as a `pgregistry.naming.NamingService` (the third argument of
-    ``register_name`` is the via's value there, a timeout here). With a `token`, a name
-    resolves only while its holder has that fencing token."""
+    """What `Via` asks: `Names` as a `pgregistry.naming.NamingService`. The third argument
+    of ``register_name`` (a via's value) is not used: a name has no value here. With a
+    `token`, a name resolves only while its holder has that fencing token."""
 
     __slots__ = ("names", "token")
 

@@ -140,7 +140,7 @@ class NamesLink:
                 await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise TimeoutError(f"{peer} runs no names service {self.service!r} (no answer within "
-                                   f"{timeout} s)") from None
+                                   f"{timeout:.3g} s)") from None
         return self.peers[peer]
 
     def peer_down(self, peer: str) -> None:
