@@ -19,52 +19,8 @@ Identities:
                  every ballot this member sees, so a restarted node (a new incarnation)
                  never reuses the ballots of its previous life.
 
-Every message is a tuple ``(kind, cluster_id, epoch, ...)``; the sender is the peer of the
-connection it came on, never a field. Lists are accepted wherever tuples are (msgpack).
-
-    prepare(name, ballot)
-        Proposer -> members. An acceptor promises if ballot >= its promise for the name.
-    promise(name, ballot, accepted_ballot, value)
-        The current accepted value and its ballot: the proposer picks the highest of a
-        majority, applies its change function and sends accept.
-    nack(name, ballot, competing_ballot, retry_after)
-        Refusal of a prepare or accept, with the promise that beat it; retry_after > 0
-        when an accept was refused by the takeover check (seconds until it may pass).
-        The proposer then waits for the competing ballot's commit (see Contention).
-    accept(name, ballot, value, base_ballot, base_value)
-        The new value, and the value (with its ballot) it was computed from. Accepting
-        also promises the proposer's next ballot for this name only, so its next operation
-        on the name skips prepare.
-    accepted(name, ballot)
-        Acknowledges an accept; a majority decides the value.
-    commit(name, ballot, value)
-        Sent by the decider to every member; applied only if newer than what it has.
-    renew(lgen, seq)
-        Every lease/3, to every member including the sender. Refused (no answer) from a
-        non-member or when lgen is below the generation a takeover fenced off.
-    renew_ack(lgen, seq)
-        Counts toward the sender's lease once a majority acked the same seq.
-    wrong_epoch(epoch, members)
-        The answer to a request of an older epoch, and the decider's notice of a new
-        configuration: the receiver adopts it if newer and restarts its operations there.
-    sealed(name, ballot)
-        Refusal of a prepare or accept by an acceptor whose epoch is sealed (a change runs).
-
-Configuration slot next(e), CASPaxos among e's members (messages carry epoch e):
-
-    cprepare(ballot) / cpromise(ballot, accepted_ballot, members) / cnack(ballot, promised)
-    caccept(ballot, members) / caccepted(ballot)
-        ``members`` is () when nothing was accepted. A promise or an accept seals e here.
-
-Copy (messages carry the new epoch E):
-
-    copy(cursor)
-        A member of E asks for the registers after ``cursor`` (None: from the start).
-    copy_part(cursor, entries, next_cursor, kind)
-        Up to a bounded number of ``(name, ballot, value, decided)`` (decided: the source
-        knows the value decided); next_cursor None ends the copy;
-        kind is "sealed" (the source served E-1 and left it or sealed it: its registers of
-        E-1 are final) or "complete" (it serves E or later).
+The messages, and the checks every one of them passes before it changes anything, are in
+`pgregistry.names_messages`.
 
 Leases: a node's lease is valid until ``t_sent + lease - (lease*rho + 0.001)`` where t_sent
 is its local send time of the newest renewal a majority acked in the current generation.
@@ -112,7 +68,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from pgregistry.names_config import (
+from .names_config import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     COMMIT_WAIT_ROUND_TRIPS,
@@ -125,17 +81,26 @@ from pgregistry.names_config import (
     RTT_GAIN,
     AcceptorSlot,
     Ballot,
-    Cursor,
     Effects,
     Incarnation,
-    Members,
     Membership,
     Operation,
     TimerId,
     Value,
     apply_change,
 )
-from pgregistry.terms import key_problem
+from .names_messages import (
+    ARITY,
+    BadMessage,
+    ballot_of,
+    cursor_of,
+    freeze,
+    incarnation_of,
+    int_of,
+    members_of,
+    name_of,
+    value_of,
+)
 
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
 
@@ -161,106 +126,6 @@ BUGS = frozenset({
     "read_from_memory",
 })
 
-
-
-class BadMessage(ValueError):
-    """A message that is malformed, of another cluster, or from a sender that may not send it.
-
-    Raised by `Member.on_message` before anything changes; the caller logs it and drops the
-    message."""
-
-
-def _freeze(x: Any) -> Any:
-    """Lists (as plain msgpack decodes tuples) become tuples, recursively, so terms hash and
-    compare; a `pgregistry.terms.Pid` (a tuple subclass) stays what it is."""
-    if type(x) is list or type(x) is tuple:
-        return tuple(_freeze(y) for y in x)
-    return x
-
-
-def _int(x: Any, what: str) -> int:
-    if type(x) is not int:
-        raise BadMessage(f"{what} must be an int, not {type(x).__name__}")
-    return x
-
-
-def _incarnation(x: Any, what: str = "incarnation") -> Incarnation:
-    # The parsers return their input when it is well formed: no copy per message.
-    if type(x) is tuple and len(x) == 3 and type(x[0]) is str and type(x[1]) is int and type(x[2]) is int:
-        return x
-    raise BadMessage(f"{what} must be (node_id, creation, nonce)")
-
-
-def _ballot(x: Any) -> Ballot:
-    if not (type(x) is tuple and len(x) == 3):
-        raise BadMessage("ballot must be (epoch, counter, incarnation)")
-    if x[2] == ():
-        if (x[0], x[1]) != (-1, -1):
-            raise BadMessage("only the empty ballot has no incarnation")
-        return NO_BALLOT
-    _int(x[0], "epoch")
-    _int(x[1], "counter")
-    _incarnation(x[2], "ballot incarnation")
-    return x
-
-
-def _value(x: Any) -> Value:
-    if not (type(x) is tuple and len(x) == 4):
-        raise BadMessage("value must be (pid, token, lgen, owner)")
-    pid, token, lgen, owner = x
-    if _int(token, "token") < 0 or _int(lgen, "lgen") < 0:
-        raise BadMessage("token and lgen are never negative")
-    if (pid is None) != (owner is None):
-        raise BadMessage("a value has a pid and an owner, or neither")
-    if owner is not None:
-        _incarnation(owner, "owner")
-    return x
-
-
-def _members(x: Any, empty: bool = False) -> Members:
-    if not isinstance(x, tuple) or (not x and not empty):
-        raise BadMessage("members must be a tuple of incarnations")
-    out = tuple(_incarnation(m, "member") for m in x)
-    if len(set(out)) != len(out):
-        raise BadMessage("members repeat")
-    return out
-
-
-def _cursor(x: Any) -> Cursor:
-    if x is None:
-        return None
-    if not (isinstance(x, tuple) and len(x) == 2 and type(x[1]) is str):
-        raise BadMessage("cursor must be None or (int, str)")
-    return (_int(x[0], "cursor"), x[1])
-
-
-def _name(x: Any) -> Any:
-    problem = key_problem(x)
-    if problem is not None:
-        raise BadMessage(f"name: {problem}")
-    return x
-
-
-# Expected arity (fields after kind, cluster_id, epoch) of each message kind.
-_ARITY = {
-    "prepare": 2,
-    "promise": 4,
-    "nack": 4,
-    "accept": 5,
-    "accepted": 2,
-    "commit": 3,
-    "renew": 2,
-    "renew_ack": 2,
-    "wrong_epoch": 2,
-    "sealed": 2,
-    "cprepare": 1,
-    "cpromise": 3,
-    "cnack": 2,
-    "caccept": 2,
-    "caccepted": 1,
-    "copy": 1,
-    "copy_part": 4,
-}
 
 
 class Member:
@@ -465,35 +330,35 @@ class Member:
 
         Raises `BadMessage` (and changes nothing) for a malformed message, another cluster's,
         or a reply from a non-member."""
-        m = _freeze(msg) if self._freeze else msg
+        m = freeze(msg) if self._freeze else msg
         if not (isinstance(m, tuple) and len(m) >= 3 and isinstance(m[0], str)):
             raise BadMessage("a message is (kind, cluster_id, epoch, ...)")
         kind, cid, epoch = m[0], m[1], m[2]
-        if kind not in _ARITY or len(m) != 3 + _ARITY[kind]:
+        if kind not in ARITY or len(m) != 3 + ARITY[kind]:
             raise BadMessage(f"unknown kind or wrong arity: {kind!r}")
         if cid != self.cluster_id:
             raise BadMessage("message of another cluster")
-        _int(epoch, "epoch")
-        sender = _incarnation(sender, "sender")
+        int_of(epoch, "epoch")
+        sender = incarnation_of(sender, "sender")
         args = m[3:]
         fx = self._begin()
         if kind == "wrong_epoch":
-            e2, members = _int(args[0], "epoch"), _members(args[1])
+            e2, members = int_of(args[0], "epoch"), members_of(args[1])
             if e2 > self.epoch:
                 self._cfg.adopt(e2, members, tuple(self.members) if e2 == self.epoch + 1 else None, now)
             elif e2 < self.epoch:
                 self._send_config(sender)  # a node that fell behind asks for the news
             return fx
         if kind == "copy":
-            self._cfg.on_copy(sender, epoch, _cursor(args[0]))
+            self._cfg.on_copy(sender, epoch, cursor_of(args[0]))
             return fx
         if kind == "copy_part":
             if not isinstance(args[1], tuple) or args[3] not in ("sealed", "complete"):
                 raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
             if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
                 raise BadMessage("a copy entry is (name, ballot, value, decided)")
-            entries = [(_name(e[0]), self._ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
-            self._cfg.on_copy_part(sender, epoch, _cursor(args[0]), entries, _cursor(args[2]), args[3], now)
+            entries = [(name_of(e[0]), self._ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
+            self._cfg.on_copy_part(sender, epoch, cursor_of(args[0]), entries, cursor_of(args[2]), args[3], now)
             return fx
         if kind in ("renew", "renew_ack"):
             # Leases span epochs: an acceptor acks the members of its own configuration, and
@@ -503,7 +368,7 @@ class Member:
                 # that added it); its own configuration in reply makes the sender send back
                 # the newer one.
                 self._send_config(sender)
-            lgen, seq = _int(args[0], "lgen"), _int(args[1], "seq")
+            lgen, seq = int_of(args[0], "lgen"), int_of(args[1], "seq")
             if kind == "renew":
                 self._on_renew(sender, lgen, seq, now)
             elif sender in self._member_set:
@@ -521,37 +386,37 @@ class Member:
         if kind in ("cprepare", "caccept", "cpromise", "cnack", "caccepted"):
             b = self._ballot(args[0])
             other = self._ballot(args[1]) if kind in ("cpromise", "cnack") else NO_BALLOT
-            members = _members(args[1]) if kind == "caccept" else ()
+            members = members_of(args[1]) if kind == "caccept" else ()
             if kind == "cpromise":
-                members = _members(args[2], empty=True)
+                members = members_of(args[2], empty=True)
             self._cfg.on_config_message(sender, kind, b, other, members, now)
         elif kind == "sealed":
-            self._cfg.on_sealed(_name(args[0]), self._ballot(args[1]), now)
+            self._cfg.on_sealed(name_of(args[0]), self._ballot(args[1]), now)
         elif kind == "prepare":
-            self._on_prepare(sender, _name(args[0]), self._ballot(args[1]))
+            self._on_prepare(sender, name_of(args[0]), self._ballot(args[1]))
         elif kind == "accept":
-            name, b, v = _name(args[0]), self._ballot(args[1]), self._value(args[2])
+            name, b, v = name_of(args[0]), self._ballot(args[1]), self._value(args[2])
             self._on_accept(sender, name, b, v, self._ballot(args[3]), self._value(args[4]), now)
         elif kind == "commit":
-            self._on_commit(_name(args[0]), self._ballot(args[1]), self._value(args[2]), now)
+            self._on_commit(name_of(args[0]), self._ballot(args[1]), self._value(args[2]), now)
         elif kind == "renew":
-            self._on_renew(sender, _int(args[0], "lgen"), _int(args[1], "seq"), now)
+            self._on_renew(sender, int_of(args[0], "lgen"), int_of(args[1], "seq"), now)
         elif kind == "promise":
             b, ab, av = self._ballot(args[1]), self._ballot(args[2]), self._value(args[3])
-            self._on_promise(sender, _name(args[0]), b, ab, av, now)
+            self._on_promise(sender, name_of(args[0]), b, ab, av, now)
         elif kind == "nack":
             ra = args[3]
             if not isinstance(ra, int | float) or isinstance(ra, bool) or not ra >= 0:
                 raise BadMessage("retry_after must be a number >= 0")
-            self._on_nack(sender, _name(args[0]), self._ballot(args[1]), self._ballot(args[2]), float(ra), now)
+            self._on_nack(sender, name_of(args[0]), self._ballot(args[1]), self._ballot(args[2]), float(ra), now)
         else:
-            self._on_accepted(sender, _name(args[0]), self._ballot(args[1]), now)
+            self._on_accepted(sender, name_of(args[0]), self._ballot(args[1]), now)
         return fx
 
     # ----------------------------------------------------------------- plumbing
 
     def _value(self, x: Any) -> Value:
-        v = _value(x)
+        v = value_of(x)
         if v[0] is not None:
             if self._pid_ok is not None and not self._pid_ok(v[0]):
                 raise BadMessage("a value's holder is not a pid")
@@ -561,7 +426,7 @@ class Member:
         return v
 
     def _ballot(self, x: Any) -> Ballot:
-        b = _ballot(x)
+        b = ballot_of(x)
         inc = self._member_set.get(b[2])
         if inc is not None and inc is not b[2]:
             b = (b[0], b[1], inc)
