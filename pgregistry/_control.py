@@ -86,7 +86,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .errors import AlreadyStarted, RegistryError
 from .events import Down, Join, Leave, Update
@@ -98,6 +98,8 @@ from .registry import Registry
 from .server import Server, call
 from .spec import V1, V2, V3
 from .terms import Pid, check_key, check_value, short_repr
+
+T = TypeVar("T")
 
 __all__ = ["CONTROL_NAME", "MAX_WORKERS", "NAMES_TIMEOUT", "Control", "ControlError", "NodeProcess", "Singleton",
            "control"]
@@ -247,18 +249,16 @@ class Control(Server):
         return await handler(*args)
 
     def _names(self, service: Any) -> Names:
-        names = self.names.get(service) if type(service) is str else None
-        if names is None:
-            raise ValueError(f"no names service {short_repr(service, 80)} on {self.node.id}; "
-                             f"it runs {sorted(self.names)}")
-        return names
+        return self._named(self.names, "names service", service)
 
     def _registry(self, scope: Any) -> Registry:
-        reg = self.registries.get(scope) if type(scope) is str else None
-        if reg is None:
-            raise ValueError(f"no registry {short_repr(scope, 80)} on {self.node.id}; "
-                             f"it runs {sorted(self.registries)}")
-        return reg
+        return self._named(self.registries, "registry", scope)
+
+    def _named(self, running: dict[str, T], what: str, name: Any) -> T:
+        found = running.get(name) if type(name) is str else None
+        if found is None:
+            raise ValueError(f"no {what} {short_repr(name, 80)} on {self.node.id}; it runs {sorted(running)}")
+        return found
 
     async def _cmd_register(self, scope: Any, key: Any, value: Any, n: Any) -> list[Pid]:
         reg = self._registry(scope)
