@@ -24,6 +24,7 @@ would give to a process of this node is released again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections import deque
@@ -52,9 +53,12 @@ def lease_clock() -> float:
     """Seconds of the clock leases are measured with: ``CLOCK_BOOTTIME`` where there is one
     (it keeps counting through a suspend, unlike the event loop's monotonic clock), else
     `time.monotonic`."""
-    if _BOOTTIME is not None:
-        return time.clock_gettime(_BOOTTIME)
-    return time.monotonic()
+    return _clock()
+
+
+_clock: Callable[[], float] = (
+    functools.partial(time.clock_gettime, _BOOTTIME) if _BOOTTIME is not None else time.monotonic
+)
 
 
 _ON_LOST: Final = ("kill", "notify")
@@ -652,11 +656,22 @@ class Names:
         """The valid holder of `name` as this node knows it, or None: a local read.
 
         A holder of this node counts while this node's lease is valid; one of another node
-        while that node is connected and has renewed here within a lease. `TypeError` for
-        a name that is not a key term.
+        while that node is connected and has renewed here within a lease, in the holder's
+        lease generation. `TypeError` for a name that is not a key term.
         """
-        held = self.holder(name)
-        return None if held is None else held[0]
+        core = self.core
+        try:
+            grant = core.grants.get(name)
+        except TypeError:
+            grant = check_key(name, "name")  # raises, naming what is wrong with it
+        if grant is not None:  # the hot path: one dict lookup and one clock read
+            return grant[0] if grant[2] == core.lgen and _clock() < core.valid_until else None
+        if type(name) is not str:
+            check_key(name, "name")
+        value = core.remote_holder(name, _clock())
+        if value is None or self.link.peers.get(value[3][0]) != value[3]:
+            return None  # another node's holder counts while that node is connected
+        return value[0]
 
     def token(self, name: Any) -> int | None:
         """The fencing token of `name`'s valid holder as this node knows it, or None."""
@@ -665,24 +680,23 @@ class Names:
 
     def holder(self, name: Any) -> tuple[Pid, int] | None:
         """``(pid, token)`` of the valid holder of `name` as this node knows it, or None
-        (the local read behind `whereis_name` and `token`)."""
+        (what `whereis_name` and `token` read)."""
         core = self.core
-        grant = core.grants.get(name)
-        now = lease_clock()
+        try:
+            grant = core.grants.get(name)
+        except TypeError:
+            grant = check_key(name, "name")  # raises, naming what is wrong with it
         if grant is not None:
-            if grant[2] == core.lgen and now < core.valid_until:
-                return (grant[0], grant[1])
-            return None
-        check_key(name, "name")
-        known = core.known(name)
-        if known is None:
-            return None
-        pid, token, lgen, owner = known[1]
-        if pid is None or owner == self.me or self.link.peers.get(owner[0]) != owner:
-            return None
-        if not core.renews(owner, lgen, now):
-            return None
-        return (pid, token)
+            return (grant[0], grant[1]) if grant[2] == core.lgen and _clock() < core.valid_until else None
+        return self._remote_holder(name)
+
+    def _remote_holder(self, name: Any) -> tuple[Pid, int] | None:
+        if type(name) is not str:
+            check_key(name, "name")
+        value = self.core.remote_holder(name, _clock())
+        if value is None or self.link.peers.get(value[3][0]) != value[3]:
+            return None  # another node's holder counts while that node is connected
+        return (value[0], value[1])
 
     async def lookup(self, name: Any, timeout: float = 5.0) -> tuple[Pid, int] | None:
         """The holder of `name` and its token as a majority has decided it (linearizable),

@@ -4,7 +4,7 @@ A configuration is ``(epoch, members)``. The slot next(e) is one CASPaxos regist
 by a majority of e's members; its value is the member tuple of epoch e+1. `ConfigSlot` is
 an acceptor's state for it (a promise or an accept there seals e at that acceptor),
 `ConfigRound` a proposer's round. `Copy` is the bookkeeping of a member of e+1 that merges
-the per-name registers of its sources before it serves, and `copy_page` the source's side.
+the per-name registers of its sources before it serves, and `CopyOrder` the source's side.
 `Membership` drives the three steps of a change for one `pgregistry.names_core.Member`
 (which parses the messages and hands them over). The records both modules handle live
 here too: `Operation` (a client operation on one name), `AcceptorSlot` (an acceptor's
@@ -13,6 +13,7 @@ register for one name) and `Effects` (what one input produced).
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections import deque
 from collections.abc import Iterable
@@ -146,7 +147,8 @@ RTT_DEFAULT = 0.01
 RTT_FLOOR = 0.0005
 RTT_GAIN = 1 / 8
 # Registers per copy_part: a big table goes in many small messages, never one huge one.
-COPY_PART = 64
+COPY_PART = 256
+MAX_COPY_ORDERS = 16  # copies served at once (one order each); the oldest is dropped first
 
 
 def apply_change(members: Members, add: Incarnation | None, remove: Incarnation | None) -> Members:
@@ -173,17 +175,28 @@ def name_key(name: Any) -> tuple[int, str]:
 Entry = tuple[Any, Ballot, Value, bool]  # (name, ballot, value, known decided)
 
 
-def copy_page(registers: Iterable[Entry], cursor: Cursor, limit: int) -> tuple[list[Entry], Cursor]:
-    """The first `limit` accepted registers after `cursor` in `name_key` order, and the cursor
-    to ask for next (None when these were the last). Never-accepted registers are left out:
-    an empty register is what the requester already has."""
-    after = [(name_key(e[0]), e) for e in registers if e[1] != NO_BALLOT]
-    if cursor is not None:
-        after = [e for e in after if e[0] > cursor]
-    after.sort(key=lambda e: e[0])
-    page = after[:limit]
-    nxt = page[-1][0] if len(after) > limit else None
-    return [e for _k, e in page], nxt
+class CopyOrder:
+    """A source's order of the names it sends one requester, built once per copy.
+
+    The registers accepted when the copy began, sorted by `name_key`; each part is the
+    next `limit` of them after the requester's cursor, read from the tables as they are
+    then. A name first accepted later is not needed: a register decided in the new epoch
+    was decided without the requester, which has not voted yet. Never-accepted registers
+    are left out: an empty register is what the requester already has."""
+
+    __slots__ = ("keys", "names")
+
+    def __init__(self, tables: Iterable[dict[Any, Any]]) -> None:
+        pairs = [(name_key(n), n) for t in tables for n, slot in t.items() if slot.ballot != NO_BALLOT]
+        pairs.sort(key=lambda p: p[0])
+        self.keys = [k for k, _n in pairs]
+        self.names = [n for _k, n in pairs]
+
+    def page(self, cursor: Cursor, limit: int) -> tuple[list[Any], Cursor]:
+        """The names of the part after `cursor`, and the cursor that follows it (None: the last)."""
+        start = 0 if cursor is None else bisect.bisect_right(self.keys, cursor)
+        end = start + limit
+        return self.names[start:end], (self.keys[end - 1] if end < len(self.keys) else None)
 
 
 @dataclass
@@ -310,6 +323,7 @@ class Membership:
         self.copy: Copy | None = None
         self.round: ConfigRound | None = None
         self.pending: tuple[Any, Incarnation | None, Incarnation | None] | None = None
+        self.orders: dict[tuple[Incarnation, int], CopyOrder] = {}  # copies this node serves
 
     def on_timer(self, timer_id: tuple[Any, ...], now: float) -> None:
         """The seal, cretry and copy timers."""
@@ -410,14 +424,18 @@ class Membership:
         self.adopt(self.m.epoch + 1, members, prev, now)
 
     def on_sealed(self, name: Any, b: Ballot, now: float) -> None:
-        """Our round met a sealed acceptor: back off, and help complete next(e)."""
+        """Our round met a sealed acceptor: back off until the change completes.
+
+        No round of our own on next(e) here: it would race the change's proposer with
+        "e's members unchanged" and, under a steady load of writes that all meet the
+        seal, win again and again (epochs grow, the change never lands). A sealed
+        acceptor completes next(e) itself if the seal outlasts half a lease (its "seal"
+        timer), which covers a proposer that died."""
         op = self.m._current(name)
         if op is not None and op.phase in ("prepare", "accept") and b == op.ballot:
             self.m._piggy.pop(name, None)
             op.phase = "backoff"
             self.m._timer(("retry", name, op.attempt), now + self.m.lease * ROUND_FRACTION)
-        if self.round is None:
-            self.config_round(now)
 
     def adopt(self, epoch: int, members: Members, prev: Members | None, now: float) -> None:
         """Move to configuration (epoch, members); `prev` is the previous epoch's members when
@@ -481,13 +499,20 @@ class Membership:
         )
         if not (complete or sealed):
             return  # not final yet: the requester asks again
+        key = (sender, epoch)
+        order = self.orders.get(key)
+        if order is None or cursor is None:
+            order = self.orders[key] = CopyOrder(self.m._tables)
+            while len(self.orders) > MAX_COPY_ORDERS:
+                del self.orders[next(iter(self.orders))]
+        names, nxt = order.page(cursor, COPY_PART)
+        if nxt is None:
+            self.orders.pop(key, None)
         known = self.m._known
-        registers = (
-            (n, s.ballot, s.value, s.decided or known.get(n, (NO_BALLOT,))[0] == s.ballot)
-            for t in self.m._tables
-            for n, s in t.items()
-        )
-        entries, nxt = copy_page(registers, cursor, COPY_PART)
+        entries = []
+        for n in names:
+            s = self.m._slot(n)
+            entries.append((n, s.ballot, s.value, s.decided or known.get(n, (NO_BALLOT,))[0] == s.ballot))
         kind = "complete" if complete else "sealed"
         self.m._send(sender, ("copy_part", self.m.cluster_id, epoch, cursor, tuple(entries), nxt, kind))
 

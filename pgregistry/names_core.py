@@ -111,6 +111,7 @@ PIGGY_LIMIT = 16384
 # Why an operation of this node revokes its own grant (see `Member._revoke`).
 _REVOKED_BY = {"update": "handoff", "release": "released"}
 NEVER = float("-inf")
+_NEVER_RENEWED = (NEVER, 0)
 
 #: Planted bugs, for the simulator to show that its checker catches each one:
 #: "no_lgen": a lapse keeps the generation, so late acks extend a lapsed lease (and acceptors
@@ -180,8 +181,8 @@ class Member:
         # Acceptor state.
         self._tables: list[dict[Any, AcceptorSlot]] = [{} for _ in range(shard_count)]
         self._serve_start = now
-        self._receipt: dict[Incarnation, float] = {}
-        self._renewed_lgen: dict[Incarnation, int] = {}
+        # Per member: (local time its newest renewal arrived, highest generation it renewed).
+        self._renewed: dict[Incarnation, tuple[float, int]] = {}
         self._min_lgen: dict[Incarnation, int] = {}
         # Membership state: serving is False from adopting an epoch until its copy is done.
         self.serving = True
@@ -228,11 +229,27 @@ class Member:
         """The newest decided value of `name` this node learned (with its ballot), or None."""
         return self._known.get(name)
 
+    def remote_holder(self, name: Any, now: float) -> Value | None:
+        """The newest decided value of `name` if its holder is on another node that `renews`
+        here in the holder's generation; else None."""
+        known = self._known.get(name)
+        if known is None:
+            return None
+        value = known[1]
+        owner = value[3]
+        if owner is None or owner is self.me or owner == self.me:
+            return None
+        receipt, renewed_lgen = self._renewed.get(owner, _NEVER_RENEWED)
+        if now - receipt >= self.lease or renewed_lgen > value[2]:
+            return None
+        return value
+
     def renews(self, inc: Incarnation, lgen: int, now: float) -> bool:
         """Whether the member `inc` renewed here less than a lease ago and, as far as this
         node heard, is still in generation `lgen` (a renewal of a later one means it lapsed:
         its holders of `lgen` stepped down)."""
-        return now - self._receipt.get(inc, NEVER) < self.lease and self._renewed_lgen.get(inc, 0) <= lgen
+        receipt, renewed_lgen = self._renewed.get(inc, _NEVER_RENEWED)
+        return now - receipt < self.lease and renewed_lgen <= lgen
 
     def busy(self) -> bool:
         """Whether any operation is queued or running on this node (its own included)."""
@@ -301,11 +318,11 @@ class Member:
         if kind == "renew":
             self._renew(now)
         elif kind == "lapse":
-            if timer_id[1] == self.lgen and self.valid_until != NEVER:
-                if now >= self.valid_until:
-                    self._lapse(now)
-                else:  # fired early (a loop that rounds its timers): it must fire again
-                    self._timer(timer_id, self.valid_until)
+            # One set before a renewal moved valid_until on is stale; ignored. (So a driver
+            # must never fire a timer before its time: `pgregistry.names` re-arms one
+            # that its loop runs early.)
+            if timer_id[1] == self.lgen and self.valid_until != NEVER and now >= self.valid_until:
+                self._lapse(now)
         elif kind in ("seal", "cretry", "copy"):
             self._cfg.on_timer(timer_id, now)
         elif kind == "wait":
@@ -494,9 +511,10 @@ class Member:
         pid, token, lgen, owner = h
         if pid is None or owner is None or owner == sender or (new[0], new[1]) == (pid, token):
             return None
-        if "no_takeover_check" in self.bugs or self._renewed_lgen.get(owner, 0) > lgen:
+        receipt, renewed_lgen = self._renewed.get(owner, _NEVER_RENEWED)
+        if "no_takeover_check" in self.bugs or renewed_lgen > lgen:
             return 0.0
-        wait = max(self._receipt.get(owner, NEVER) + self.lease - now, self._serve_start + self.lease - now)
+        wait = max(receipt + self.lease - now, self._serve_start + self.lease - now)
         return max(wait, 0.0)
 
     def _on_accept(
@@ -548,9 +566,7 @@ class Member:
             return
         if "no_lgen" not in self.bugs and lgen < self._min_lgen.get(sender, 0):
             return
-        self._receipt[sender] = now
-        if lgen > self._renewed_lgen.get(sender, 0):
-            self._renewed_lgen[sender] = lgen
+        self._renewed[sender] = (now, max(lgen, self._renewed.get(sender, _NEVER_RENEWED)[1]))
         self._send(sender, ("renew_ack", self.cluster_id, self.epoch, lgen, seq))
 
     # ----------------------------------------------------------------- lease keeper
@@ -729,6 +745,12 @@ class Member:
                 new = (op.args[0], base[1][1] + 1, self.lgen, self.me)
         if new is None:
             if agreed:
+                # A majority accepted this very ballot: its value is decided. Tell everyone
+                # (its own commit may have been lost, say when this is our retried release).
+                if base[0] != NO_BALLOT and self._learn(name, base[0], base[1], now):
+                    self._broadcast(("commit", self.cluster_id, self.epoch, name, base[0], base[1]))
+                if op.kind == "release" and base[1][0] is None and base[0][2] == self._ballot_id:
+                    status = "ok"  # our own release, decided in an earlier round of this one
                 self._finish(name, op, (status, base[0], base[1]), now)
                 return
             new = base[1]  # a majority disagree: an identity accept decides the value read
@@ -838,12 +860,16 @@ class Member:
         sample = max(sample, 0.0)
         self._rtt = sample if self._rtt is None else self._rtt + RTT_GAIN * (sample - self._rtt)
 
-    def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> None:
-        """A decided value seen in a commit: remember it and step down if it replaced ours."""
+    def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> bool:
+        """A decided value (a commit, or a majority's agreeing promises): remember it and step
+        down if it replaced ours. False if it was not newer than what this node knew."""
         known = self._known.get(name)
         if known is not None and known[0] >= b:
-            return
+            return False
         self._known[name] = (b, v)
+        # Its decider holds the acceptors' promise of its next ballot: count past it, so that
+        # a prepare of ours is not refused by that promise.
+        self._see((b[0], b[1] + 1, b[2]))
         piggy = self._piggy.get(name)
         if piggy is not None and piggy[1] < b:
             self._piggy.pop(name)
@@ -860,6 +886,7 @@ class Member:
                 # A value naming our pid that we cannot grant (an outcome in doubt, or a
                 # handoff that reached us after a lapse): free it.
                 self._enqueue_front(name, Operation(name, "release", (), None), now)
+        return True
 
     def _finish(self, name: Any, op: Operation, result: tuple[Any, ...], now: float) -> None:
         q = self._ops[name]

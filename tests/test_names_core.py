@@ -34,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgregistry.names_config import COPY_PART
 from pgregistry.names_core import FREE, NO_BALLOT, BadMessage, Effects, Member
 
 LEASE = 1.0
@@ -810,7 +811,8 @@ def test_change_validation_and_a_change_in_parts() -> None:
     a = sim.nodes["a"].member
     with pytest.raises(ValueError):
         a.change(1, 0.0, add=sim.nodes["d"].member.me, remove=sim.nodes["b"].member.me)
-    for i in range(150):  # more registers than one copy part holds
+    count = COPY_PART + 86  # more registers than one copy part holds
+    for i in range(count):
         sim.call("a", "register", ("k", i), ("a", i))
     sim.run_until(2.0)
     sim.link("a", "d").hold_kinds = frozenset({"copy_part"})
@@ -822,9 +824,9 @@ def test_change_validation_and_a_change_in_parts() -> None:
     sim.release("a", "d")
     sim.run_until(3.0)
     assert sim.status(first) == "ok"
-    assert parts and all(len(p[4]) <= 64 for p in parts)
+    assert parts and all(len(p[4]) <= COPY_PART for p in parts) and parts[0][5] is not None  # more to come
     d = sim.nodes["d"].member
-    assert all(d._slot(("k", i)).value == a._slot(("k", i)).value != FREE for i in range(150))
+    assert all(d._slot(("k", i)).value == a._slot(("k", i)).value != FREE for i in range(count))
 
 
 # ------------------------------------------------------------------ planted bugs
