@@ -93,6 +93,7 @@ class Contender:
         self.wanted = wanted
         self.rng = random.Random(seed)
         self.errors: Counter[str] = Counter()
+        self.tries: Counter[str] = Counter()  # what the attempts to take a name found
         self.unexpected: list[str] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -130,19 +131,20 @@ class Contender:
 
     async def _round(self, name: str) -> None:
         pid = await self._take(name)
+        self.tries["none" if pid is None else "local" if pid.node == self.node.id else "remote"] += 1
         if pid is None or pid.node != self.node.id:
             await asyncio.sleep(self.rng.uniform(0.05, 0.2))
             return
         await asyncio.sleep(self.rng.uniform(0.2, 1.2))
         roll = self.rng.random()
-        if roll < 0.4:
-            if roll < 0.2:
+        if roll < 0.6:
+            if roll < 0.3:
                 await self.names.unregister_name(name, timeout=TIMEOUT)
             else:
                 self.node.runtime.exit(pid, "kill")  # its names are released by the service
             # Let the other nodes try first: the one that let go would win again at once.
             await asyncio.sleep(self.rng.uniform(0.3, 0.6))
-        elif roll < 0.55:
+        elif roll < 0.75:
             token = self.names.token(name)
             if token is not None and self.names.whereis_name(name) == pid:
                 heir = self.node.spawn(_holder)
@@ -205,6 +207,8 @@ async def _report(node: Node, names: Names, contender: Contender) -> None:
                 "is_member": stat["is_member"], "serving": stat["serving"], "lease_valid": stat["lease_valid"],
                 "lgen": stat["lgen"], "held_here": stat["held_here"], "peers": node.peers(),
                 "errors": dict(contender.errors), "unexpected": contender.unexpected[:5],
+                "where": {name: plain(names.whereis_name(name)) for name in contender.wanted},
+                "tries": dict(contender.tries),
             }))
         await asyncio.sleep(STAT_EVERY)
 
