@@ -4,7 +4,8 @@
                                     [--names n0,n1,n2] [--seed 1]
 
 Prints ``READY <node id> <creation>`` on stdout once listening, then ``STAT <json>`` every
-`STAT_EVERY` seconds (a part of `Names.stat` and the node's peers). It appends every
+`STAT_EVERY` seconds (a part of `Names.stat`, the node's peers, its `Names.whereis_name` of
+each name, what the contenders' attempts found and what they raised). It appends every
 trace event of the names service to `--history` as a JSON line ``{"c": clock, "e":
 [kind, ...]}`` (pids as strings), one ``write`` per event so that a SIGKILL loses none
 that was traced. The cookie comes from ``PGREGISTRY_COOKIE``.
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import signal
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ async def _commands(reader: asyncio.StreamReader, node: Node, names: Names, cont
 
 async def _report(node: Node, names: Names, contender: Contender) -> None:
     while True:
-        with contextlib.suppress(Exception):
+        try:
             stat = names.stat()
             say("STAT " + json.dumps({
                 "clock": lease_clock(), "members": stat["members"], "live_members": stat["live_members"],
@@ -210,6 +211,9 @@ async def _report(node: Node, names: Names, contender: Contender) -> None:
                 "where": {name: plain(names.whereis_name(name)) for name in contender.wanted},
                 "tries": dict(contender.tries),
             }))
+        except Exception:  # the test sees the traceback in this node's log
+            traceback.print_exc()
+            raise
         await asyncio.sleep(STAT_EVERY)
 
 
