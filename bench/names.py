@@ -560,6 +560,15 @@ async def stop_all(nodes: list[NamesChild]) -> None:
     nodes.clear()
 
 
+async def section_failed(res: dict[str, Any], section: str, exc: BaseException, nodes: list[NamesChild],
+                         opts: argparse.Namespace, logdir: Path) -> list[NamesChild]:
+    """Record why `section` failed, then start a fresh cluster for the sections after it."""
+    log("names", f"{section} FAILED: {str(exc)[-400:]}")
+    res.setdefault("errors", {})[section] = str(exc)[-2000:]
+    await stop_all(nodes)
+    return await start_cluster(nodes, opts, logdir, f"-{section}")
+
+
 async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> None:
     only = opts.only
     nodes: list[NamesChild] = []
@@ -572,124 +581,149 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
         res["rtt"] = await a.cmd("rtt_run", port=port, n=opts.trials, warmup=500, timeout=120)
 
         if "latency" in only:
-            log("names", f"latency: {opts.trials} sequential register_name on A")
-            async with profiled(opts, "latency", abc):
-                res["latency"] = await a.cmd("latency", n=opts.trials, warmup=200, prefix="lat-", timeout=600)
+            try:
+                log("names", f"latency: {opts.trials} sequential register_name on A")
+                async with profiled(opts, "latency", abc):
+                    res["latency"] = await a.cmd("latency", n=opts.trials, warmup=200, prefix="lat-", timeout=600)
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "latency", exc, nodes, opts, logdir)
 
         if "whereis" in only:
-            log("names", "whereis_name on A: a name held on A, one held on B")
-            await a.cmd("take", name="where-local")
-            await b.cmd("take", name="where-remote")
-            res["whereis"] = {
-                "local": await a.cmd("whereis", name="where-local", n=opts.whereis_n),
-                "remote": await a.cmd("whereis", name="where-remote", n=opts.whereis_n),
-            }
+            try:
+                log("names", "whereis_name on A: a name held on A, one held on B")
+                await a.cmd("take", name="where-local")
+                await b.cmd("take", name="where-remote")
+                res["whereis"] = {
+                    "local": await a.cmd("whereis", name="where-local", n=opts.whereis_n),
+                    "remote": await a.cmd("whereis", name="where-remote", n=opts.whereis_n),
+                }
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "whereis", exc, nodes, opts, logdir)
 
         if "tput" in only:
-            n = opts.tput_n
-            log("names", f"throughput: {n} register_name on A, {opts.concurrency} in flight")
-            async with profiled(opts, "tput1", abc):
-                res["tput1"] = await a.cmd("tput", n=n, concurrency=opts.concurrency, prefix="t1-", timeout=600)
-            log("names", f"throughput: {n} register_name on each of A, B, C at once")
-            start_at = now_ns() + 200_000_000
-            async with profiled(opts, "tput3", abc):
-                res["tput3"] = await asyncio.gather(*(
-                    x.cmd("tput", n=n, concurrency=opts.concurrency, prefix=f"t3{x.name}-", start_at=start_at,
-                          timeout=600) for x in abc))
-            await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
+            try:
+                n = opts.tput_n
+                log("names", f"throughput: {n} register_name on A, {opts.concurrency} in flight")
+                async with profiled(opts, "tput1", abc):
+                    res["tput1"] = await a.cmd("tput", n=n, concurrency=opts.concurrency, prefix="t1-", timeout=600)
+                log("names", f"throughput: {n} register_name on each of A, B, C at once")
+                start_at = now_ns() + 200_000_000
+                async with profiled(opts, "tput3", abc):
+                    res["tput3"] = await asyncio.gather(*(
+                        x.cmd("tput", n=n, concurrency=opts.concurrency, prefix=f"t3{x.name}-", start_at=start_at,
+                              timeout=600) for x in abc))
+                await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "tput", exc, nodes, opts, logdir)
 
         if "lease" in only:
-            log("names", f"lease traffic: idle {opts.idle:g} s with 0 names, then with {opts.lease_n}")
-            await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
-            await asyncio.sleep(opts.lease)  # in-flight releases and commits are over
-            idle0 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
-                                           for x in abc))
-            await a.cmd("fill", n=opts.lease_n, prefix="lease-", timeout=1200)
-            await learned([b, c], "lease-", opts.lease_n, True)
-            await asyncio.sleep(opts.lease)
-            idle1 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
-                                           for x in abc))
-            res["lease"] = {"n": opts.lease_n, "empty": dict(zip("ABC", idle0)), "held": dict(zip("ABC", idle1))}
-            await a.cmd("release", timeout=600)
+            try:
+                log("names", f"lease traffic: idle {opts.idle:g} s with 0 names, then with {opts.lease_n}")
+                await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
+                await asyncio.sleep(opts.lease)  # in-flight releases and commits are over
+                idle0 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
+                                               for x in abc))
+                await a.cmd("fill", n=opts.lease_n, prefix="lease-", timeout=1200)
+                await learned([b, c], "lease-", opts.lease_n, True)
+                await asyncio.sleep(opts.lease)
+                idle1 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
+                                               for x in abc))
+                res["lease"] = {"n": opts.lease_n, "empty": dict(zip("ABC", idle0)), "held": dict(zip("ABC", idle1))}
+                await a.cmd("release", timeout=600)
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "lease", exc, nodes, opts, logdir)
 
         if "memory" in only:
-            n = opts.mem_n
-            log("names", f"memory: A takes {n} names; A, B, C measure")
-            await asyncio.sleep(0.5)
-            await asyncio.gather(*(x.cmd("mem_mark", label="before", trace=True) for x in abc))
-            await a.cmd("fill", n=n, prefix="mem-", timeout=1200)
-            await learned([b, c], "mem-", n, True)
-            held = await asyncio.gather(*(x.cmd("mem_mark", label="held", trace=True) for x in abc))
-            await a.cmd("release", timeout=1200)
-            # Every release must become a free value everywhere; a name still shown held by its
-            # dead holder after 3 leases is counted (see README: a release decided by a read).
-            free = await learned(abc, "mem-", n, False, limit=3 * opts.lease, strict=False)
-            await asyncio.sleep(0.5)
-            freed = await asyncio.gather(*(x.cmd("mem_mark", label="freed", trace=True) for x in abc))
-            await asyncio.gather(*(x.cmd("mem_stop") for x in abc))
-            before = await asyncio.gather(*(x.cmd("mem_get", label="before") for x in abc))
-            res["memory"] = {"n": n, "before": dict(zip("ABC", before)), "held": dict(zip("ABC", held)),
-                             "freed": dict(zip("ABC", freed)), "free_learned": dict(zip("ABC", free))}
+            try:
+                n = opts.mem_n
+                log("names", f"memory: A takes {n} names; A, B, C measure")
+                await asyncio.sleep(0.5)
+                await asyncio.gather(*(x.cmd("mem_mark", label="before", trace=True) for x in abc))
+                await a.cmd("fill", n=n, prefix="mem-", timeout=1200)
+                await learned([b, c], "mem-", n, True)
+                held = await asyncio.gather(*(x.cmd("mem_mark", label="held", trace=True) for x in abc))
+                await a.cmd("release", timeout=1200)
+                # Every release must become a free value everywhere; a name still shown held by its
+                # dead holder after 3 leases is counted (see README: a release decided by a read).
+                free = await learned(abc, "mem-", n, False, limit=3 * opts.lease, strict=False)
+                await asyncio.sleep(0.5)
+                freed = await asyncio.gather(*(x.cmd("mem_mark", label="freed", trace=True) for x in abc))
+                await asyncio.gather(*(x.cmd("mem_stop") for x in abc))
+                before = await asyncio.gather(*(x.cmd("mem_get", label="before") for x in abc))
+                res["memory"] = {"n": n, "before": dict(zip("ABC", before)), "held": dict(zip("ABC", held)),
+                                 "freed": dict(zip("ABC", freed)), "free_learned": dict(zip("ABC", free))}
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "memory", exc, nodes, opts, logdir)
 
         if "exit" in only:
-            log("names", f"exit failover: a holder on C exits, A polls get_or_start ({opts.exit_trials} trials)")
-            trials = []
-            for i in range(opts.exit_trials):
-                name = f"exit-{i}"
-                await c.cmd("take", name=name)
-                poll = asyncio.ensure_future(a.cmd("poll_get_or_start", name=name, limit=30.0, timeout=40))
-                await asyncio.sleep(0.05)  # A polls, sees C's holder
-                t_exit = await c.cmd("exit_holder", name=name)
-                got = await poll
-                trials.append({"seconds": (got["t_won"] - t_exit) / 1e9, "polls": got["polls"]})
-            res["exit"] = trials
+            try:
+                log("names", f"exit failover: a holder on C exits, A polls get_or_start ({opts.exit_trials} trials)")
+                trials = []
+                for i in range(opts.exit_trials):
+                    name = f"exit-{i}"
+                    await c.cmd("take", name=name)
+                    poll = asyncio.ensure_future(a.cmd("poll_get_or_start", name=name, limit=30.0, timeout=40))
+                    await asyncio.sleep(0.05)  # A polls, sees C's holder
+                    t_exit = await c.cmd("exit_holder", name=name)
+                    got = await poll
+                    trials.append({"seconds": (got["t_won"] - t_exit) / 1e9, "polls": got["polls"]})
+                res["exit"] = trials
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "exit", exc, nodes, opts, logdir)
 
         if "kill" in only:
-            log("names", f"kill failover: C holds a name, gets SIGKILL; A loops register_name ({opts.lease:g} s lease)")
-            await c.cmd("take", name="kill-me")
-            await a.cmd("whereis", name="kill-me", n=1)
-            contend = asyncio.ensure_future(a.cmd("contend", name="kill-me", limit=60.0, timeout=90))
-            await asyncio.sleep(0.3)
-            t_kill = now_ns()
-            c.signal(signal.SIGKILL)
-            got = await contend
-            res["kill"] = {"seconds": (got["t_won"] - t_kill) / 1e9, "tries": got["tries"]}
-        if "join" in only:
-            # On a fresh cluster per size: the tables then hold the join's names only.
-            await stop_all(nodes)
-            for n in opts.join_sizes:
-                log("names", f"join: a fresh cluster, A holds {n} names, B writes, D joins")
-                a, b, c = await start_cluster(nodes, opts, logdir, f"{n}")
-                abc = [a, b, c]
-                await a.cmd("fill", n=n, prefix=f"join{n}-", timeout=3600)
-                await learned([b, c], f"join{n}-", n, True)
-                (d,) = await start_nodes(nodes, f"D{n}", opts=opts, logdir=logdir)
-                await d.cmd("connect", address=a.id)
+            try:
+                log("names", f"kill failover: C holds a name, gets SIGKILL; A loops register_name "
+                             f"({opts.lease:g} s lease)")
+                await c.cmd("take", name="kill-me")
+                await a.cmd("whereis", name="kill-me", n=1)
+                contend = asyncio.ensure_future(a.cmd("contend", name="kill-me", limit=60.0, timeout=90))
                 await asyncio.sleep(0.3)
-                stat0 = await asyncio.gather(*(x.cmd("stat") for x in abc))
-                bytes0 = await d.cmd("peer_bytes")
-                await b.cmd("writer_start", prefix=f"jw{n}-")
-                record: dict[str, Any] = {"n": n}
-                res.setdefault("join", []).append(record)
-                async with profiled(opts, f"join{n}", [*abc, d]):
-                    t0 = now_ns()
-                    try:
-                        await d.cmd("join", peer=a.id, limit=opts.join_limit, timeout=opts.join_limit + 60)
-                        record["seconds"] = (now_ns() - t0) / 1e9
-                    except cluster.ChildError as exc:
-                        record["unfinished"] = f"{(now_ns() - t0) / 1e9:.0f} s: {str(exc)[-300:]}"
-                    t1 = now_ns()
-                record["d_stat"] = await d.cmd("stat")
-                bytes1 = await d.cmd("peer_bytes")
-                record["bytes"] = sum(bytes1.get(p, 0) - bytes0.get(p, 0) for p in bytes1)
-                record["writer"] = await b.cmd("writer_stop", t0=t0, t1=t1, timeout=opts.join_limit + 60)
-                await asyncio.sleep(opts.lease)  # a lapse caused by the join would show by now
-                stat1 = await asyncio.gather(*(x.cmd("stat") for x in [*abc, d]))
-                record["step_downs"] = {x.name: s1["step_downs"] - (stat0[i]["step_downs"] if i < 3 else 0)
-                                        for i, (x, s1) in enumerate(zip([*abc, d], stat1))}
-                record["members"] = stat1[0]["members"]
-                await stop_all(nodes)
+                t_kill = now_ns()
+                c.signal(signal.SIGKILL)
+                got = await contend
+                res["kill"] = {"seconds": (got["t_won"] - t_kill) / 1e9, "tries": got["tries"]}
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "kill", exc, nodes, opts, logdir)
 
+        if "join" in only:
+            try:
+                # On a fresh cluster per size: the tables then hold the join's names only.
+                await stop_all(nodes)
+                for n in opts.join_sizes:
+                    log("names", f"join: a fresh cluster, A holds {n} names, B writes, D joins")
+                    a, b, c = await start_cluster(nodes, opts, logdir, f"{n}")
+                    abc = [a, b, c]
+                    await a.cmd("fill", n=n, prefix=f"join{n}-", timeout=3600)
+                    await learned([b, c], f"join{n}-", n, True)
+                    (d,) = await start_nodes(nodes, f"D{n}", opts=opts, logdir=logdir)
+                    await d.cmd("connect", address=a.id)
+                    await asyncio.sleep(0.3)
+                    stat0 = await asyncio.gather(*(x.cmd("stat") for x in abc))
+                    bytes0 = await d.cmd("peer_bytes")
+                    await b.cmd("writer_start", prefix=f"jw{n}-")
+                    record: dict[str, Any] = {"n": n}
+                    res.setdefault("join", []).append(record)
+                    async with profiled(opts, f"join{n}", [*abc, d]):
+                        t0 = now_ns()
+                        try:
+                            await d.cmd("join", peer=a.id, limit=opts.join_limit, timeout=opts.join_limit + 60)
+                            record["seconds"] = (now_ns() - t0) / 1e9
+                        except cluster.ChildError as exc:
+                            record["unfinished"] = f"{(now_ns() - t0) / 1e9:.0f} s: {str(exc)[-300:]}"
+                        t1 = now_ns()
+                    record["d_stat"] = await d.cmd("stat")
+                    bytes1 = await d.cmd("peer_bytes")
+                    record["bytes"] = sum(bytes1.get(p, 0) - bytes0.get(p, 0) for p in bytes1)
+                    record["writer"] = await b.cmd("writer_stop", t0=t0, t1=t1, timeout=opts.join_limit + 60)
+                    await asyncio.sleep(opts.lease)  # a lapse caused by the join would show by now
+                    stat1 = await asyncio.gather(*(x.cmd("stat") for x in [*abc, d]))
+                    record["step_downs"] = {x.name: s1["step_downs"] - (stat0[i]["step_downs"] if i < 3 else 0)
+                                            for i, (x, s1) in enumerate(zip([*abc, d], stat1))}
+                    record["members"] = stat1[0]["members"]
+                    await stop_all(nodes)
+            except (cluster.ChildError, TimeoutError) as exc:
+                a, b, c = abc = await section_failed(res, "join", exc, nodes, opts, logdir)
     finally:
         await stop_all(nodes)
 
@@ -827,6 +861,10 @@ def build_lines(res: dict[str, Any], opts: argparse.Namespace) -> list[Line]:
             lambda v: "-" if v is None else f"{v:.2f} / {secs[-1] / rtt:.2f} RTT", "<= 4 RTT", 4.0,
             baseline=rtt_s)
 
+    k = res.get("kill")
+    if k:
+        add(f"5a SIGKILL the holder's node C -> A's register_name loop holds it (lease {opts.lease:g} s)",
+            k["seconds"], fmt_time, f"<= lease + 0.5 s = {opts.lease + 0.5:g} s", opts.lease + 0.5)
     for j in res.get("join", []):
         n = j["n"]
         w = j.get("writer") or {}
@@ -845,10 +883,10 @@ def build_lines(res: dict[str, Any], opts: argparse.Namespace) -> list[Line]:
         add("  B's writer: holders killed / writes failing with NoQuorum", None, str,
             text=f"{w.get('holders_killed')} / {w.get('errors')}")
 
-    k = res.get("kill")
-    if k:
-        add(f"5a SIGKILL the holder's node C -> A's register_name loop holds it (lease {opts.lease:g} s)",
-            k["seconds"], fmt_time, f"<= lease + 0.5 s = {opts.lease + 0.5:g} s", opts.lease + 0.5)
+    for section, error in (res.get("errors") or {}).items():
+        first = [ln for ln in error.splitlines() if ln.strip()][-1:] or ["?"]
+        add(f"{section}: FAILED (the section's cluster was replaced)", None, str, text=first[0][-100:])
+        lines[-1].met = {"": "NO"}
     return lines
 
 
@@ -879,7 +917,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease", type=float, default=3.0, help="lease of the names service (default 3 s)")
     p.add_argument("--trials", type=int, help="round trips and sequential registrations (default 5000)")
     p.add_argument("--whereis-n", type=int, help="whereis_name calls per run (default 1 000 000)")
-    p.add_argument("--tput-n", type=int, help="registrations per node in the throughput section (default 100 000)")
+    p.add_argument("--tput-n", type=int, help="registrations per node in the throughput section (default 20 000)")
     p.add_argument("--concurrency", type=int, default=500, help="register_name calls in flight (default 500)")
     p.add_argument("--idle", type=float, help="seconds of idle traffic measured (default 3 leases)")
     p.add_argument("--lease-n", type=int, help="names held in the second idle measurement (default 100 000)")
@@ -899,7 +937,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.child:
         return opts
     quick = opts.quick
-    defaults = {"trials": (5000, 300), "whereis_n": (1_000_000, 20_000), "tput_n": (100_000, 2000),
+    defaults = {"trials": (5000, 300), "whereis_n": (1_000_000, 20_000), "tput_n": (20_000, 2000),
                 "lease_n": (100_000, 2000), "mem_n": (100_000, 2000), "exit_trials": (20, 3),
                 "idle": (3 * opts.lease, 1.0)}
     for key, (full, small) in defaults.items():
