@@ -191,10 +191,14 @@ class _NamesChild:
         out["slots"] = sum(len(t) for t in core._tables)
         return out
 
-    async def cmd_release(self) -> int:
+    async def cmd_release(self, paced: bool = False) -> int:
+        """Every holder of this node returns (its names are released); with `paced`, one
+        holder at a time, the next once the previous one's releases are decided."""
         holders, self.holders = self.holders, []
         for pid in holders:
             self.node.runtime.send(pid, "stop")
+            while paced and (self.names.core.busy() or self.node.runtime.process(pid) is not None):
+                await asyncio.sleep(0.005)
         while self.names.core.grants or self.names.core.busy():
             await asyncio.sleep(0.01)
         return len(holders)
@@ -577,6 +581,13 @@ async def stop_all(nodes: list[NamesChild]) -> None:
     nodes.clear()
 
 
+async def replace_cluster(nodes: list[NamesChild], opts: argparse.Namespace, logdir: Path,
+                          suffix: str) -> list[NamesChild]:
+    """Stop every node and start a fresh cluster A, B, C (node names with `suffix`)."""
+    await stop_all(nodes)
+    return await start_cluster(nodes, opts, logdir, suffix)
+
+
 async def section_failed(res: dict[str, Any], section: str, exc: BaseException, nodes: list[NamesChild],
                          opts: argparse.Namespace, logdir: Path) -> list[NamesChild]:
     """Record why `section` failed, then start a fresh cluster for the sections after it."""
@@ -629,15 +640,17 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
                     res["tput3"] = await asyncio.gather(*(
                         x.cmd("tput", n=n, concurrency=opts.concurrency, prefix=f"t3{x.name}-", start_at=start_at,
                               limit=opts.tput_limit, timeout=opts.tput_limit + 120) for x in abc))
-                await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
             except (cluster.ChildError, TimeoutError) as exc:
                 a, b, c = abc = await section_failed(res, "tput", exc, nodes, opts, logdir)
+            else:
+                # Releasing every holder at once launches tens of thousands of release rounds
+                # together (see the report): the next sections start from a fresh cluster.
+                a, b, c = abc = await replace_cluster(nodes, opts, logdir, "-lease")
 
         if "lease" in only:
             try:
                 log("names", f"lease traffic: idle {opts.idle:g} s with 0 names, then with {opts.lease_n}")
-                await asyncio.gather(*(x.cmd("release", timeout=600) for x in abc))
-                await asyncio.sleep(opts.lease)  # in-flight releases and commits are over
+                await asyncio.sleep(opts.lease)  # the joins' traffic is over
                 idle0 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
                                                for x in abc))
                 await a.cmd("fill", n=opts.lease_n, prefix="lease-", timeout=1200)
@@ -646,9 +659,10 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
                 idle1 = await asyncio.gather(*(x.cmd("idle_bytes", duration=opts.idle, timeout=opts.idle + 30)
                                                for x in abc))
                 res["lease"] = {"n": opts.lease_n, "empty": dict(zip("ABC", idle0)), "held": dict(zip("ABC", idle1))}
-                await a.cmd("release", timeout=600)
             except (cluster.ChildError, TimeoutError) as exc:
                 a, b, c = abc = await section_failed(res, "lease", exc, nodes, opts, logdir)
+            else:
+                a, b, c = abc = await replace_cluster(nodes, opts, logdir, "-memory")
 
         if "memory" in only:
             try:
@@ -659,7 +673,7 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
                 await a.cmd("fill", n=n, prefix="mem-", timeout=1200)
                 await learned([b, c], "mem-", n, True)
                 held = await asyncio.gather(*(x.cmd("mem_mark", label="held", trace=True) for x in abc))
-                await a.cmd("release", timeout=1200)
+                await a.cmd("release", paced=True, timeout=1200)
                 # Every release must become a free value everywhere; a name still shown held by its
                 # dead holder after 3 leases is counted (see README: a release decided by a read).
                 free = await learned(abc, "mem-", n, False, limit=3 * opts.lease, strict=False)
