@@ -480,12 +480,19 @@ class _NamesChild:
         while len(self.writes) < 20:
             await asyncio.sleep(0.005)
 
-    async def cmd_writer_stop(self, t0: int, t1: int) -> dict[str, Any]:
-        """Stop the writer; the longest gap between two writes ending in [t0, t1] (or after)."""
-        while not [w for w in self.writes if w > t1]:
+    async def cmd_writer_stop(self, t0: int, t1: int, limit: float = 30.0) -> dict[str, Any]:
+        """Stop the writer; the longest gap between two writes ending in [t0, t1] (or after).
+        A write still paused `limit` s after t1 counts as a gap ending now ("still_paused")."""
+        deadline = time.monotonic() + limit
+        while not [w for w in self.writes if w > t1] and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         self.writing = False
-        await self.writer
+        still_paused = not [w for w in self.writes if w > t1]
+        if still_paused:
+            self.writer.cancel()
+            self.writes.append(time.monotonic_ns())
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.writer
         ws = [w for w in self.writes if w >= t0]
         before = [w for w in self.writes if w < t0]
         if before:
@@ -493,7 +500,7 @@ class _NamesChild:
         gaps = [(b - a, a) for a, b in zip(ws, ws[1:])]
         gap, at = max(gaps) if gaps else (0, t0)
         return {"max_gap": gap / 1e9, "gap_start": at, "writes": len(ws), "errors": self.write_errors,
-                "holders_killed": self.holders_killed,
+                "holders_killed": self.holders_killed, "still_paused": still_paused,
                 "steady_p50": summarize([b - a for a, b in zip(before, before[1:])]).get("p50")}
 
     async def cmd_peer_bytes(self) -> dict[str, int]:
@@ -741,12 +748,13 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
                             await d.cmd("join", peer=a.id, limit=opts.join_limit, timeout=opts.join_limit + 60)
                             record["seconds"] = (now_ns() - t0) / 1e9
                         except cluster.ChildError as exc:
-                            record["unfinished"] = f"{(now_ns() - t0) / 1e9:.0f} s: {str(exc)[-300:]}"
+                            record["unfinished"] = f"{(now_ns() - t0) / 1e9:.0f} s"
+                            record["error"] = str(exc)[-1000:]
                         t1 = now_ns()
                     record["d_stat"] = await d.cmd("stat")
                     bytes1 = await d.cmd("peer_bytes")
                     record["bytes"] = sum(bytes1.get(p, 0) - bytes0.get(p, 0) for p in bytes1)
-                    record["writer"] = await b.cmd("writer_stop", t0=t0, t1=t1, timeout=opts.join_limit + 60)
+                    record["writer"] = await b.cmd("writer_stop", t0=t0, t1=t1, limit=30.0, timeout=90)
                     await asyncio.sleep(opts.lease)  # a lapse caused by the join would show by now
                     stat1 = await asyncio.gather(*(x.cmd("stat") for x in [*abc, d]))
                     record["step_downs"] = {x.name: s1["step_downs"] - (stat0[i]["step_downs"] if i < 3 else 0)
@@ -908,10 +916,12 @@ def build_lines(res: dict[str, Any], opts: argparse.Namespace) -> list[Line]:
         add(f"7 D joins while A holds {n:,} names (fresh cluster): join() duration", j.get("seconds"), fmt_time,
             text=None if "unfinished" in j else None)
         if "unfinished" in j:
-            lines[-1].values[""] = f"unfinished after {j['unfinished'][:60]}"
+            lines[-1].values[""] = f"unfinished after {j['unfinished']} (--join-limit)"
             lines[-1].met = {"": "NO"}
         add("  writes on B paused (longest gap between two register_name)", w.get("max_gap"), fmt_time,
             baseline=f"a write otherwise {fmt_time(w.get('steady_p50'))}")
+        if w.get("still_paused"):
+            lines[-1].values[""] += " (still paused at the end)"
         add("  bytes D received per name", j["bytes"] / n if "bytes" in j else None,
             lambda v: "-" if v is None else f"{v:,.1f} B")
         steps = j.get("step_downs") or {}
