@@ -130,12 +130,14 @@ class Names:
         self._loop = asyncio.get_running_loop()
         self.me: Incarnation = (node.id, node.creation, secrets.randbits(62))
         self.link = NamesLink(node, service, self.me, self._deliver, self._request, self._invited, self._hello)
-        self.core = self._new_core(secrets.token_hex(8), 0, [self.me])
+        self.core = self._new_core(secrets.token_hex(8), 0, [self.me])  # started by `start`
         self._naming = _Naming(self)
         self._timers: dict[tuple[Any, ...], tuple[tuple[Any, ...], asyncio.TimerHandle]] = {}
         self._waiters: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._abandoned: dict[int, Any] = {}  # op id -> the name it would give a holder
         self._held_by: dict[Pid, set[Any]] = {}  # live holders of this node -> their names
+        self._expected: dict[Pid, int] = {}  # pids an operation of this node may make holders
+        self._handoffs: dict[Pid, float] = {}  # pids another node hands a name to -> until when
         self._next_op = 0
         self._rejoining = False
         self._joining = False  # a join (or rejoin) is under way: not a member yet, soon one
@@ -213,6 +215,14 @@ class Names:
     def __repr__(self) -> str:
         return f"<Names {self.service!r} on {self.node.id}: {len(self.core.members)} members>"
 
+    def _install(self, core: Member) -> None:
+        """Run `core` from now on; the timers of the one it replaces are cancelled."""
+        for _timer_id, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self.core = core
+        self._apply(core.start(lease_clock()))
+
     def _new_core(self, cluster_id: str, epoch: int, members: list[Incarnation]) -> Member:
         return Member(self.me, members, epoch, cluster_id, self.lease, RHO, self.shard_count,
                       now=lease_clock(), pid_ok=lambda p: type(p) is Pid, freeze=False)
@@ -288,6 +298,10 @@ class Names:
                 held = self._held_by[pid] = set()
                 proc.add_exit_hook(self, self._holder_exited)
             held.add(name)
+            if pid not in self._expected and self._handoffs.get(pid, 0.0) < self._loop.time():
+                # Nobody here waits for this grant: an outcome in doubt decided late (say by
+                # another node's read after this node's caller gave up). Let it go.
+                self._loop.call_soon(self._release_if_held, name, pid)
         elif kind == "revoke":
             _, name, pid, token, why = ev
             held = self._held_by.get(pid)
@@ -339,12 +353,24 @@ class Names:
             self._loop.call_soon(self._release_if_held, name, result[2][0])
 
     async def _run(self, start: Callable[[int, float], Effects], timeout: float, what: str,
-                   gives: Any = _NO_NAME) -> tuple[Any, ...]:
+                   gives: Any = _NO_NAME, to: Pid | None = None) -> tuple[Any, ...]:
         """Start one core operation and wait for its result (`NoQuorum` after `timeout`).
 
-        `gives`: the name the operation may give a holder of this node, released again if
-        the caller stops waiting before the result."""
+        `gives`: the name the operation may give `to`, a process of this node; released
+        again if the caller stops waiting before the result."""
         self._check_open(what)
+        if to is not None:
+            self._expected[to] = self._expected.get(to, 0) + 1
+        try:
+            return await self._wait_result(start, timeout, what, gives)
+        finally:
+            if to is not None:
+                count = self._expected.pop(to) - 1
+                if count:
+                    self._expected[to] = count
+
+    async def _wait_result(self, start: Callable[[int, float], Effects], timeout: float, what: str,
+                           gives: Any) -> tuple[Any, ...]:
         self._next_op += 1
         op_id = self._next_op
         fut: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
@@ -415,6 +441,10 @@ class Names:
             pid = args[0]
             if type(pid) is not Pid or not self._runtime.is_local(pid) or self._runtime.process(pid) is None:
                 return ["error", f"NoProcess: {short_repr(pid)} is not a live process of {self.node.id}"]
+            self._handoffs[pid] = self._loop.time() + 2 * self.lease  # a grant of it is awaited
+            if len(self._handoffs) > 1024:
+                now = self._loop.time()
+                self._handoffs = {p: t for p, t in self._handoffs.items() if t >= now}
             return self._vouch()
         if what == "update" and len(args) == 4:
             name, new_pid, token, timeout = args
@@ -501,8 +531,7 @@ class Names:
                 held = ", ".join(short_repr(n, 40) for n in list(core.grants)[:3])
                 raise JoinRefused(f"{self.node.id} holds names ({held or 'operations under way'}): "
                                   "unregister them first")
-            self.core = self._new_core(cluster_id, epoch, members)
-            self._apply(self.core.start(lease_clock()))
+            self._install(self._new_core(cluster_id, epoch, members))
         old = [m for m in self.core.members if m[0] == self.me[0] and m != self.me]
         deadline = self._loop.time() + timeout
         self._joining = True
@@ -572,16 +601,12 @@ class Names:
             if not fut.done():
                 fail(fut, NoQuorum(f"names service {self.service!r} was reset"))
         self._waiters.clear()
-        for _timer_id, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
         # A new incarnation too: this node's old self is still a member of the old cluster
         # (with registers it no longer has); rejoining it must go through a replace step.
         self.me = (self.node.id, self.node.creation, secrets.randbits(62))
         self.link.me = self.me
         self.link.peers.clear()
-        self.core = self._new_core(secrets.token_hex(8), 0, [self.me])
-        self._apply(self.core.start(lease_clock()))
+        self._install(self._new_core(secrets.token_hex(8), 0, [self.me]))
         for peer in self.node.peers():
             self.link.say_hello(peer)
 
@@ -616,7 +641,7 @@ class Names:
             if held is not None and held[0] == pid:
                 return True
             result = await self._run(lambda op_id, now: self.core.register(name, pid, now, op_id),
-                                     max(0.0, deadline - self._loop.time()), "register_name", name)
+                                     max(0.0, deadline - self._loop.time()), "register_name", name, pid)
             status = result[0]
             if status == "ok":
                 self._latency["register"].samples.append(self._loop.time() - started)
@@ -752,7 +777,7 @@ class Names:
         token = expected_token
         result = await self._run(
             lambda op_id, now: self.core.update(name, new_pid, token, now, op_id, owner, lgen),
-            max(0.0, deadline - self._loop.time()), "update", name)
+            max(0.0, deadline - self._loop.time()), "update", name, new_pid if owner is None else None)
         if result[0] == "ok":
             self.counters["handoffs"] += 1
             return True

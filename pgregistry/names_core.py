@@ -808,9 +808,13 @@ class Member:
         op.retry_after = max(op.retry_after, retry_after)
         if retry_after > 0 and len(op.nacked) <= len(self.members) - self.majority:
             return  # a takeover refusal: the other acceptors may still pass it
-        if op.phase == "accept" and op.retry_after > 0 and op.kind == "register":
+        if op.phase == "accept" and op.retry_after > 0 and op.kind in ("register", "release"):
             # The takeover check refused: the holder's node still renews at some acceptors.
-            self._finish(name, op, ("busy", None, op.retry_after), now)
+            # A release meets it only when the value it read names another node's holder
+            # (a takeover of ours that no majority took): that name is not ours to free,
+            # and retrying would block this node's operations on it while the holder lives.
+            status = "busy" if op.kind == "register" else "not_held"
+            self._finish(name, op, (status, None, op.retry_after), now)
             return
         # A competing ballot: this round cannot win at that acceptor. Give up on it at once
         # rather than at the round timeout, which two duelling proposers would reach together.

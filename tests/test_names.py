@@ -556,3 +556,16 @@ async def test_a_reset_node_rejoins_its_old_cluster_as_a_new_incarnation() -> No
         assert await nc.lookup("kept") == (holder, token)
         # The new incarnation copied the registers before it voted (its old self's are gone).
         assert nc.core._slot("kept").value[:2] == (holder, token)
+
+
+async def test_a_joined_node_renews_once_per_third_of_a_lease() -> None:
+    """The core a join replaces leaves no timer behind (it would renew a second time)."""
+    async with Node("a", cookie=COOKIE) as a, Node("b", cookie=COOKIE) as b:
+        names_a = await Names.start(a, lease=0.6)
+        names_b = await Names.start(b, lease=0.6)
+        await names_b.join(a.id)
+        seq_a, seq_b = names_a.core._seq, names_b.core._seq
+        await asyncio.sleep(1.2)  # about six renewals each
+        renewed_a, renewed_b = names_a.core._seq - seq_a, names_b.core._seq - seq_b
+        assert renewed_a >= 3
+        assert renewed_b <= renewed_a + 2, (renewed_a, renewed_b)
