@@ -66,6 +66,7 @@ _NO_NAME: Final = object()
 # Timers are set this much late, so that a loop that rounds delays (uvloop: to whole
 # milliseconds) fires them at or after the lease clock's instant, not a hair before.
 _TIMER_SLACK: Final = 0.001
+_TELL_SLICE: Final = 2048  # commits of held names sent to a peer per loop iteration on its hello
 _LATENCY_SAMPLES: Final = 1024
 
 
@@ -419,15 +420,28 @@ class Names:
         if not core.is_member:
             return
         if inc in core.members:
-            msgs = []
-            for name in core.grants:
-                known = core.known(name)
-                if known is not None:
-                    msgs.append(("commit", core.cluster_id, core.epoch, name, known[0], known[1]))
-            for msg in msgs:
-                self.link.send(inc, msg)
+            if core.grants:
+                task = asyncio.ensure_future(self._tell_held(inc, list(core.grants)))
+                task.add_done_callback(self._log_failure)
         elif any(m[0] == peer for m in core.members):
             self.node.send_service(peer, self.service, ["invite", self._config()], trusted=True)
+
+    async def _tell_held(self, inc: Incarnation, names: list[Any]) -> None:
+        """Send `inc` the decided values of `names` (held here) as commits, a slice per loop
+        iteration: a node holding a million names must not stall its loop (and its lease)."""
+        core = self.core
+        for start in range(0, len(names), _TELL_SLICE):
+            if self.closed or core is not self.core or self.link.peers.get(inc[0]) != inc:
+                return
+            for name in names[start:start + _TELL_SLICE]:
+                known = core.known(name)
+                if known is not None and name in core.grants:
+                    self.link.send(inc, ("commit", core.cluster_id, core.epoch, name, known[0], known[1]))
+            await asyncio.sleep(0)
+
+    def _log_failure(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.link.bad_message(self.node.id, f"a background task failed: {task.exception()!r}", None)
 
     def _config(self) -> list[Any]:
         core = self.core

@@ -148,7 +148,7 @@ RTT_FLOOR = 0.0005
 RTT_GAIN = 1 / 8
 # Registers per copy_part: a big table goes in many small messages, never one huge one.
 COPY_PART = 256
-MAX_COPY_ORDERS = 16  # copies served at once (one order each); the oldest is dropped first
+MAX_COPY_ORDERS = 2  # epochs whose copy orders are kept; the oldest is dropped first
 
 
 def apply_change(members: Members, add: Incarnation | None, remove: Incarnation | None) -> Members:
@@ -323,7 +323,7 @@ class Membership:
         self.copy: Copy | None = None
         self.round: ConfigRound | None = None
         self.pending: tuple[Any, Incarnation | None, Incarnation | None] | None = None
-        self.orders: dict[tuple[Incarnation, int], CopyOrder] = {}  # copies this node serves
+        self.orders: dict[int, CopyOrder] = {}  # epoch -> the order of the copies served toward it
 
     def on_timer(self, timer_id: tuple[Any, ...], now: float) -> None:
         """The seal, cretry and copy timers."""
@@ -499,15 +499,15 @@ class Membership:
         )
         if not (complete or sealed):
             return  # not final yet: the requester asks again
-        key = (sender, epoch)
-        order = self.orders.get(key)
-        if order is None or cursor is None:
-            order = self.orders[key] = CopyOrder(self.m._tables)
+        # One order per epoch, shared by every member copying toward it, and kept while
+        # they copy (a requester that asks again from the start reuses it): sorting all
+        # the registers is the expensive part.
+        order = self.orders.get(epoch)
+        if order is None:
+            order = self.orders[epoch] = CopyOrder(self.m._tables)
             while len(self.orders) > MAX_COPY_ORDERS:
                 del self.orders[next(iter(self.orders))]
         names, nxt = order.page(cursor, COPY_PART)
-        if nxt is None:
-            self.orders.pop(key, None)
         known = self.m._known
         entries = []
         for n in names:

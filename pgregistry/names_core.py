@@ -475,7 +475,8 @@ class Member:
             self.counter = b[1]
 
     def _slot(self, name: Any) -> AcceptorSlot:
-        table = self._tables[zlib.crc32(repr(name).encode()) % len(self._tables)]
+        tables = self._tables
+        table = tables[0] if len(tables) == 1 else tables[zlib.crc32(repr(name).encode()) % len(tables)]
         slot = table.get(name)
         if slot is None:
             slot = table[name] = AcceptorSlot()
@@ -556,6 +557,9 @@ class Member:
                 slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, True
                 if b > slot.promised:
                     slot.promised = b
+            elif b == slot.ballot:
+                slot.decided = True
+                b, v = slot.ballot, slot.value  # the accepted objects: kept once, not twice
         self._learn(name, b, v, now)
         op = self._current(name)
         if op is not None and op.phase == "wait_commit" and b >= op.competing:
