@@ -26,6 +26,7 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from _runner import die_with_parent  # noqa: E402  (bench/_runner.py)
 from cluster import summarize  # noqa: E402  (bench/cluster.py: the statistics)
 
 SERVICE = "names"
@@ -38,16 +39,8 @@ def now_ns() -> int:
 
 def child_main(args: argparse.Namespace) -> None:
     """Run one node until its parent closes stdin (or dies)."""
-    with contextlib.suppress(Exception):  # die with the parent, even while busy
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            raise SystemExit(1)
+    die_with_parent()  # and kill -USR2 <child>: its Python stack now, even with the loop blocked
     sys.path.insert(0, str(REPO))
-    import faulthandler
-
-    faulthandler.register(signal.SIGUSR2)  # kill -USR2 <child>: its Python stack now, even with the loop blocked
     with asyncio.Runner() as runner:
         runner.run(_NamesChild(args).serve())
 

@@ -77,6 +77,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from _runner import die_with_parent, run_main  # bench/_runner.py (this directory is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -93,12 +95,7 @@ def now_ns() -> int:
 
 def _child_main(args: argparse.Namespace) -> None:
     """A node in this OS process, driven over stdin/stdout (see `ChildNode`)."""
-    with contextlib.suppress(Exception):  # die with the parent, even while busy
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:
-            raise SystemExit(1)
+    die_with_parent()
     sys.path.insert(0, str(REPO))
     factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if args.loop == "uvloop":
@@ -1308,20 +1305,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.child:
         _child_main(opts)
         return 0
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through asyncio.run, then the finally below
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        return asyncio.run(asyncio.wait_for(main_async(opts), opts.timeout))
-    except TimeoutError:
-        print(f"cluster bench: gave up after {opts.timeout:g} s (--timeout)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cluster bench: interrupted; every child node stopped", file=sys.stderr)
-        return 130
-    finally:
-        _kill_leftovers()
+    return run_main("cluster bench", lambda: main_async(opts), opts.timeout, _kill_leftovers)
 
 
 if __name__ == "__main__":

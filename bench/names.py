@@ -60,6 +60,7 @@ if str(HERE) not in sys.path:
 import _names_child  # noqa: E402  (the node side: what each child process runs)
 import cluster  # noqa: E402  (bench/cluster.py: child plumbing, statistics and the table)
 from _names_child import now_ns  # noqa: E402
+from _runner import run_main  # noqa: E402  (bench/_runner.py)
 from cluster import Line, fmt_time, log, machine, verdict  # noqa: E402
 
 SECTIONS = ("rtt", "latency", "whereis", "tput", "lease", "memory", "exit", "kill", "join")
@@ -588,20 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         _names_child.child_main(opts)
         return 0
 
-    def terminated(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        return asyncio.run(asyncio.wait_for(main_async(opts), opts.timeout))
-    except TimeoutError:
-        print(f"names bench: gave up after {opts.timeout:g} s (--timeout)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("names bench: interrupted; every child node stopped", file=sys.stderr)
-        return 130
-    finally:
-        cluster._kill_leftovers()
+    return run_main("names bench", lambda: main_async(opts), opts.timeout, cluster._kill_leftovers)
 
 
 if __name__ == "__main__":
