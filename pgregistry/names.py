@@ -32,9 +32,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from .errors import JoinRefused, NoProcess, NoQuorum, NotLocal
-from .events import NameLost
 from .names_config import Effects, Incarnation
 from .names_core import BadMessage, Member
+from .names_holders import Holders
 from .names_link import NamesLink, fail
 from .naming import Via
 from .node import Node
@@ -136,15 +136,13 @@ class Names:
         self._timers: dict[tuple[Any, ...], tuple[tuple[Any, ...], asyncio.TimerHandle]] = {}
         self._waiters: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._abandoned: dict[int, Any] = {}  # op id -> the name it would give a holder
-        self._held_by: dict[Pid, set[Any]] = {}  # live holders of this node -> their names
-        self._expected: dict[Pid, int] = {}  # pids an operation of this node may make holders
-        self._handoffs: dict[Pid, float] = {}  # pids another node hands a name to -> until when
+        self.holders = Holders(self._runtime, on_lost, self._release_if_held)
         self._next_op = 0
         self._rejoining = False
         self._joining = False  # a join (or rejoin) is under way: not a member yet, soon one
         self.closed = False
         self.counters = dict.fromkeys(
-            ("registers", "lookups", "updates", "releases", "handoffs", "step_downs", "refused_messages"), 0)
+            ("registers", "lookups", "updates", "releases", "handoffs", "refused_messages"), 0)
         self._latency = {"register": _Latencies(), "lookup": _Latencies()}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -206,7 +204,7 @@ class Names:
             handle.cancel()
         self._timers.clear()
         for name, (pid, token, _lgen) in list(self.core.grants.items()):
-            self._lost(name, pid, token)
+            self.holders.lost(name, pid, token)
         self.core.grants.clear()
         for fut in self._waiters.values():
             if not fut.done():
@@ -289,53 +287,9 @@ class Names:
         if self.trace is not None and kind in ("grant", "revoke", "lease", "lapse"):
             self.trace(lease_clock(), ev)
         if kind == "grant":
-            _, name, pid, _token, _lgen = ev
-            proc = self._runtime.process(pid)
-            if proc is None:  # it exited while its name was being decided: free the name
-                self._loop.call_soon(self._release_if_held, name, pid)
-                return
-            held = self._held_by.get(pid)
-            if held is None:
-                held = self._held_by[pid] = set()
-                proc.add_exit_hook(self, self._holder_exited)
-            held.add(name)
-            if pid not in self._expected and self._handoffs.get(pid, 0.0) < self._loop.time():
-                # Nobody here waits for this grant: an outcome in doubt decided late (say by
-                # another node's read after this node's caller gave up). Let it go.
-                self._loop.call_soon(self._release_if_held, name, pid)
+            self.holders.granted(ev[1], ev[2])
         elif kind == "revoke":
-            _, name, pid, token, why = ev
-            held = self._held_by.get(pid)
-            if held is not None:
-                held.discard(name)
-                if not held:
-                    del self._held_by[pid]
-                    proc = self._runtime.process(pid)
-                    if proc is not None:
-                        proc.remove_exit_hook(self)
-            if why in ("lapse", "lost"):
-                self._lost(name, pid, token)
-
-    def _lost(self, name: Any, pid: Pid, token: int) -> None:
-        """`pid` stopped being the valid holder of `name` without asking: kill or notify it."""
-        self.counters["step_downs"] += 1
-        if self._runtime.process(pid) is None:
-            return
-        if self.on_lost == "kill":
-            # Later in this iteration: an exit runs hooks that may call back into the core.
-            self._loop.call_soon(self._runtime.exit, pid, "lost_quorum")
-        else:
-            self._runtime.send(pid, NameLost(name, pid, token))
-
-    def _holder_exited(self, pid: Pid, reason: Any) -> None:
-        names = self._held_by.pop(pid, ())
-        if names:
-            # Later in this iteration: an exit hook runs inside whatever caused the exit.
-            self._loop.call_soon(self._release_all, list(names), pid)
-
-    def _release_all(self, names: list[Any], pid: Pid) -> None:
-        for name in names:
-            self._release_if_held(name, pid)
+            self.holders.revoked(ev[1], ev[2], ev[3], ev[4])
 
     def _release_if_held(self, name: Any, pid: Pid) -> None:
         g = self.core.grants.get(name)
@@ -360,15 +314,8 @@ class Names:
         `gives`: the name the operation may give `to`, a process of this node; released
         again if the caller stops waiting before the result."""
         self._check_open(what)
-        if to is not None:
-            self._expected[to] = self._expected.get(to, 0) + 1
-        try:
+        with self.holders.expect(to):
             return await self._wait_result(start, timeout, what, gives)
-        finally:
-            if to is not None:
-                count = self._expected.pop(to) - 1
-                if count:
-                    self._expected[to] = count
 
     async def _wait_result(self, start: Callable[[int, float], Effects], timeout: float, what: str,
                            gives: Any) -> tuple[Any, ...]:
@@ -455,10 +402,7 @@ class Names:
             pid = args[0]
             if type(pid) is not Pid or not self._runtime.is_local(pid) or self._runtime.process(pid) is None:
                 return ["error", f"NoProcess: {short_repr(pid)} is not a live process of {self.node.id}"]
-            self._handoffs[pid] = self._loop.time() + 2 * self.lease  # a grant of it is awaited
-            if len(self._handoffs) > 1024:
-                now = self._loop.time()
-                self._handoffs = {p: t for p, t in self._handoffs.items() if t >= now}
+            self.holders.expect_handoff(pid, 2 * self.lease)
             return self._vouch()
         if what == "update" and len(args) == 4:
             name, new_pid, token, timeout = args
@@ -610,7 +554,7 @@ class Names:
         if force is not True:
             raise ValueError("Names.reset needs force=True: it abandons the cluster and its names")
         for name, (pid, token, _lgen) in list(self.core.grants.items()):
-            self._lost(name, pid, token)
+            self.holders.lost(name, pid, token)
         for fut in self._waiters.values():
             if not fut.done():
                 fail(fut, NoQuorum(f"names service {self.service!r} was reset"))
@@ -924,6 +868,7 @@ class Names:
             "payloads_sent": self.link.payloads_out,
         }
         out.update(self.counters)
+        out["step_downs"] = self.holders.step_downs
         for kind, lat in self._latency.items():
             for p, v in lat.percentiles().items():
                 out[f"{kind}_{p}"] = v
