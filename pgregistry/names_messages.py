@@ -54,6 +54,7 @@ before it changes anything.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from .names_config import NO_BALLOT, Ballot, Cursor, Incarnation, Members, Value
@@ -137,6 +138,10 @@ def cursor_of(x: Any) -> Cursor:
 
 
 def name_of(x: Any) -> Any:
+    if type(x) is str:
+        # One str object per name however many messages carry it (an accept's and a
+        # commit's copies would otherwise both stay, as table and as decided-value keys).
+        return sys.intern(x)
     problem = key_problem(x)
     if problem is not None:
         raise BadMessage(f"name: {problem}")
