@@ -33,6 +33,7 @@ from .errors import (
 from .events import Down, Join, Leave, NameLost, NodeDown, NodeUp, Registered, Unregistered, Update
 from .names import Names
 from .node import Node
+from .placement import Ring
 from .process import Via, demonitor, exit, monitor, receive, self, send
 from .registry import Registry
 from .server import Server, call, cast
@@ -41,7 +42,7 @@ from .terms import Pid, Ref
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Registry", "Names", "Server", "Via", "Pid", "Ref",
+    "Node", "Registry", "Names", "Ring", "Server", "Via", "Pid", "Ref",
     "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
     "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost",
     "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
