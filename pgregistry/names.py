@@ -275,7 +275,10 @@ class Names:
         if self.closed:
             return
         try:
-            fx = self.core.on_message(sender, msg, lease_clock())
+            if sender is self.me:
+                fx = self.core.on_own(msg, lease_clock())
+            else:
+                fx = self.core.on_message(sender, msg, lease_clock())
         except BadMessage as e:
             self.counters["refused_messages"] += 1
             self.link.bad_message(sender[0], str(e), msg)

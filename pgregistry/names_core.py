@@ -111,6 +111,7 @@ PIGGY_LIMIT = 16384
 # Why an operation of this node revokes its own grant (see `Member._revoke`).
 _REVOKED_BY = {"update": "handoff", "release": "released"}
 NEVER = float("-inf")
+_OWN_FAST = frozenset({"prepare", "promise", "accept", "accepted", "commit", "renew", "renew_ack"})
 _NEVER_RENEWED = (NEVER, 0)
 
 #: Planted bugs, for the simulator to show that its checker catches each one:
@@ -428,6 +429,33 @@ class Member:
             self._on_nack(sender, name_of(args[0]), self._ballot(args[1]), self._ballot(args[2]), float(ra), now)
         else:
             self._on_accepted(sender, name_of(args[0]), self._ballot(args[1]), now)
+        return fx
+
+    def on_own(self, msg: tuple[Any, ...], now: float) -> Effects:
+        """Handle a message this member sent itself (`Effects.messages` to `me`).
+
+        It built the message, so the hot kinds of the current epoch skip the parsing of
+        `on_message` (a third of the messages a register makes); anything else goes
+        through `on_message` as if from a peer."""
+        kind = msg[0]
+        if msg[2] != self.epoch or msg[1] != self.cluster_id or kind not in _OWN_FAST:
+            return self.on_message(self.me, msg, now)
+        fx = self._begin()
+        me = self.me
+        if kind == "accept":
+            self._on_accept(me, msg[3], msg[4], msg[5], msg[6], msg[7], now)
+        elif kind == "prepare":
+            self._on_prepare(me, msg[3], msg[4])
+        elif kind == "promise":
+            self._on_promise(me, msg[3], msg[4], msg[5], msg[6], now)
+        elif kind == "accepted":
+            self._on_accepted(me, msg[3], msg[4], now)
+        elif kind == "commit":
+            self._on_commit(msg[3], msg[4], msg[5], now)
+        elif kind == "renew":
+            self._on_renew(me, msg[3], msg[4], now)
+        elif me in self._member_set:  # renew_ack
+            self._on_renew_ack(me, msg[3], msg[4], now)
         return fx
 
     # ----------------------------------------------------------------- plumbing

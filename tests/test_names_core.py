@@ -342,7 +342,10 @@ class Sim:
                 node = self.nodes[dest[0]]
                 if node.member.me != dest or not node.alive:
                     continue
-                fx = node.member.on_message(src, msg, node.local(t))
+                if src == dest:  # as the service delivers a member's messages to itself
+                    fx = node.member.on_own(msg, node.local(t))
+                else:
+                    fx = node.member.on_message(src, msg, node.local(t))
                 self._apply(dest, fx)
             else:
                 inc, timer_id = data
