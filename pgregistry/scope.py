@@ -502,18 +502,20 @@ class ScopeServer:
         try:
             self.node.send_service(peer, self.name, ["ops", ops], trusted=True)
         except ValueError:  # over this peer's frame limit: nothing was sent
+            if len(ops) == 1 and ops[0][0] == "l" and len(ops[0]) == 3:
+                # an exit's leave: its reason may be what is too large; the rows always
+                # fit (halved below if need be), and the peer then reports "unregistered"
+                self._send_ops(peer, [ops[0][:2]])
+                return
             halves = _halves(ops)
             if halves is not None:
                 for half in halves:
                     self._send_ops(peer, half)
                 return
             # One row or one update larger than this peer takes; the others have it. (A
-            # leave of one row always fits where that row's join did, once it drops its
-            # reason: the peer then reports "unregistered".)
+            # leave of one row without a reason always fits where that row's join did.)
             op = ops[0]
-            if op[0] == "l" and len(op) == 3:
-                self._send_ops(peer, [op[:2]])
-            elif op[0] == "j":
+            if op[0] == "j":
                 self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
             elif op[0] == "u":
                 self._left_out(op[1], op[2], f"too large for the frame limit of {peer}")

@@ -485,3 +485,21 @@ async def test_malformed_leave_reasons_are_refused() -> None:
         got = await leaves_in(inbox, 3)
         assert [m.reason for m in got] == [("some", "term"), RemoteError("ValueError", "bad"), "unregistered"]
         assert ra.lookup("g") == []
+
+
+async def test_an_exit_reason_too_large_for_a_peer_leaves_without_it() -> None:
+    """The leave op of an exit whose reason does not fit a peer's frames goes without it."""
+    async with registry_cluster(3, "groups-big", last_node_options={"max_frame": 64 * 1024}) as members:
+        (na, ra), (nb, rb), (nc, rc) = members
+        inbox_a, inbox_c = await watch(na, ra), await watch(nc, rc)
+        pb = nb.spawn(_idle)
+        rb.join("g", [pb, pb])
+        await rb.sync()
+        big = "z" * 100_000
+        nb.runtime.exit(pb, big)
+        (on_a,) = await leaves_in(inbox_a, 1)
+        (on_c,) = await leaves_in(inbox_c, 1)
+        assert on_a.entries == on_c.entries == [(pb, None), (pb, None)]
+        assert on_a.reason == big and on_c.reason == "unregistered"
+        assert ra.lookup("g") == rc.lookup("g") == []
+        assert nc.id in nb.peers()
