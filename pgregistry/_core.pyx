@@ -32,12 +32,14 @@ full collection, and removing an emptied group re-hashes and may compare its key
 record plus its index slots costs about 73 bytes, and unlinking it is pure C. (Measured
 at 1 000 000 rows with tracemalloc before the index order was added, when a row was 64
 bytes and a group 40: 64 bytes per row when keys and pids are shared, 121 with a key per
-row, 178 with a key and a pid per row; each row now costs 8 bytes more, and 4 more in its
-key's array.)
+row, 178 with a key and a pid per row. Each row now costs 8 bytes more, each group 16,
+and each row of a key with several rows 4 to 8 more in its key's array.)
 
 *Index order.* Each key group also keeps ``arr``, a C array of its rows' indices
 (``Row.kpos`` is a row's place in it): an insert appends, a removal moves the array's
-last row into the removed row's place (swap-remove), an update changes nothing. This is
+last row into the removed row's place (swap-remove), an update changes nothing. A group
+gets its array with its second row (until then its one row, ``head``, is place 0), so a
+key with a single row costs no allocation; pid groups never have one. This is
 the contract's index order: `Table.at` reads place ``i`` in O(1), which is what a random
 or round-robin pick of one group member needs. Row compaction rewrites the arrays; an
 array shrinks by half when under a quarter of it is used.
@@ -260,7 +262,7 @@ ctypedef struct Group:
     int32_t prev        # creation order
     int32_t next        # creation order; also the free-list link
     uint32_t mark       # dedupe marker for `Table.keys`
-    int32_t* arr        # key groups: the rows by index (see "Index order"); NULL for pids
+    int32_t* arr        # key groups of 2 rows or more: the rows by index (see "Index order")
     int32_t acap        # capacity of `arr`
 
 
@@ -1942,8 +1944,11 @@ cdef class Table:
         """Take row `ri` out of its key group's `arr`: the last row of `arr` takes its place."""
         cdef Row* r = _R(&self._rs, ri)
         cdef Group* g = _G(&self._keys, r.kg)
-        cdef int32_t last = g.arr[g.count - 1]
+        cdef int32_t last
         cdef int32_t* smaller
+        if g.arr == NULL:  # the group's only row: the group goes with it
+            return
+        last = g.arr[g.count - 1]
         g.arr[r.kpos] = last
         _R(&self._rs, last).kpos = r.kpos
         if g.acap > 64 and (g.count - 1) * 4 < g.acap:
@@ -2180,7 +2185,6 @@ cdef class Table:
         cdef Group* g
         cdef bint first
         cdef int32_t* arr = NULL
-        cdef int32_t acap = 0
         cdef int64_t tag = _as_tag(tag_)
         if kh == -1 and PyErr_Occurred() != NULL:
             _propagate()
@@ -2199,30 +2203,27 @@ cdef class Table:
             self._gt_reserve(&self._keys)
         if pgi < 0:
             self._gt_reserve(&self._pids)
-        if kgi < 0:
-            acap = 4
-            arr = <int32_t*>PyMem_Malloc(<size_t>acap * sizeof(int32_t))
-        else:
+        if kgi >= 0:
+            # a group's first row needs no array (see "Index order"); a second one does
             g = _G(&self._keys, kgi)
-            if g.count < g.acap:
-                acap = -1  # room already
-            elif g.acap >= INT32_MAX // 2:
-                raise MemoryError()
-            else:
-                acap = g.acap * 2
-                arr = <int32_t*>PyMem_Realloc(g.arr, <size_t>acap * sizeof(int32_t))
-        if acap > 0:
-            if arr == NULL:
-                raise MemoryError()
-            if kgi >= 0:  # the realloc moved the array: nothing else has changed
+            if g.arr == NULL:
+                arr = <int32_t*>PyMem_Malloc(4 * sizeof(int32_t))
+                if arr == NULL:
+                    raise MemoryError()
+                arr[0] = g.head  # the only row, at place 0
                 g.arr = arr
-                g.acap = acap
+                g.acap = 4
+            elif g.count == g.acap:
+                if g.acap >= INT32_MAX // 2:
+                    raise MemoryError()
+                arr = <int32_t*>PyMem_Realloc(g.arr, <size_t>g.acap * 2 * sizeof(int32_t))
+                if arr == NULL:
+                    raise MemoryError()
+                g.arr = arr  # the realloc moved the array: nothing else has changed
+                g.acap *= 2
         first = pgi < 0
         if kgi < 0:
             kgi = self._gt_add(&self._keys, <PyObject*>key, kh)
-            g = _G(&self._keys, kgi)
-            g.arr = arr
-            g.acap = acap
         if pgi < 0:
             pgi = self._gt_add(&self._pids, <PyObject*>pid, ph)
         ri = self._rfree
@@ -2238,7 +2239,8 @@ cdef class Table:
         self._key_append(ri, kgi)
         g = _G(&self._keys, kgi)
         r.kpos = g.count - 1
-        g.arr[r.kpos] = ri
+        if g.arr != NULL:
+            g.arr[r.kpos] = ri
         self._pid_append(ri, pgi)
         self._n += 1
         self._version += 1
@@ -2663,7 +2665,7 @@ cdef class Table:
         g = _G(&self._keys, kgi)
         if i < 0 or i >= g.count:
             return None
-        return self._row_pair(g.arr[i])
+        return self._row_pair(g.arr[i] if g.arr != NULL else g.head)
 
     def first(self, key):
         """``(pid, value)`` of the first row of `key` in key order (the oldest); None if none."""

@@ -1267,7 +1267,17 @@ def test_index_order_survives_compaction_identically() -> None:
                 t.pop(i % 7, Pid("a@127.0.0.1:4000", i % 50), i)
         for p in range(0, 50, 3):
             t.pop_pid(Pid("a@127.0.0.1:4000", p))
+        for i in range(3000):  # keys of one row (no array in C), then of two, then of one again
+            t.insert(("solo", i), Pid("b@127.0.0.1:4001", 1), i, 10_000 + i)
+            if i % 2:
+                t.insert(("solo", i), Pid("b@127.0.0.1:4001", 2), -i, 20_000 + i)
+                if i % 3:
+                    t.pop(("solo", i), Pid("b@127.0.0.1:4001", 1), 10_000 + i)
+        t.pop_pid(Pid("b@127.0.0.1:4001", 1))  # keys of two rows back to one (C keeps the array)
     py, c = tables
+    for i in range(3000):
+        key = ("solo", i)
+        assert [py.at(key, j) for j in range(3)] == [c.at(key, j) for j in range(3)]
     for key in range(7):
         n = py.count_key(key)
         assert n == c.count_key(key) > 0
