@@ -18,7 +18,8 @@ Two indexes hold every row once each::
 
 and each key's `_Rows` keeps ``arr``, a list of its rows in *index order* (``_Row.kpos``
 is a row's place in it): an insert appends, a removal moves the list's last row into the
-removed row's place (swap-remove), an update changes nothing. `at` reads one place in
+removed row's place (swap-remove), an update changes nothing. The list is made with the
+key's second row (a key of one row has ``arr`` None, its row at place 0). `at` reads one place in
 O(1); the C table keeps the same array, so both give the same answer.
 
 A `_Rows` is an insertion-ordered set of rows: a ``dict`` whose keys are rows (hashed
@@ -125,13 +126,14 @@ class _Row:
 class _Rows(dict["_Row", None]):
     """An insertion-ordered set of rows, with a count of deletions since its last compaction.
 
-    A key's container also holds ``arr``, its rows in index order (a pid's has none).
+    A key's container also holds ``arr``, its rows in index order, from its second row
+    on (None while it has one row, which is then place 0; a pid's container has none).
     """
 
     __slots__ = ("removed", "arr")
 
     removed: int
-    arr: list[_Row]
+    arr: list[_Row] | None
 
 
 def _new_rows() -> _Rows:
@@ -143,6 +145,8 @@ def _new_rows() -> _Rows:
 def _unindex(krows: _Rows, row: _Row) -> None:
     """Take `row` out of its key's index order: the last row takes its place (swap-remove)."""
     arr = krows.arr
+    if arr is None:  # the key's only row: the key goes with it
+        return
     last = arr.pop()
     if last is not row:
         pos = row.kpos
@@ -661,10 +665,14 @@ class Table:
             prows = self._pids.get(pid)
             if krows is None:
                 krows = self._keys[key] = _new_rows()
-                krows.arr = []
+                krows.arr = None  # one row: place 0 is the row itself
+            else:
+                arr = krows.arr
+                if arr is None:
+                    arr = krows.arr = [next(iter(krows))]
+                row.kpos = len(arr)
+                arr.append(row)
             krows[row] = None
-            row.kpos = len(krows.arr)
-            krows.arr.append(row)
             first = prows is None
             if first:
                 prows = self._pids[pid] = _new_rows()
@@ -865,9 +873,17 @@ class Table:
             i = operator.index(i)
         with self._lock:
             krows = self._keys.get(key)
-            if krows is None or not 0 <= i < len(krows.arr):
+            if krows is None:
                 return None
-            row = krows.arr[i]
+            arr = krows.arr
+            if arr is None:
+                if i != 0:
+                    return None
+                row = next(iter(krows))
+            elif 0 <= i < len(arr):
+                row = arr[i]
+            else:
+                return None
             return row.pid, row.value
 
     def first(self, key: Any) -> tuple[Any, Any] | None:
