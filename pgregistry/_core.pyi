@@ -21,6 +21,9 @@ Orders (both implementations must produce them identically):
 * *key order*: the rows of one key in insertion order; `Table.update` moves the rows it
   changes to the end, keeping their relative order.
 * *pid order*: the rows of one pid in insertion order (`update` does not change it).
+* *index order*: the rows of one key in an order that `at` reads in O(1). An insert
+  appends the row; a removal moves the last row of the key's index order into the
+  removed row's place (swap-remove); `update`/`update_row` do not change it.
 * *group order*: keys in the order their group was created; a key whose last row goes
   away loses its place and gets a new one at the end when a row is inserted again.
 * `select`/`count_select` visit rows as follows. If every clause has a literal key
@@ -128,6 +131,13 @@ class Table:
         """Distinct keys, in group order."""
     def count_key(self, key: Any) -> int: ...
     def count_pid(self, pid: Any) -> int: ...
+    def at(self, key: Any, i: int) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the row at place `i` (0-based) of `key`'s index order; None if
+        `key` has no row or `i` is not in ``range(count_key(key))``. O(1)."""
+    def first(self, key: Any) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the first row of `key` in key order (the oldest); None if none."""
+    def last(self, key: Any) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the last row of `key` in key order (the newest); None if none."""
     def snapshot(self) -> dict[Any, list[tuple[Any, Any]]]:
         """``{key: [(pid, value)]}`` in group order, lists in key order."""
     def rows(self) -> list[tuple[Any, Any, Any, int]]:

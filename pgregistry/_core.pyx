@@ -8,7 +8,7 @@ Nothing per row or per group is a Python object, and nothing the table owns is a
 GC-tracked container: CPython's cyclic GC never traverses (or pays for) the rows, and
 the memory per row is a few C words.
 
-*Rows* are 64-byte `Row` structs in a chunked slab (`Slab`: chunks of 1024 reached
+*Rows* are 72-byte `Row` structs in a chunked slab (`Slab`: chunks of 1024 reached
 through a small table of chunk pointers; growing adds a chunk, so nothing is copied and
 at most one chunk is slack), with a free list threaded through ``knext``. A row holds
 owned references to the key and pid objects it was inserted with (per-row reads report
@@ -17,9 +17,9 @@ its key group and pid group, and the links of two doubly linked lists: its key's
 key order and its pid's rows in pid order. Links are ``int32`` indices, never pointers.
 
 *Groups* (one per distinct key, one per distinct pid) live in two `GroupTable`s. Each
-is a chunked slab of 40-byte `Group` records (the object the group was created with, its
-hash, the head, tail and length of its row list) plus an open-addressing index: linear
-probing on a Fibonacci-mixed hash, load at most 2/3, deletion by backward shift (no
+is a chunked slab of 56-byte `Group` records (the object the group was created with, its
+hash, the head, tail and length of its row list, and for a key its index array) plus an
+open-addressing index: linear probing on a Fibonacci-mixed hash, load at most 2/3, deletion by backward shift (no
 tombstones). Each slot keeps 32 bits of the mixed hash next to the group index, so a
 probe past another key, and every step of a deletion, never touches a group record. A
 lookup has Python's dict semantics: ``is`` first, then equal hash and ``==`` (the stored
@@ -29,9 +29,20 @@ order of the contract: a key whose last row goes is unlinked, and comes back at 
 Why not Python dicts of group objects? A dict entry plus a small object costs about 90
 bytes per group, a dict with tuple (`Pid`) keys is GC-tracked and traversed on every
 full collection, and removing an emptied group re-hashes and may compare its key. A
-record plus its index slots costs about 57 bytes, and unlinking it is pure C. Measured
-at 1 000 000 rows (tracemalloc): 64 bytes per row when keys and pids are shared, 121 with
-a key per row, 178 with a key and a pid per row.
+record plus its index slots costs about 73 bytes, and unlinking it is pure C. (Measured
+at 1 000 000 rows with tracemalloc before the index order was added, when a row was 64
+bytes and a group 40: 64 bytes per row when keys and pids are shared, 121 with a key per
+row, 178 with a key and a pid per row. Each row now costs 8 bytes more, each group 16,
+and each row of a key with several rows 4 to 8 more in its key's array.)
+
+*Index order.* Each key group also keeps ``arr``, a C array of its rows' indices
+(``Row.kpos`` is a row's place in it): an insert appends, a removal moves the array's
+last row into the removed row's place (swap-remove), an update changes nothing. A group
+gets its array with its second row (until then its one row, ``head``, is place 0), so a
+key with a single row costs no allocation; pid groups never have one. This is
+the contract's index order: `Table.at` reads place ``i`` in O(1), which is what a random
+or round-robin pick of one group member needs. Row compaction rewrites the arrays; an
+array shrinks by half when under a quarter of it is used.
 
 When removals leave a big slab less than a quarter full, it is compacted (live elements
 renumbered in place order, links rewritten) and the memory goes back.
@@ -239,6 +250,7 @@ ctypedef struct Row:
     int32_t knext       # also the free-list link
     int32_t pprev
     int32_t pnext
+    int32_t kpos        # place in its key group's `arr`
 
 
 ctypedef struct Group:
@@ -250,6 +262,8 @@ ctypedef struct Group:
     int32_t prev        # creation order
     int32_t next        # creation order; also the free-list link
     uint32_t mark       # dedupe marker for `Table.keys`
+    int32_t* arr        # key groups of 2 rows or more: the rows by index (see "Index order")
+    int32_t acap        # capacity of `arr`
 
 
 # Rows and group records live in chunked slabs: chunk k holds elements
@@ -1816,6 +1830,8 @@ cdef class Table:
         g.tail = -1
         g.count = 0
         g.mark = 0
+        g.arr = NULL
+        g.acap = 0
         g.prev = gt.last
         g.next = -1
         if gt.last >= 0:
@@ -1867,6 +1883,9 @@ cdef class Table:
             gt.last = g.prev
         obj = g.obj
         g.obj = NULL
+        PyMem_Free(g.arr)
+        g.arr = NULL
+        g.acap = 0
         g.next = gt.free
         gt.free = gi
         gt.live -= 1
@@ -1921,6 +1940,24 @@ cdef class Table:
             g.tail = r.kprev
         g.count -= 1
 
+    cdef inline void _unindex(self, int32_t ri) noexcept:
+        """Take row `ri` out of its key group's `arr`: the last row of `arr` takes its place."""
+        cdef Row* r = _R(&self._rs, ri)
+        cdef Group* g = _G(&self._keys, r.kg)
+        cdef int32_t last
+        cdef int32_t* smaller
+        if g.arr == NULL:  # the group's only row: the group goes with it
+            return
+        last = g.arr[g.count - 1]
+        g.arr[r.kpos] = last
+        _R(&self._rs, last).kpos = r.kpos
+        if g.acap > 64 and (g.count - 1) * 4 < g.acap:
+            # shrink to twice the rows left; if memory is short the bigger array stays
+            smaller = <int32_t*>PyMem_Realloc(g.arr, <size_t>(g.acap // 2) * sizeof(int32_t))
+            if smaller != NULL:
+                g.arr = smaller
+                g.acap = g.acap // 2
+
     cdef inline void _pid_append(self, int32_t ri, int32_t gi) noexcept:
         cdef Row* r = _R(&self._rs, ri)
         cdef Group* g = _G(&self._pids, gi)
@@ -1967,6 +2004,7 @@ cdef class Table:
         else:
             _pb_push(dead, r.value)
         _pb_push(dead, r.pid)
+        self._unindex(ri)
         self._key_unlink(ri)
         self._pid_unlink(ri)
         r.key = NULL
@@ -2072,6 +2110,7 @@ cdef class Table:
             r.pnext = renum[r.pnext] if r.pnext >= 0 else -1
         _renumber_heads(&self._keys, renum)
         _renumber_heads(&self._pids, renum)
+        _renumber_arrays(&self._keys, renum)
         for i in range(j, ns.cap):
             _R(&ns, i).key = NULL
             _R(&ns, i).knext = i + 1 if i + 1 < ns.cap else -1
@@ -2143,7 +2182,9 @@ cdef class Table:
         cdef int32_t kgi, pgi, ri
         cdef uint64_t v
         cdef Row* r
+        cdef Group* g
         cdef bint first
+        cdef int32_t* arr = NULL
         cdef int64_t tag = _as_tag(tag_)
         if kh == -1 and PyErr_Occurred() != NULL:
             _propagate()
@@ -2162,6 +2203,24 @@ cdef class Table:
             self._gt_reserve(&self._keys)
         if pgi < 0:
             self._gt_reserve(&self._pids)
+        if kgi >= 0:
+            # a group's first row needs no array (see "Index order"); a second one does
+            g = _G(&self._keys, kgi)
+            if g.arr == NULL:
+                arr = <int32_t*>PyMem_Malloc(4 * sizeof(int32_t))
+                if arr == NULL:
+                    raise MemoryError()
+                arr[0] = g.head  # the only row, at place 0
+                g.arr = arr
+                g.acap = 4
+            elif g.count == g.acap:
+                if g.acap >= INT32_MAX // 2:
+                    raise MemoryError()
+                arr = <int32_t*>PyMem_Realloc(g.arr, <size_t>g.acap * 2 * sizeof(int32_t))
+                if arr == NULL:
+                    raise MemoryError()
+                g.arr = arr  # the realloc moved the array: nothing else has changed
+                g.acap *= 2
         first = pgi < 0
         if kgi < 0:
             kgi = self._gt_add(&self._keys, <PyObject*>key, kh)
@@ -2178,6 +2237,10 @@ cdef class Table:
         r.value = <PyObject*>value
         r.tag = tag
         self._key_append(ri, kgi)
+        g = _G(&self._keys, kgi)
+        r.kpos = g.count - 1
+        if g.arr != NULL:
+            g.arr[r.kpos] = ri
         self._pid_append(ri, pgi)
         self._n += 1
         self._version += 1
@@ -2586,6 +2649,38 @@ cdef class Table:
         cdef int32_t pgi = self._find_obj(&self._pids, pid)
         return _G(&self._pids, pgi).count if pgi >= 0 else 0
 
+    cdef object _row_pair(self, int32_t ri):
+        """``(pid, value)`` of row `ri`: both references taken before anything is allocated."""
+        cdef Row* r = _R(&self._rs, ri)
+        cdef object pid = <object>r.pid
+        cdef object value = <object>r.value
+        return (pid, value)
+
+    def at(self, key, Py_ssize_t i):
+        """``(pid, value)`` of the row at place `i` of `key`'s index order; None if out of range."""
+        cdef int32_t kgi = self._find_obj(&self._keys, key)
+        cdef Group* g
+        if kgi < 0:
+            return None
+        g = _G(&self._keys, kgi)
+        if i < 0 or i >= g.count:
+            return None
+        return self._row_pair(g.arr[i] if g.arr != NULL else g.head)
+
+    def first(self, key):
+        """``(pid, value)`` of the first row of `key` in key order (the oldest); None if none."""
+        cdef int32_t kgi = self._find_obj(&self._keys, key)
+        if kgi < 0:
+            return None
+        return self._row_pair(_G(&self._keys, kgi).head)
+
+    def last(self, key):
+        """``(pid, value)`` of the last row of `key` in key order (the newest); None if none."""
+        cdef int32_t kgi = self._find_obj(&self._keys, key)
+        if kgi < 0:
+            return None
+        return self._row_pair(_G(&self._keys, kgi).tail)
+
     cdef int _collect_all(self, RecBuf* out, bint headers) except -1:
         """Every row (key, pid, value, tag), keys in group order, rows in key order.
 
@@ -2970,6 +3065,16 @@ cdef void _renumber_heads(GroupTable* gt, int32_t* renum) noexcept:
             g.tail = renum[g.tail]
 
 
+cdef void _renumber_arrays(GroupTable* gt, int32_t* renum) noexcept:
+    cdef int32_t i, k
+    cdef Group* g
+    for i in range(gt.slab.cap):
+        g = _G(gt, i)
+        if g.obj != NULL and g.arr != NULL:
+            for k in range(g.count):
+                g.arr[k] = renum[g.arr[k]]
+
+
 cdef void _release(Slab* rows, GroupTable* keys, GroupTable* pids) noexcept:
     """Release every reference held by detached storage, then free it."""
     cdef int32_t i
@@ -2992,6 +3097,7 @@ cdef void _gt_release(GroupTable* gt) noexcept:
         g = _G(gt, i)
         if g.obj != NULL:
             Py_DECREF(g.obj)
+            PyMem_Free(g.arr)
     _slab_free(&gt.slab)
     PyMem_Free(gt.index)
     _gt_init(gt)

@@ -16,6 +16,12 @@ Two indexes hold every row once each::
     _keys: dict[key, _Rows]     key order of each key; the dict's own order is group order
     _pids: dict[pid, _Rows]     pid order of each pid
 
+and each key's `_Rows` keeps ``arr``, a list of its rows in *index order* (``_Row.kpos``
+is a row's place in it): an insert appends, a removal moves the list's last row into the
+removed row's place (swap-remove), an update changes nothing. The list is made with the
+key's second row (a key of one row has ``arr`` None, its row at place 0). `at` reads one place in
+O(1); the C table keeps the same array, so both give the same answer.
+
 A `_Rows` is an insertion-ordered set of rows: a ``dict`` whose keys are rows (hashed
 by identity) and whose values are ``None``. Appending is ``d[row] = None``, removing one
 row is ``del d[row]`` and moving a row to the end is a delete plus an append, all O(1).
@@ -103,7 +109,7 @@ _COMPACT_MIN = 32
 class _Row:
     """One row. ``seq`` orders the rows of one key (see the module docstring)."""
 
-    __slots__ = ("key", "pid", "value", "tag", "seq")
+    __slots__ = ("key", "pid", "value", "tag", "seq", "kpos")
 
     def __init__(self, key: Any, pid: Any, value: Any, tag: int, seq: int) -> None:
         self.key = key
@@ -111,23 +117,41 @@ class _Row:
         self.value = value
         self.tag = tag
         self.seq = seq
+        self.kpos = 0
 
     def __repr__(self) -> str:
         return f"_Row({short_repr(self.key)}, {short_repr(self.pid)}, {short_repr(self.value)}, {short_repr(self.tag)})"
 
 
 class _Rows(dict["_Row", None]):
-    """An insertion-ordered set of rows, with a count of deletions since its last compaction."""
+    """An insertion-ordered set of rows, with a count of deletions since its last compaction.
 
-    __slots__ = ("removed",)
+    A key's container also holds ``arr``, its rows in index order, from its second row
+    on (None while it has one row, which is then place 0; a pid's container has none).
+    """
+
+    __slots__ = ("removed", "arr")
 
     removed: int
+    arr: list[_Row] | None
 
 
 def _new_rows() -> _Rows:
     rows = _Rows()
     rows.removed = 0
     return rows
+
+
+def _unindex(krows: _Rows, row: _Row) -> None:
+    """Take `row` out of its key's index order: the last row takes its place (swap-remove)."""
+    arr = krows.arr
+    if arr is None:  # the key's only row: the key goes with it
+        return
+    last = arr.pop()
+    if last is not row:
+        pos = row.kpos
+        arr[pos] = last
+        last.kpos = pos
 
 
 def _discard(rows: _Rows, row: _Row) -> None:
@@ -556,6 +580,7 @@ class Table:
 
     def _remove(self, row: _Row, key: Any, krows: _Rows, pid: Any, prows: _Rows) -> None:
         """Remove `row` from both indexes; `key`/`pid` are what ``krows``/``prows`` are filed under."""
+        _unindex(krows, row)
         _discard(krows, row)
         if not krows:
             self._drop_key(key)
@@ -640,6 +665,13 @@ class Table:
             prows = self._pids.get(pid)
             if krows is None:
                 krows = self._keys[key] = _new_rows()
+                krows.arr = None  # one row: place 0 is the row itself
+            else:
+                arr = krows.arr
+                if arr is None:
+                    arr = krows.arr = [next(iter(krows))]
+                row.kpos = len(arr)
+                arr.append(row)
             krows[row] = None
             first = prows is None
             if first:
@@ -693,6 +725,7 @@ class Table:
             for row in prows:
                 k = row.key
                 krows = self._keys[k]  # not hoisted: `_drop_key` may compact `_keys`
+                _unindex(krows, row)
                 _discard(krows, row)
                 if not krows:
                     self._drop_key(k)
@@ -833,6 +866,43 @@ class Table:
     def count_pid(self, pid: Any) -> int:
         prows = self._pids.get(pid)
         return 0 if prows is None else len(prows)
+
+    def at(self, key: Any, i: int) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the row at place `i` of `key`'s index order; None if out of range."""
+        if type(i) is not int:
+            i = operator.index(i)
+        with self._lock:
+            krows = self._keys.get(key)
+            if krows is None:
+                return None
+            arr = krows.arr
+            if arr is None:
+                if i != 0:
+                    return None
+                row = next(iter(krows))
+            elif 0 <= i < len(arr):
+                row = arr[i]
+            else:
+                return None
+            return row.pid, row.value
+
+    def first(self, key: Any) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the first row of `key` in key order (the oldest); None if none."""
+        with self._lock:
+            krows = self._keys.get(key)
+            if krows is None:
+                return None
+            row = next(iter(krows))
+            return row.pid, row.value
+
+    def last(self, key: Any) -> tuple[Any, Any] | None:
+        """``(pid, value)`` of the last row of `key` in key order (the newest); None if none."""
+        with self._lock:
+            krows = self._keys.get(key)
+            if krows is None:
+                return None
+            row = next(reversed(krows))
+            return row.pid, row.value
 
     def snapshot(self) -> dict[Any, list[tuple[Any, Any]]]:
         """``{key: [(pid, value)]}`` in group order, lists in key order."""

@@ -31,10 +31,26 @@ class Join(NamedTuple):
     entries: list
 
 
-class Leave(NamedTuple):
+class _LeaveFields(NamedTuple):
     ref: Any
     key: Any
     entries: list
+
+
+class Leave(_LeaveFields):
+    """``Leave(ref, key, entries)``: entries ``[(pid, value), ...]`` left `key`.
+
+    ``reason`` says why, and is an instance attribute outside the tuple (it takes no
+    part in unpacking, ``len`` or equality): ``"unregistered"`` (the default: an
+    unregister call, `Registry.leave`/`leave_all`), the process's exit reason,
+    ``"nodedown"`` (the connection to the entries' node was lost), ``"scope_stopped"``
+    (the scope stopped on the entries' node, or that node does not run it) or
+    ``"sync"`` (a sync round from the entries' node no longer lists them). For entries
+    of another node the reason comes from that node; an exit reason that is not a term
+    (an exception) arrives as a `pgregistry.errors.RemoteError`.
+    """
+
+    reason: Any = "unregistered"
 
 
 class Update(NamedTuple):

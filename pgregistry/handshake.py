@@ -46,7 +46,9 @@ __all__ = [
     "certificate_proves",
 ]
 
-PROTOCOL_VERSION: Final = 2  # 2: the node-level confirm step renamed its messages (propose, confirm, refuse)
+# 2: the node-level confirm step renamed its messages (propose, confirm, refuse);
+# 3: a scope's leave op may carry the exit reason (a version-2 peer would drop it as malformed).
+PROTOCOL_VERSION: Final = 3
 MAGIC: Final = "pgregistry"
 HANDSHAKE_MAX_FRAME: Final = 4096
 """Largest handshake frame payload accepted, in bytes: what an unauthenticated peer can make a node buffer."""

@@ -10,6 +10,12 @@ most recent entry under a key; `unregister_name` removes every local entry under
 `keys` is distinct; `dispatch` passes pids; unique mode is per node; `whereis_name`,
 `send` and via names resolve to the holder on the calling node only.
 
+Group operations in the style of cpg: `join`/`leave` of several local pids, `leave_all`,
+`count_pid`, `lookup_remote`, `pick` (one member: random, local, remote, closest,
+furthest, oldest, newest or round_robin; random, oldest, newest and round_robin in O(1)
+through the table's per-key index order, `Table.at`) and `via_group`, a `Via` resolved
+by `pick` at each use.
+
 Keys and values are terms (`pgregistry.terms`). Every method that takes a key (metadata
 and via keys included) raises `TypeError` for one that is not a key term and
 `ValueError` for one holding a NaN anywhere: a NaN is not equal to itself, so an entry
@@ -20,13 +26,14 @@ a value that holds one is still the same value when a peer sends it again.
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
 from ._table import Matcher
-from .errors import AlreadyStarted, NoProcess, NotLocal
+from .errors import AlreadyRegistered, AlreadyStarted, NoProcess, NotLocal
 from .node import Node
 from .process import Process, Via, current_process, task_process
 from .scope import ScopeServer
@@ -45,6 +52,34 @@ _NO_DEFAULT: Final = object()
 _CURRENT_TASKS: Final = getattr(asyncio.tasks, "_current_tasks", None)
 _MATCHER_CACHE_SIZE: Final = 256
 
+PICK_MODES: Final = ("random", "local", "remote", "closest", "furthest", "oldest", "newest", "round_robin")
+"""The values of `Registry.pick`'s ``how``."""
+_SAMPLES: Final = 16  # random draws a filtered pick tries before it walks the group
+_CURSORS_MIN: Final = 1024  # round-robin cursors kept before the first pruning
+_random: Final = random.random
+
+
+class _GroupNames:
+    """The naming service of `Registry.via_group`: a name resolves to ``pick(key, how)``."""
+
+    __slots__ = ("registry", "how")
+
+    def __init__(self, registry: Registry, how: str) -> None:
+        self.registry = registry
+        self.how = how
+
+    def whereis_name(self, key: Any) -> Pid | None:
+        return self.registry.pick(key, self.how)
+
+    def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool:
+        return self.registry.register_name(key, pid, value)
+
+    def unregister_name(self, key: Any) -> None:
+        self.registry.unregister_name(key)
+
+    def __repr__(self) -> str:
+        return f"<group of {self.registry!r}, {self.how}>"
+
 
 class Registry:
     """A named scope of ``(key, pid, value)`` entries on one node, shared with its peers.
@@ -57,7 +92,7 @@ class Registry:
     """
 
     __slots__ = ("name", "keys_mode", "listeners", "node", "_runtime", "_scope", "_table",
-                 "_matchers", "_loop_thread")
+                 "_matchers", "_loop_thread", "_cursors", "_cursors_limit", "_group_names")
 
     def __init__(self, node: Node, name: str, scope: ScopeServer) -> None:
         self.name = name
@@ -69,6 +104,9 @@ class Registry:
         self._table = scope.table
         self._matchers: OrderedDict[Any, Matcher] = OrderedDict()
         self._loop_thread = node.loop_thread
+        self._cursors: dict[Any, int] = {}  # round_robin: the next place per key
+        self._cursors_limit = _CURSORS_MIN
+        self._group_names = {how: _GroupNames(self, how) for how in PICK_MODES}
 
     @classmethod
     async def start(cls, node: Node, name: str, *, keys: str = "duplicate",
@@ -140,6 +178,14 @@ class Registry:
         if not self._runtime.is_local(pid):
             raise NotLocal(pid, self.node.id)
         return pid
+
+    def _pid_list(self, pids: Any, what: str) -> list[Pid]:
+        """`pids` (a `Pid`, or a list or tuple of them) as a list of local pids."""
+        if type(pids) is Pid:
+            pids = [pids]
+        elif type(pids) not in (list, tuple):
+            raise TypeError(f"Registry.{what} takes a Pid or a list or tuple of pids, got {short_repr(pids, 60)}")
+        return [self._local_pid(pid) for pid in pids]
 
     def _require_unique(self, what: str) -> None:
         if self.keys_mode != "unique":
@@ -226,6 +272,50 @@ class Registry:
         check_key(key)
         return self._scope.leave_match(key, process.pid, self._value_matcher(pattern, guards))
 
+    def join(self, key: Any, pids: Any, value: Any = None) -> None:
+        """Register each of `pids` (live local processes) under `key` with `value`.
+
+        `pids` is a `Pid` or a list or tuple of them (a pid listed twice joins twice);
+        every pid is checked before anything changes: `TypeError` for a non-pid,
+        `NotLocal` for another node's, `NoProcess` for a dead one. In a unique registry
+        `pids` may name one pid only (`ValueError` otherwise), which then joins like
+        `register_name`, except that a collision raises `AlreadyRegistered(holder)`.
+        """
+        self._check_thread("join")
+        check_key(key)
+        check_value(value)
+        wanted = self._pid_list(pids, "join")
+        processes = [self._scope.live_local_process(pid) for pid in wanted]
+        if self._scope.unique:
+            if len(processes) > 1:
+                raise ValueError(f"Registry.join of {len(processes)} pids in the unique registry {self.name!r}: "
+                                 "a unique key has one holder per node")
+            holder = self._scope.local_holder(key) if processes else None
+            if holder is not None:
+                raise AlreadyRegistered(holder, key)
+        for process in processes:
+            self._scope.join(key, process, value)
+
+    def leave(self, key: Any, pids: Any) -> int:
+        """Remove the most recent entry under `key` of each of `pids`; return how many went.
+
+        `pids` is a `Pid` or a list or tuple of local pids (dead ones included; a pid
+        listed twice loses two entries); all are checked first (`TypeError`,
+        `NotLocal`). A pid without an entry under `key` removes nothing.
+        """
+        self._check_thread("leave")
+        check_key(key)
+        removed = 0
+        for pid in self._pid_list(pids, "leave"):
+            if self._scope.leave_latest(key, pid):
+                removed += 1
+        return removed
+
+    def leave_all(self) -> int:
+        """Remove every entry of the calling process, under every key; return how many."""
+        process = self._caller("leave_all")
+        return self._scope.leave_pid(process.pid)
+
     def put_meta(self, key: Any, value: Any) -> None:
         """Set node-local scope metadata `key` (a key term) to `value` (any object)."""
         self._check_thread("put_meta")
@@ -266,6 +356,154 @@ class Registry:
         check_key(key)
         check_value(value)
         return Via(self, key, value)
+
+    def via_group(self, key: Any, how: str = "random") -> Via:
+        """A name for `send`, `call` and `cast` that resolves to ``pick(key, how)`` at each use.
+
+        Any registry (duplicate or unique). A use that picks nobody raises `NoProcess`
+        (`cast` drops the message). Two `via_group` names are equal when their registry,
+        `how` and `key` are; never equal to ``via(key)``. As ``name=`` of `Server.start`
+        it registers the new server like `register_name`, and only if the group is
+        empty (the start refuses a name that resolves to a process).
+        """
+        self._check_how(how)
+        check_key(key)
+        return Via(self._group_names[how], key)
+
+    # -- groups --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_how(how: Any) -> None:
+        if type(how) is not str or how not in PICK_MODES:
+            raise ValueError(f"how must be one of {', '.join(PICK_MODES)}; got {short_repr(how, 60)}")
+
+    def pick(self, key: Any, how: str = "random", exclude: Any = ()) -> Pid | None:
+        """One member of the group `key` (every node's entries), or None if there is none.
+
+        `how`: ``"random"`` (uniform over entries: a pid with two entries is twice as
+        likely), ``"local"``/``"remote"`` (uniform over this node's / other nodes'
+        entries), ``"closest"`` (local if any, else remote), ``"furthest"`` (remote if
+        any, else local), ``"oldest"``/``"newest"`` (first/last in this node's order of
+        the key's entries, as `lookup` lists them), ``"round_robin"`` (cycles through
+        the entries: see docs/contract.md). `ValueError` for another `how`. `exclude`
+        is a collection of pids (a list, tuple, set or frozenset) whose entries are
+        skipped. random, oldest, newest and round_robin take O(1) without `exclude`.
+        """
+        table = self._table
+        try:
+            n = table.count_key(key)
+        except TypeError:  # unhashable: say which rule the key breaks
+            check_key(key)
+            raise
+        try:
+            known = how in self._group_names
+        except TypeError:  # unhashable
+            known = False
+        if not known:
+            self._check_how(how)
+        if exclude:
+            if type(exclude) not in (list, tuple, set, frozenset):
+                raise TypeError(f"exclude must be a list, tuple, set or frozenset of pids, "
+                                f"got {short_repr(exclude, 60)}")
+            for pid in exclude:
+                if type(pid) is not Pid:
+                    raise TypeError(f"exclude must hold pids, got {short_repr(pid, 60)}")
+        if not n:
+            check_key(key)
+            return None
+        if not exclude:
+            entry = None
+            if how == "random":
+                entry = table.at(key, int(_random() * n))
+            elif how == "oldest":
+                entry = table.first(key)
+            elif how == "newest":
+                entry = table.last(key)
+            elif how == "round_robin":
+                cursors = self._cursors
+                place = cursors.get(key, 0) % n
+                entry = table.at(key, place)
+                if entry is not None:
+                    if len(cursors) >= self._cursors_limit:
+                        self._prune_cursors()
+                        cursors = self._cursors
+                    cursors[key] = place + 1
+                    return entry[0]
+            if entry is not None:
+                return entry[0]
+            # a filtered pick, or the group changed under a read from another thread
+        return self._pick_slow(key, how, frozenset(exclude), n)
+
+    def _pick_slow(self, key: Any, how: str, exclude: frozenset[Pid], n: int) -> Pid | None:
+        table = self._table
+        if how == "round_robin":
+            return self._round_robin(key, n, exclude)
+        if how == "oldest" or how == "newest":
+            entry = table.first(key) if how == "oldest" else table.last(key)
+            if entry is not None and entry[0] not in exclude:
+                return entry[0]
+            pids = table.pids(key)
+            for pid in (pids if how == "oldest" else reversed(pids)):
+                if pid not in exclude:
+                    return pid
+            return None
+        is_local = self._runtime.is_local
+        want = None if how == "random" else how in ("local", "closest")
+        # A few random draws first: accepted draws are uniform over the wanted entries,
+        # and a group that is mostly of the wanted kind is never walked.
+        for _ in range(_SAMPLES):
+            entry = table.at(key, int(_random() * n))
+            if entry is None:
+                break
+            pid = entry[0]
+            if pid not in exclude and (want is None or is_local(pid) is want):
+                return pid
+        pids = [pid for pid in table.pids(key) if pid not in exclude]
+        if want is not None:
+            wanted = [pid for pid in pids if is_local(pid) is want]
+            if wanted or how in ("local", "remote"):
+                pids = wanted
+        return random.choice(pids) if pids else None
+
+    def _round_robin(self, key: Any, n: int, exclude: frozenset[Pid]) -> Pid | None:
+        """The next entry of `key`'s index order after the last one picked here."""
+        cursors = self._cursors
+        start = cursors.get(key, 0)
+        table = self._table
+        for step in range(n if exclude else 1):
+            place = (start + step) % n
+            entry = table.at(key, place)
+            if entry is None:  # the group shrank under a read from another thread
+                break
+            if entry[0] not in exclude:
+                if len(cursors) >= self._cursors_limit:
+                    self._prune_cursors()
+                    cursors = self._cursors
+                cursors[key] = place + 1
+                return entry[0]
+        else:
+            return None  # every entry is excluded
+        # the group shrank under a read from another thread: go round again with its new size
+        n = table.count_key(key)
+        return self._round_robin(key, n, exclude) if n else None
+
+    def _prune_cursors(self) -> None:
+        """Forget the round-robin places of keys that have no entry left (amortized O(1))."""
+        table = self._table
+        self._cursors = {key: place for key, place in self._cursors.items() if key in table}
+        self._cursors_limit = max(_CURSORS_MIN, 2 * len(self._cursors))
+
+    def lookup_remote(self, key: Any) -> list[tuple[Pid, Any]]:
+        """Like `lookup`, only the entries of other nodes' processes."""
+        is_local = self._runtime.is_local
+        return [entry for entry in self.lookup(key) if not is_local(entry[0])]
+
+    def count_pid(self, key: Any, pid: Pid) -> int:
+        """How many entries `pid` (any node's) has under `key`."""
+        if type(pid) is not Pid:
+            raise TypeError(f"pid must be a Pid, got {short_repr(pid, 60)}")
+        check_key(key)
+        return len(self._table.values(key, pid))
 
     # -- reads -------------------------------------------------------------------------------
 

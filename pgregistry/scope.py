@@ -39,7 +39,16 @@ from .events import Join, Leave, Registered, Unregistered, Update
 from .logbudget import LogBudget
 from .node import REPLACED, Node
 from .process import Process
-from .scope_checks import BadPeerMessage, check_key, check_pid, check_rows, parse_leave, parse_sync
+from .remote import error_parts
+from .scope_checks import (
+    BadPeerMessage,
+    check_key,
+    check_pid,
+    check_rows,
+    parse_leave,
+    parse_leave_reason,
+    parse_sync,
+)
 from .service import DISCOVER, PeerDiscovery
 from .subscriptions import EVERY_KEY, Subscriptions
 from .terms import SCALAR_TYPES as _SCALARS
@@ -92,6 +101,15 @@ def _group_by_key(pid: Pid, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list[t
     return by_key
 
 
+def wire_reason(reason: Any) -> list[Any]:
+    """The trailing field of a leave op for an exit `reason`: ``[reason]`` for a term,
+    ``[type_name, message]`` for anything else (an exception; the peer rebuilds a
+    `RemoteError`). See `scope_checks.parse_leave_reason`."""
+    if type(reason) is str or is_value(reason):
+        return [reason]
+    return list(error_parts(reason))
+
+
 def _halves(ops: list[list[Any]]) -> tuple[list[list[Any]], list[list[Any]]] | None:
     """`ops` as two smaller batches: halves of the batch, or of one op's rows (a burst of
     joins, a process exit's leaves); None for a single op about a single row."""
@@ -103,8 +121,8 @@ def _halves(ops: list[list[Any]]) -> tuple[list[list[Any]], list[list[Any]]] | N
         middle = len(op[2]) // 6 * 3  # whole key, value, tag triples
         return [["j", op[1], op[2][:middle]]], [["j", op[1], op[2][middle:]]]
     if op[0] == "l" and len(op[1]) > 1:
-        middle = len(op[1]) // 2
-        return [["l", op[1][:middle]]], [["l", op[1][middle:]]]
+        middle = len(op[1]) // 2  # the reason, if any, goes with each half
+        return [["l", op[1][:middle], *op[2:]]], [["l", op[1][middle:], *op[2:]]]
     return None
 
 
@@ -244,9 +262,9 @@ class ScopeServer:
     def _on_exit(self, pid: Pid, reason: Any) -> None:
         rows = self.table.pop_pid(pid)
         if rows:
-            self._publish_leaves(pid, rows)
+            self._publish_leaves(pid, rows, reason)
             if self._peers:
-                self._queue(["l", [[key, pid, tag] for key, _value, tag in rows]])
+                self._queue(["l", [[key, pid, tag] for key, _value, tag in rows], wire_reason(reason)])
         self._subs.remove_pid(pid)
         if self._held_back:
             self._held_back = {entry for entry in self._held_back if entry[1] != pid}
@@ -301,6 +319,15 @@ class ScopeServer:
             if self._peers:
                 self._queue(["l", wire])
         return len(removed)
+
+    def leave_pid(self, pid: Pid) -> int:
+        """Remove every row of the local process `pid` (one `Leave` per key); return how many."""
+        rows = self.table.pop_pid(pid)
+        if rows:
+            self._publish_leaves(pid, rows, None)
+            if self._peers:
+                self._queue(["l", [[key, pid, tag] for key, _value, tag in rows]])
+        return len(rows)
 
     def leave_match(self, key: Any, pid: Pid, matcher: Matcher) -> int:
         """Remove the rows of `pid` under `key` that match; return how many."""
@@ -367,10 +394,11 @@ class ScopeServer:
         if self.listeners:
             self._tell_listeners([Registered(self.name, key, pid, value) for pid, value in entries])
 
-    def _publish_leave(self, key: Any, entries: list[tuple[Pid, Any]]) -> None:
+    def _publish_leave(self, key: Any, entries: list[tuple[Pid, Any]], reason: Any = None) -> None:
+        """`Leave` events; `reason` None is ``"unregistered"`` (the class default)."""
         if self._quiet():
             return
-        self._subs.fan_out(Leave, key, entries)
+        self._subs.fan_out(Leave, key, entries, reason)
         if self.listeners:
             self._tell_listeners([Unregistered(self.name, key, pid) for pid, _value in entries])
 
@@ -379,12 +407,12 @@ class ScopeServer:
             return  # listeners never see updates
         self._subs.fan_out(Update, key, changes)
 
-    def _publish_leaves(self, pid: Pid, rows: list[tuple[Any, Any, int]]) -> None:
+    def _publish_leaves(self, pid: Pid, rows: list[tuple[Any, Any, int]], reason: Any) -> None:
         """One `Leave` per key for the rows a process lost (in its join order)."""
         if self._quiet():
             return
         for key, entries in _group_by_key(pid, ((key, value) for key, value, _tag in rows)).items():
-            self._publish_leave(key, entries)
+            self._publish_leave(key, entries, reason)
 
     def _tell_listeners(self, messages: list[Any]) -> None:
         runtime = self.runtime
@@ -474,13 +502,18 @@ class ScopeServer:
         try:
             self.node.send_service(peer, self.name, ["ops", ops], trusted=True)
         except ValueError:  # over this peer's frame limit: nothing was sent
+            if len(ops) == 1 and ops[0][0] == "l" and len(ops[0]) == 3:
+                # an exit's leave: its reason may be what is too large; the rows always
+                # fit (halved below if need be), and the peer then reports "unregistered"
+                self._send_ops(peer, [ops[0][:2]])
+                return
             halves = _halves(ops)
             if halves is not None:
                 for half in halves:
                     self._send_ops(peer, half)
                 return
             # One row or one update larger than this peer takes; the others have it. (A
-            # leave of one row always fits where that row's join did.)
+            # leave of one row without a reason always fits where that row's join did.)
             op = ops[0]
             if op[0] == "j":
                 self._left_out(op[2][0], op[1], f"too large for the frame limit of {peer}")
@@ -611,12 +644,12 @@ class ScopeServer:
             self._receiving.pop(peer, None)
             self._release_barriers(peer)
             return
-        self._forget_peer(peer)
+        self._forget_peer(peer, "nodedown")
 
     def peer_absent(self, peer: str) -> None:
         """`peer`'s node does not run this scope (answer to a message we sent it)."""
         self._discovery.answered(peer)
-        self._forget_peer(peer)  # rows kept across a replaced connection, if any
+        self._forget_peer(peer, "scope_stopped")  # rows kept across a replaced connection, if any
 
     def peer_message(self, peer: str, payload: Any) -> None:
         """Apply one message of the peer protocol; malformed input is logged and dropped."""
@@ -665,7 +698,7 @@ class ScopeServer:
         elif kind == "pong":
             self._pong(peer, payload[1] if len(payload) == 2 else None)
         elif kind == "bye":
-            self._forget_peer(peer)
+            self._forget_peer(peer, "scope_stopped")
         else:
             raise BadPeerMessage(f"unknown message kind {short_repr(kind)}")
 
@@ -678,8 +711,10 @@ class ScopeServer:
         if kind == "j" and len(op) == 3 and type(op[2]) is list:
             pid = check_pid(peer, op[1])
             self._remote_joins(peer, pid, check_rows(pid, op[2]))
-        elif kind == "l" and len(op) == 2 and type(op[1]) is list:
-            self._remote_leave(peer, parse_leave(peer, op[1]))
+        elif kind == "l" and len(op) in (2, 3) and type(op[1]) is list:
+            # the reason is an optional trailing field (a peer before it sends none)
+            reason = parse_leave_reason(op[2]) if len(op) == 3 else None
+            self._remote_leave(peer, parse_leave(peer, op[1]), reason)
         elif kind == "u" and len(op) == 4:
             _kind, key, pid, value = op
             self._remote_update(check_key(key), check_pid(peer, pid), value)
@@ -703,7 +738,7 @@ class ScopeServer:
             for i in range(0, len(flat), 3):
                 self._publish_join(flat[i], [(pid, flat[i + 1])])
 
-    def _remote_leave(self, peer: str, checked: list[tuple[Any, Pid, int]]) -> None:
+    def _remote_leave(self, peer: str, checked: list[tuple[Any, Pid, int]], reason: Any) -> None:
         removed: dict[Any, list[tuple[Pid, Any]]] = {}
         touched: set[Pid] = set()
         for key, pid, tag in checked:
@@ -716,7 +751,7 @@ class ScopeServer:
             if not self.table.count_pid(pid):
                 pids.discard(pid)
         for key, entries in removed.items():
-            self._publish_leave(key, entries)
+            self._publish_leave(key, entries, reason)
 
     def _remote_update(self, key: Any, pid: Pid, value: Any) -> None:
         changed = self.table.update(key, pid, value)
@@ -750,7 +785,7 @@ class ScopeServer:
                     leaves.setdefault(key, []).append((pid, value))
                 known.discard(pid)
         for key, entries in leaves.items():
-            self._publish_leave(key, entries)
+            self._publish_leave(key, entries, "sync")
         for key, changes in updates.items():
             self._publish_update(key, changes)
         for key, entries in joins.items():
@@ -782,7 +817,8 @@ class ScopeServer:
             if not waiting and not future.done():
                 future.set_result(None)
 
-    def _forget_peer(self, peer: str) -> None:
+    def _forget_peer(self, peer: str, reason: str) -> None:
+        """Drop `peer`'s rows (their `Leave` events carry `reason`)."""
         self._stop_round(peer)
         self._receiving.pop(peer, None)
         pids = self._peers.pop(peer, None)
@@ -792,7 +828,7 @@ class ScopeServer:
         for pid in pids:
             rows = self.table.pop_pid(pid)
             if rows:
-                self._publish_leaves(pid, rows)
+                self._publish_leaves(pid, rows, reason)
 
     # -- barrier ----------------------------------------------------------------------------
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from .errors import RemoteError
 from .terms import Pid, key_problem, keys_problem, short_repr
 
-__all__ = ["BadPeerMessage", "check_key", "check_pid", "check_rows", "check_tag", "parse_leave", "parse_part",
-           "parse_sync"]
+__all__ = ["BadPeerMessage", "check_key", "check_pid", "check_rows", "check_tag", "parse_leave",
+           "parse_leave_reason", "parse_part", "parse_sync"]
 
 TAG_MIN: Final = -(2**63)  # tags are int64 in the table
 TAG_MAX: Final = 2**63 - 1
@@ -90,3 +91,13 @@ def parse_leave(peer: str, triples: list[Any]) -> list[tuple[Any, Pid, int]]:
         key, pid, tag = triple
         checked.append((check_key(key), check_pid(peer, pid), check_tag(tag)))
     return checked
+
+
+def parse_leave_reason(field: Any) -> Any:
+    """The optional last field of a leave op: ``[reason]`` (a term, as it is) or
+    ``[type_name, message]`` (two str: an exception, as a `RemoteError`)."""
+    if type(field) is list and len(field) == 1:
+        return field[0]
+    if type(field) is list and len(field) == 2 and type(field[0]) is str and type(field[1]) is str:
+        return RemoteError(field[0], field[1])
+    raise BadPeerMessage(f"leave reason {short_repr(field)} is not [reason] or [type_name, message]")

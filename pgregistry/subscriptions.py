@@ -107,17 +107,19 @@ class Subscriptions:
         self._by_ref.clear()
         self._of_pid.clear()
 
-    def fan_out(self, event_type: type, key: Any, payload: list[Any]) -> None:
+    def fan_out(self, event_type: type, key: Any, payload: list[Any], reason: Any = None) -> None:
         """One `event_type` event to every subscriber of `key`: scope-wide ones, then the key's.
 
         Every event shares `payload` (no copy per subscriber) and is built with
         ``tuple.__new__`` (the named tuple's own constructor is a Python-level call).
+        A `reason` other than None is set as each event's ``reason`` attribute (`Leave`;
+        None keeps the class default).
         """
         scope_subs = self.scope
         key_subs = self.by_key.get(key)
         count = len(scope_subs) + (len(key_subs) if key_subs else 0)
         if count < FAN_OUT_TIMED:
-            _deliver_all(event_type, key, payload, scope_subs, key_subs)
+            _deliver_all(event_type, key, payload, scope_subs, key_subs, reason)
             return
         started = time.perf_counter()
         # Each delivery allocates (the event, and a wake-up for a process waiting in
@@ -126,7 +128,7 @@ class Subscriptions:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            _deliver_all(event_type, key, payload, scope_subs, key_subs)
+            _deliver_all(event_type, key, payload, scope_subs, key_subs, reason)
         finally:
             if collecting:
                 gc.enable()
@@ -137,8 +139,14 @@ class Subscriptions:
 
 
 def _deliver_all(event_type: type, key: Any, payload: list[Any], scope_subs: dict[Ref, Subscription],
-                 key_subs: dict[Ref, Subscription] | None) -> None:
+                 key_subs: dict[Ref, Subscription] | None, reason: Any) -> None:
     new = tuple.__new__
+    if reason is not None:
+        for sub in (*scope_subs.values(), *reversed((key_subs or {}).values())):
+            event: Any = new(event_type, (sub.ref, key, payload))
+            event.reason = reason
+            sub.deliver(event)
+        return
     for sub in scope_subs.values():
         sub.deliver(new(event_type, (sub.ref, key, payload)))
     if key_subs:

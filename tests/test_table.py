@@ -1229,3 +1229,59 @@ def test_unhashable_key_or_pid_raises_and_changes_nothing(table: Any) -> None:
         with pytest.raises(TypeError):
             call()
     assert table.rows() == [("k", A, 1, 1)]
+
+
+# ======================================================================================
+# Index order: at, first, last
+# ======================================================================================
+
+def test_index_order_appends_and_swap_removes(table: Any) -> None:
+    tags = fill(table, [("k", A, 0), ("k", B, 1), ("k", C, 2), ("k", A, 3)])
+    assert [table.at("k", i) for i in range(4)] == [(A, 0), (B, 1), (C, 2), (A, 3)]
+    assert table.at("k", 4) is None and table.at("k", -1) is None and table.at("nokey", 0) is None
+    assert table.first("k") == (A, 0) and table.last("k") == (A, 3)
+    table.pop("k", B, tags[1])  # the last row takes place 1
+    assert [table.at("k", i) for i in range(3)] == [(A, 0), (A, 3), (C, 2)]
+    table.update("k", A, "new")  # key order changes, index order does not
+    assert [table.at("k", i) for i in range(3)] == [(A, "new"), (A, "new"), (C, 2)]
+    assert table.first("k") == (C, 2) and table.last("k") == (A, "new")
+    table.pop_pid(A)
+    assert table.at("k", 0) == (C, 2) and table.at("k", 1) is None
+    assert table.first("k") == table.last("k") == (C, 2)
+    table.pop("k", C, tags[2])
+    assert table.first("k") is None and table.last("k") is None and table.at("k", 0) is None
+    with pytest.raises(TypeError):
+        table.at("k", "0")
+
+
+def test_index_order_survives_compaction_identically() -> None:
+    """Enough removals to compact the C table's rows and groups and shrink its arrays."""
+    tables = [load_core("python").Table(), load_core("cython").Table()]
+    for t in tables:
+        tag = 0
+        for i in range(6000):
+            t.insert(i % 7, Pid("a@127.0.0.1:4000", i % 50), i, tag)
+            tag += 1
+        for i in range(6000):
+            if i % 9:
+                t.pop(i % 7, Pid("a@127.0.0.1:4000", i % 50), i)
+        for p in range(0, 50, 3):
+            t.pop_pid(Pid("a@127.0.0.1:4000", p))
+        for i in range(3000):  # keys of one row (no array in C), then of two, then of one again
+            t.insert(("solo", i), Pid("b@127.0.0.1:4001", 1), i, 10_000 + i)
+            if i % 2:
+                t.insert(("solo", i), Pid("b@127.0.0.1:4001", 2), -i, 20_000 + i)
+                if i % 3:
+                    t.pop(("solo", i), Pid("b@127.0.0.1:4001", 1), 10_000 + i)
+        t.pop_pid(Pid("b@127.0.0.1:4001", 1))  # keys of two rows back to one (C keeps the array)
+    py, c = tables
+    for i in range(3000):
+        key = ("solo", i)
+        assert [py.at(key, j) for j in range(3)] == [c.at(key, j) for j in range(3)]
+    for key in range(7):
+        n = py.count_key(key)
+        assert n == c.count_key(key) > 0
+        assert [py.at(key, i) for i in range(n)] == [c.at(key, i) for i in range(n)]
+        assert sorted(py.at(key, i)[1] for i in range(n)) == sorted(v for _p, v in py.lookup(key))
+        assert py.first(key) == c.first(key) == py.lookup(key)[0]
+        assert py.last(key) == c.last(key) == py.lookup(key)[-1]

@@ -178,6 +178,13 @@ class Model:
         self.porder: list[MRow] = []
         self.groups_: list[Any] = []
         self.owners_: list[Any] = []
+        self.index_: list[tuple[Any, list[MRow]]] = []  # (group key, rows in index order)
+
+    def _index_of(self, key: Any) -> list[MRow] | None:
+        for group, rows in self.index_:
+            if same(group, key):
+                return rows
+        return None
 
     # -- helpers
     def _key_rows(self, key: Any) -> list[MRow]:
@@ -190,6 +197,13 @@ class Model:
         return [r for r in self._key_rows(key) if same(r.pid, pid)]
 
     def _remove(self, row: MRow) -> None:
+        index = self._index_of(row.key)
+        assert index is not None
+        place = next(i for i, r in enumerate(index) if r is row)
+        index[place] = index[-1]  # the last row takes the removed row's place
+        index.pop()
+        if not index:
+            self.index_ = [(g, rows) for g, rows in self.index_ if rows]
         self.korder = [r for r in self.korder if r is not row]
         self.porder = [r for r in self.porder if r is not row]
         if not self._key_rows(row.key):
@@ -208,6 +222,11 @@ class Model:
         if not self._key_rows(key):
             self.groups_.append(key)
         row = MRow(key, pid, value, tag)
+        index = self._index_of(key)
+        if index is None:
+            self.index_.append((key, [row]))
+        else:
+            index.append(row)
         self.korder.append(row)
         self.porder.append(row)
         return first
@@ -302,6 +321,18 @@ class Model:
 
     def count_key(self, key: Any) -> int:
         return len(self._key_rows(key))
+
+    def at(self, key: Any, i: int) -> tuple[Any, Any] | None:
+        index = self._index_of(key) or []
+        return (index[i].pid, index[i].value) if 0 <= i < len(index) else None
+
+    def first(self, key: Any) -> tuple[Any, Any] | None:
+        rows = self._key_rows(key)
+        return (rows[0].pid, rows[0].value) if rows else None
+
+    def last(self, key: Any) -> tuple[Any, Any] | None:
+        rows = self._key_rows(key)
+        return (rows[-1].pid, rows[-1].value) if rows else None
 
     def count_pid(self, pid: Any) -> int:
         return len(self._pid_rows(pid))
@@ -752,6 +783,10 @@ class TableMachine(RuleBasedStateMachine):
             agree(sub.pids(key), ref.pids(key), f"pids {key!r}")
             agree(sub.entries(key), ref.entries(key), f"entries {key!r}")
             agree(sub.count_key(key), ref.count_key(key), f"count_key {key!r}")
+            agree(sub.first(key), ref.first(key), f"first {key!r}")
+            agree(sub.last(key), ref.last(key), f"last {key!r}")
+            for i in range(-1, sub.count_key(key) + 2):
+                agree(sub.at(key, i), ref.at(key, i), f"at {key!r} {i}")
             for pid in PIDS:
                 agree(sub.values(key, pid), ref.values(key, pid), f"values {key!r} {pid!r}")
             for m_sub, m_ref in self.fixed_match:

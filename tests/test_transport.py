@@ -540,14 +540,14 @@ async def test_client_checks_the_server_proof(caplog: pytest.LogCaptureFixture) 
 
 async def test_protocol_version_mismatch(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
     server, srec, good, grec, conn = await good_pair(cluster)
-    # A client speaking version 2: refused with a reason, then closed.
+    # A client speaking a later version: refused with a reason, then closed.
     peer = await RawPeer.connect(server)
     peer.write(hs("hello", "future@127.0.0.1:1", 1, 1 << 20, secrets.token_bytes(32), version=PROTOCOL_VERSION + 1))
     refusal = await peer.read_term()
     assert refusal[:4] == ("pgregistry", PROTOCOL_VERSION, "refuse", "version")
     await peer.wait_eof()
     assert warnings_about(caplog, "protocol")
-    # A server speaking version 2: connect raises HandshakeError("version").
+    # A server speaking a later version: connect raises HandshakeError("version").
     seen: list[Any] = []
 
     async def future_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
