@@ -72,9 +72,13 @@ class Operation:
 
 @dataclass(slots=True)
 class AcceptorSlot:
-    """An acceptor's register for one name."""
+    """An acceptor's register for one name.
 
-    promised: Ballot = NO_BALLOT
+    `promised` is the highest ballot promised. After an accept it is the accepted ballot's
+    next one (the proposer's piggy-backed promise), the common case: stored as None then
+    and built when read, rather than one more tuple per name kept on every member."""
+
+    promise: Ballot | None = NO_BALLOT  # None: the next ballot after `ballot`
     ballot: Ballot = NO_BALLOT
     value: Value = FREE_VALUE
     # A copy may bring a higher-ballot value that moved the name away from a holder without
@@ -82,6 +86,19 @@ class AcceptorSlot:
     # replaced here stays checked, as if it were still the value, until a check passes.
     guard: Value = FREE_VALUE
     decided: bool = False  # the value is known decided (a commit, or a source said so)
+
+    @property
+    def promised(self) -> Ballot:
+        p = self.promise
+        if p is None:
+            b = self.ballot
+            return (b[0], b[1] + 1, b[2])
+        return p
+
+    @promised.setter
+    def promised(self, b: Ballot) -> None:
+        # Set after `ballot` (an accept sets its ballot, then promises the next one).
+        self.promise = None if (b[0], b[1] - 1, b[2]) == self.ballot else b
 
 
 class MemberCore(Protocol):
@@ -524,7 +541,9 @@ class Membership:
         slot = self.m._slot(name)
         if b > slot.ballot:
             loser, winner, win_decided = slot.value, v, decided
+            promised = slot.promised  # before the ballot it may be derived from changes
             slot.ballot, slot.value, slot.decided = b, v, decided
+            slot.promised = promised
             if decided:
                 slot.guard = FREE_VALUE
             self.m._event("copied", name, b, v)

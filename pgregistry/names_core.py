@@ -582,9 +582,9 @@ class Member:
         if self.is_member:
             slot = self._slot(name)
             if b > slot.ballot:
+                promised = slot.promised  # before the ballot it may be derived from changes
                 slot.ballot, slot.value, slot.guard, slot.decided = b, v, FREE, True
-                if b > slot.promised:
-                    slot.promised = b
+                slot.promised = max(promised, b)
             elif b == slot.ballot:
                 slot.decided = True
                 b, v = slot.ballot, slot.value  # the accepted objects: kept once, not twice
