@@ -9,6 +9,21 @@ the per-name registers of its sources before it serves, and `CopyOrder` the sour
 (which parses the messages and hands them over). The records both modules handle live
 here too: `Operation` (a client operation on one name), `AcceptorSlot` (an acceptor's
 register for one name) and `Effects` (what one input produced).
+
+A change (add, remove, or replace a restarted incarnation) runs one at a time, in three
+steps. (1) Seal: a proposer decides next(e) = M' in the configuration slot; an acceptor
+that promised or accepted there stops serving e's writes (it answers `sealed`, and the
+proposer of that write backs off), and an acceptor sealed for half a lease completes
+next(e) itself (an empty slot is completed with e's members, so nothing is lost). Only
+sealed acceptors do: a writer that met `sealed` and raced the change's proposer with "e's
+members unchanged" would, under a steady load of writes, win epoch after epoch and the
+change would never land. (2) Copy: each member of (e+1, M') merges the registers of a
+majority of e's sealed members (in parts, keeping the highest ballot per name), or of one
+member already serving e+1 or later (its registers hold everything decided before e+1);
+a holder that an undecided higher value moved away from stays guarded by the takeover
+check there (only the source checked that move). (3) Serve: then it serves e+1, from
+serve_start. Removed members stop and their holders step down (the generation lapses). A
+restarted incarnation is a new one: it is not a member until a replace step names it.
 """
 
 from __future__ import annotations

@@ -27,19 +27,8 @@ is its local send time of the newest renewal a majority acked in the current gen
 When its clock passes that, the generation lapses: ``lgen`` grows by one, its holders are
 revoked and released, and acks of the old generation never count again.
 
-Membership changes, one at a time (add, remove, or replace a restarted incarnation), in
-three steps: (1) seal: a proposer decides next(e) = M' in the configuration slot; an
-acceptor that promised or accepted there stops serving e's writes (answers `sealed`), and
-whoever meets `sealed`, or an acceptor sealed for half a lease, completes next(e) (an
-empty slot is completed with e's members, so nothing is lost); (2) copy: each member of
-(e+1, M') merges the registers of a majority of e's sealed members (in parts, keeping the
-highest ballot per name), or of one member already serving e+1 or later (its registers
-hold everything decided before e+1); a holder that an undecided higher value moved away
-from stays guarded by the takeover check there (only the source checked that move);
-(3) serve: then it serves e+1, from serve_start.
-Removed members stop and their holders step down (the generation lapses). A restarted
-incarnation is a new one: it is not a member until a replace step names it. Renewals are
-acked across epochs (by the acceptor's own member set), so valid holders carry on.
+Membership changes (seal, copy, serve) are `pgregistry.names_config`'s part of the state
+machine; renewals are acked across epochs, so valid holders carry on through a change.
 
 Contention: a proposer whose round is nacked with a competing ballot above its own waits up
 to COMMIT_WAIT_ROUND_TRIPS (2) of its round trips (never longer than a round's timeout) for
