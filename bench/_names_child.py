@@ -19,7 +19,7 @@ import time
 import traceback
 import tracemalloc
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -27,7 +27,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _runner import die_with_parent  # noqa: E402  (bench/_runner.py)
-from cluster import summarize  # noqa: E402  (bench/cluster.py: the statistics)
+from cluster import serve_echo, summarize  # noqa: E402  (bench/cluster.py: the statistics, the echo)
 
 SERVICE = "names"
 
@@ -58,10 +58,12 @@ def _dump_tasks() -> None:
 
 
 async def _hold_forever() -> None:
+    """A holder process: it runs until it is sent "stop"."""
     from pgregistry import receive
 
-    while await receive() != "stop":
-        pass
+    msg = None
+    while msg != "stop":
+        msg = await receive()
 
 
 class _NamesChild:
@@ -187,16 +189,7 @@ class _NamesChild:
     # -- rtt --------------------------------------------------------------------------------
 
     async def cmd_echo_serve(self) -> int:
-        loop = asyncio.get_running_loop()
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = cast(asyncio.Transport, transport)
-
-            def data_received(self, data: bytes) -> None:
-                self.transport.write(data)
-
-        self.echo_server = await loop.create_server(Echo, "127.0.0.1", 0)
+        self.echo_server = await serve_echo()
         return int(self.echo_server.sockets[0].getsockname()[1])
 
     async def cmd_rtt_run(self, port: int, n: int, warmup: int) -> dict[str, Any]:

@@ -106,6 +106,21 @@ def _child_main(args: argparse.Namespace) -> None:
         runner.run(_ChildServer(args).serve())
 
 
+class _Echo(asyncio.Protocol):
+    """Writes back what it reads: the bare round trip every figure is set beside."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def serve_echo() -> asyncio.AbstractServer:
+    """A bare asyncio echo server (no pgregistry) on a free loopback port."""
+    return await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
+
+
 class _ChildServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -322,17 +337,8 @@ class _ChildServer:
 
     async def cmd_echo_serve(self) -> int:
         """Serve a bare asyncio echo protocol (no pgregistry) on loopback; return its port."""
-        loop = asyncio.get_running_loop()
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = cast(asyncio.Transport, transport)
-
-            def data_received(self, data: bytes) -> None:
-                self.transport.write(data)
-
-        self.echo_server = await loop.create_server(Echo, "127.0.0.1", 0)
-        return self.echo_server.sockets[0].getsockname()[1]
+        self.echo_server = await serve_echo()
+        return int(self.echo_server.sockets[0].getsockname()[1])
 
     async def cmd_rtt_run(self, port: int, n: int, warmup: int) -> dict:
         """Round trips of 8 bytes to an echo server, one at a time (a future per reply)."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -102,19 +101,9 @@ async def start_nodes(nodes: list[NamesChild], *names: str, opts: argparse.Names
     return new
 
 
-@contextlib.asynccontextmanager
-async def profiled(opts: argparse.Namespace, section: str, nodes: list[NamesChild]) -> Any:
-    if not opts.profile:
-        yield
-        return
-    Path(opts.profile).mkdir(parents=True, exist_ok=True)
-    await asyncio.gather(*(n.cmd("prof_on") for n in nodes))
-    try:
-        yield
-    finally:
-        await asyncio.gather(*(n.cmd("prof_off", path=str(Path(opts.profile) / f"{section}-{n.name}.prof"))
-                               for n in nodes if n.proc is not None and n.proc.returncode is None),
-                             return_exceptions=True)
+def profiled(opts: argparse.Namespace, section: str, nodes: list[NamesChild]) -> Any:
+    """cProfile of `section` on `nodes` into ``--profile`` (cluster.py's, files ``names-<section>-<node>``)."""
+    return cluster.profiled(opts, "names", section, list(nodes))
 
 
 async def learned(nodes: list[NamesChild], prefix: str, n: int, held: bool, limit: float = 1200.0,

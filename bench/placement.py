@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster import machine  # noqa: E402  (bench/cluster.py: the machine line of every figure)
 
 from pgregistry.placement import Ring, key_hash  # noqa: E402
 
@@ -54,17 +55,6 @@ def _keys(shape: str, count: int) -> list[Any]:
         step = (1 << 40) // count
         return [n * step + 7 for n in range(count)]
     return [("user", n, "cart") for n in range(count)]
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,9 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{shape:<6} {base:>9.0f} {hashing:>9.0f} {owner:>9.0f} {from_hash:>9.0f} {three:>11.0f}")
     finally:
         gc.enable()
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"# a ring of {len(ring)} nodes, {ring.points} points each; {args.keys} keys, best of {args.rounds}; "
-          f"{_cpu()}; Python {platform.python_version()}; load {load}")
+          f"{machine()}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ from __future__ import annotations
 import itertools
 import operator
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._match_py import Eval, Test, compile_body, compile_test
@@ -586,20 +586,18 @@ class Table:
 
     def first(self, key: Any) -> tuple[Any, Any] | None:
         """``(pid, value)`` of the first row of `key` in key order (the oldest); None if none."""
-        with self._lock:
-            krows = self._keys.get(key)
-            if krows is None:
-                return None
-            row = next(iter(krows))
-            return row.pid, row.value
+        return self._end(key, iter)
 
     def last(self, key: Any) -> tuple[Any, Any] | None:
         """``(pid, value)`` of the last row of `key` in key order (the newest); None if none."""
+        return self._end(key, reversed)
+
+    def _end(self, key: Any, walk: Callable[[_Rows], Iterator[_Row]]) -> tuple[Any, Any] | None:
         with self._lock:
             krows = self._keys.get(key)
             if krows is None:
                 return None
-            row = next(reversed(krows))
+            row = next(walk(krows))
             return row.pid, row.value
 
     def snapshot(self) -> dict[Any, list[tuple[Any, Any]]]:
