@@ -402,7 +402,7 @@ class _NamesChild:
             await asyncio.sleep(0.001)
         if first_true_at is None:
             raise TimeoutError(f"{self.node.id}: {name!r} not won within {limit} s")
-        return {"t_won": first_true_at, "tries": tries, "step_downs": names.counters["step_downs"]}
+        return {"t_won": first_true_at, "tries": tries, "step_downs": names.stat()["step_downs"]}
 
     # -- join -------------------------------------------------------------------------------
 
