@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pgregistry.events import Down, Join, Leave, Update
@@ -73,19 +73,25 @@ def _agent_process(agent: Pid) -> Any:
     return process
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition",
-                     report: Callable[[], str] | None = None) -> None:
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0,
+                     what: str = "condition", report: Callable[[], str] | None = None) -> None:
     """Poll `predicate` until it holds; `AssertionError` after `timeout` seconds.
 
-    `report`, if given, is called on failure and its text added to the error.
+    `predicate` may be async (it is awaited at each poll). `report`, if given, is called
+    on failure and its text added to the error.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while not await _holds(predicate):
         if loop.time() > deadline:
             detail = f"\n{report()}" if report is not None else ""
             raise AssertionError(f"{what} did not hold within {timeout:.1f} s{detail}")
         await asyncio.sleep(0.005)
+
+
+async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = predicate()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)
 
 
 async def run_as(agent: Pid, fn: Callable[[], Any]) -> Any:

@@ -32,6 +32,8 @@ from pgregistry.registry import Registry
 from pgregistry.server import call
 from pgregistry.terms import Pid
 
+from .helpers import eventually
+
 ROOT = Path(__file__).resolve().parent.parent
 COOKIE = "cli-test-cookie"
 T = 5.0
@@ -165,7 +167,7 @@ async def test_node_joins_a_cluster_and_its_control_server_answers() -> None:
         with _running(peer):
             line = await asyncio.to_thread(_read_line, peer)
             node_id = line.split()[1]
-            await _until(lambda: t.peers() == [node_id], "the node to join t")
+            await eventually(lambda: t.peers() == [node_id], T, "the node to join t")
             info = await control(node_id, ("info",))
             assert info["id"] == node_id and info["scopes"] == ["events", "jobs"] and info["peers"] == [t.id]
             assert info["os_pid"] == peer.pid
@@ -230,14 +232,6 @@ async def _listening(port: int) -> bool:
     return True
 
 
-async def _eventually(check: Any, what: str, timeout: float = 10.0) -> None:
-    """Poll the async predicate `check` until it is true, for `timeout` seconds at most."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.timeout(60)
 async def test_nodes_with_names_and_join_form_one_names_cluster() -> None:
     port, b_port = _free_port(), _free_port()
@@ -245,7 +239,7 @@ async def test_nodes_with_names_and_join_form_one_names_cluster() -> None:
     # b starts first and listens before it joins: nothing listens at a's address yet, so it keeps trying.
     b = _start_node("--name", "b", "--port", str(b_port), *names, "--join", f"127.0.0.1:{port}")
     with _running(b):
-        await _eventually(lambda: _listening(b_port), "b to listen")
+        await eventually(lambda: _listening(b_port), 10.0, "b to listen")
         assert b.poll() is None
         a = _start_node("--name", "a", "--port", str(port), *names)
         with _running(a):
@@ -258,7 +252,7 @@ async def test_nodes_with_names_and_join_form_one_names_cluster() -> None:
                 everyone = sorted([a_id, b_id, c_id])
                 async with Node("t", cookie=COOKIE) as t:
                     await t.connect(a_id)
-                    await _until(lambda: sorted(t.peers()) == everyone, "t to meet every node")
+                    await eventually(lambda: sorted(t.peers()) == everyone, T, "t to meet every node")
 
                     async def one_cluster() -> bool:
                         stats = [await control(node, ("names_stat", "names")) for node in everyone]
@@ -266,7 +260,7 @@ async def test_nodes_with_names_and_join_form_one_names_cluster() -> None:
                                    and stat["lease_valid"] for stat in stats) \
                             and len({stat["cluster_id"] for stat in stats}) == 1
 
-                    await _eventually(one_cluster, "one names cluster of a, b and c")
+                    await eventually(one_cluster, 10.0, "one names cluster of a, b and c")
                     info = await control(c_id, ("info",))
                     assert info["names"] == ["names"]
                     # A name decided by the cluster: held on b, seen and called from a and c.
@@ -323,13 +317,6 @@ async def _controlled() -> AsyncIterator[tuple[Node, Registry, str]]:
             yield t, jobs, n.id
 
 
-async def _until(predicate: Any, what: str) -> None:
-    deadline = time.monotonic() + T
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
 async def test_control_requests_drive_the_registry_of_a_node() -> None:
     async with _controlled() as (t, jobs, n):
         pids = await control(n, ("register", "jobs", "web", {"load": 1}, 3))
@@ -382,7 +369,7 @@ async def test_control_subscriber_ends_when_the_process_it_reports_to_exits() ->
         node_n = jobs.node
         assert node_n.runtime.process(subscriber) is not None
         t.runtime.exit(reporter, "kill")
-        await _until(lambda: node_n.runtime.process(subscriber) is None, "the subscriber to end")
+        await eventually(lambda: node_n.runtime.process(subscriber) is None, T, "the subscriber to end")
 
 
 async def test_control_names_requests_serve_call_and_look_up_a_name() -> None:

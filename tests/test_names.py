@@ -565,7 +565,6 @@ async def test_a_joined_node_renews_once_per_third_of_a_lease() -> None:
         names_b = await Names.start(b, lease=0.6)
         await names_b.join(a.id)
         seq_a, seq_b = names_a.core._seq, names_b.core._seq
-        await asyncio.sleep(1.2)  # about six renewals each
+        await eventually(lambda: names_a.core._seq - seq_a >= 6, what="six renewals of a")  # about 1.2 s
         renewed_a, renewed_b = names_a.core._seq - seq_a, names_b.core._seq - seq_b
-        assert renewed_a >= 3
         assert renewed_b <= renewed_a + 2, (renewed_a, renewed_b)
