@@ -35,7 +35,7 @@ from .errors import JoinRefused, NoProcess, NoQuorum, NotLocal
 from .names_config import Effects, Incarnation
 from .names_core import BadMessage, Member
 from .names_holders import Holders
-from .names_link import NamesLink, fail
+from .names_link import NamesLink, fail, parse_config
 from .naming import Via
 from .node import Node
 from .process import check_timeout, current_process
@@ -471,7 +471,7 @@ class Names:
         await self._enter(peer_id, reply[1], max(0.0, deadline - self._loop.time()))
 
     async def _enter(self, peer: str, config: list[Any], timeout: float) -> None:
-        cluster_id, epoch, members, lease, shard_count = _parse_config(config, peer)
+        cluster_id, epoch, members, lease, shard_count = parse_config(config, peer)
         core = self.core
         if cluster_id == core.cluster_id and self.me in core.members:
             return
@@ -896,15 +896,3 @@ async def _gated(gate: asyncio.Future[None], fn: Callable[..., Awaitable[Any]], 
     """A `get_or_start` process: runs ``fn`` only once it holds its name."""
     await gate
     return await fn(*args)
-
-
-def _parse_config(config: Any, peer: str) -> tuple[str, int, list[Incarnation], float, int]:
-    try:
-        cluster_id, epoch, members, lease, shard_count = config
-        incs = [(str(m[0]), int(m[1]), int(m[2])) for m in members]
-        if type(cluster_id) is not str or type(epoch) is not int or not incs:
-            raise ValueError
-        return cluster_id, epoch, incs, float(lease), int(shard_count)
-    except (TypeError, ValueError, IndexError):
-        raise JoinRefused(f"{peer} sent a malformed names configuration: {short_repr(config, 200)}") from None
-

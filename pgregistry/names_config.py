@@ -183,6 +183,33 @@ COPY_PART = 256
 MAX_COPY_ORDERS = 2  # epochs whose copy orders are kept; the oldest is dropped first
 
 
+class RoundTrips:
+    """A proposer's estimate of a round trip to a majority, in seconds of its own clock.
+
+    Measured from its own prepare -> promise exchanges (the time until a majority
+    promised): the first sample replaces RTT_DEFAULT (which may be far off), later ones
+    are smoothed with RTT_GAIN so that one slow round does not stretch every wait; never
+    below RTT_FLOOR (a clock that reads the same twice would make a wait zero)."""
+
+    __slots__ = ("_rtt",)
+
+    def __init__(self) -> None:
+        self._rtt: float | None = None
+
+    def estimate(self) -> float:
+        return max(RTT_FLOOR, RTT_DEFAULT if self._rtt is None else self._rtt)
+
+    def sample(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self._rtt = seconds if self._rtt is None else self._rtt + RTT_GAIN * (seconds - self._rtt)
+
+    def round_timeout(self, lease: float) -> float:
+        """A sixth of a lease, or more when round trips are slow (an overloaded cluster would
+        otherwise restart every round before it could finish, and never finish one), at
+        most half a lease."""
+        return min(lease / 2, max(lease * ROUND_FRACTION, ROUND_TRIPS_PER_ROUND * self.estimate()))
+
+
 def apply_change(members: Members, add: Incarnation | None, remove: Incarnation | None) -> Members:
     """The member tuple after adding `add` and removing `remove` (either may be None).
 

@@ -63,17 +63,13 @@ from .names_config import (
     COMMIT_WAIT_ROUND_TRIPS,
     FREE_VALUE,
     NO_BALLOT,
-    ROUND_FRACTION,
-    ROUND_TRIPS_PER_ROUND,
-    RTT_DEFAULT,
-    RTT_FLOOR,
-    RTT_GAIN,
     AcceptorSlot,
     Ballot,
     Effects,
     Incarnation,
     Membership,
     Operation,
+    RoundTrips,
     TimerId,
     Value,
     apply_change,
@@ -81,14 +77,15 @@ from .names_config import (
 from .names_messages import (
     ARITY,
     BadMessage,
-    ballot_of,
+    copy_entries_of,
     cursor_of,
     freeze,
     incarnation_of,
     int_of,
     members_of,
     name_of,
-    value_of,
+    shared_ballot,
+    shared_value,
 )
 
 __all__ = ["BadMessage", "Effects", "Member", "FREE", "NO_BALLOT", "BUGS"]
@@ -182,7 +179,7 @@ class Member:
         self._piggy: dict[Any, tuple[Ballot, Ballot, Value]] = {}  # name -> (next, decided ballot, value)
         self._known: dict[Any, tuple[Ballot, Value]] = {}
         self.grants: dict[Any, tuple[Any, int, int]] = {}  # name -> (pid, token, lgen)
-        self._rtt: float | None = None  # round-trip estimate (local clock); None before a sample
+        self._rtt = RoundTrips()
         self.retries = 0  # rounds started again (after a timeout, a nack or a wait)
         self.accepts = 0  # accepts this acceptor took
         self.rejects = 0  # prepares and accepts it refused (nack)
@@ -360,11 +357,7 @@ class Member:
             self._cfg.on_copy(sender, epoch, cursor_of(args[0]))
             return fx
         if kind == "copy_part":
-            if not isinstance(args[1], tuple) or args[3] not in ("sealed", "complete"):
-                raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
-            if not all(isinstance(e, tuple) and len(e) == 4 and type(e[3]) is bool for e in args[1]):
-                raise BadMessage("a copy entry is (name, ballot, value, decided)")
-            entries = [(name_of(e[0]), self._ballot(e[1]), self._value(e[2]), e[3]) for e in args[1]]
+            entries = copy_entries_of(args[1], args[3], self._ballot, self._value)
             self._cfg.on_copy_part(sender, epoch, cursor_of(args[0]), entries, cursor_of(args[2]), args[3], now)
             return fx
         if kind in ("renew", "renew_ack"):
@@ -450,21 +443,10 @@ class Member:
     # ----------------------------------------------------------------- plumbing
 
     def _value(self, x: Any) -> Value:
-        v = value_of(x)
-        if v[0] is not None:
-            if self._pid_ok is not None and not self._pid_ok(v[0]):
-                raise BadMessage("a value's holder is not a pid")
-            owner = self._member_set.get(v[3])
-            if owner is not None and owner is not v[3]:
-                v = (v[0], v[1], v[2], owner)  # one tuple per member, not one per register
-        return v
+        return shared_value(x, self._member_set, self._pid_ok)
 
     def _ballot(self, x: Any) -> Ballot:
-        b = ballot_of(x)
-        inc = self._member_set.get(b[2])
-        if inc is not None and inc is not b[2]:
-            b = (b[0], b[1], inc)
-        return b
+        return shared_ballot(x, self._member_set)
 
     def _begin(self) -> Effects:
         self._fx = Effects()
@@ -718,7 +700,7 @@ class Member:
         # The round trip that matters is the one to a majority. Each attempt prepares with a
         # ballot of its own, so a promise always answers this very prepare (no retransmission
         # ambiguity in the sample).
-        self._sample_rtt(now - op.sent)
+        self._rtt.sample(now - op.sent)
         base = max(op.promises.values(), key=lambda p: p[0])
         agreed = len({p for p in op.promises.values()}) == 1
         self._propose(name, op, base, agreed, now)
@@ -868,22 +850,12 @@ class Member:
         self._start_round(name, op, now)
 
     def round_trip(self) -> float:
-        """This proposer's estimate of a round trip to a majority, in seconds of its clock:
-        measured from its own prepare -> promise exchanges, RTT_DEFAULT before any, never
-        below RTT_FLOOR."""
-        return max(RTT_FLOOR, RTT_DEFAULT if self._rtt is None else self._rtt)
+        """This proposer's round-trip estimate to a majority (see `RoundTrips`)."""
+        return self._rtt.estimate()
 
     def round_timeout(self) -> float:
-        """How long a round waits for a majority before it starts again: a sixth of a lease,
-        or more when round trips are slow (an overloaded cluster would otherwise restart
-        every round before it could finish, and never finish one), at most half a lease."""
-        return min(self.lease / 2, max(self.lease * ROUND_FRACTION, ROUND_TRIPS_PER_ROUND * self.round_trip()))
-
-    def _sample_rtt(self, sample: float) -> None:
-        # The first sample replaces the default (which may be far off); later ones are
-        # smoothed so that one slow round does not stretch every wait.
-        sample = max(sample, 0.0)
-        self._rtt = sample if self._rtt is None else self._rtt + RTT_GAIN * (sample - self._rtt)
+        """How long a round waits for a majority before it starts again (see `RoundTrips`)."""
+        return self._rtt.round_timeout(self.lease)
 
     def _learn(self, name: Any, b: Ballot, v: Value, now: float) -> bool:
         """A decided value (a commit, or a majority's agreeing promises): remember it and step

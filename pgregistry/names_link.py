@@ -29,13 +29,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from .errors import NoProcess
+from .errors import JoinRefused, NoProcess
 from .logbudget import LogBudget
 from .names_config import Incarnation
 from .node import Node
 from .terms import short_repr
 
-__all__ = ["NamesLink", "BATCH", "fail"]
+__all__ = ["NamesLink", "BATCH", "fail", "parse_config"]
 
 log = logging.getLogger("pgregistry.names")
 
@@ -249,3 +249,16 @@ def _outcome(task: asyncio.Future[Any]) -> Any:
     if exc is not None:
         return ["error", f"{type(exc).__name__}: {exc}"]
     return task.result()
+
+
+def parse_config(config: Any, peer: str) -> tuple[str, int, list[Incarnation], float, int]:
+    """A "config" reply's ``[cluster_id, epoch, members, lease, shard_count]``, checked;
+    `JoinRefused` naming `peer` if it is malformed."""
+    try:
+        cluster_id, epoch, members, lease, shard_count = config
+        incs = [(str(m[0]), int(m[1]), int(m[2])) for m in members]
+        if type(cluster_id) is not str or type(epoch) is not int or not incs:
+            raise ValueError
+        return cluster_id, epoch, incs, float(lease), int(shard_count)
+    except (TypeError, ValueError, IndexError):
+        raise JoinRefused(f"{peer} sent a malformed names configuration: {short_repr(config, 200)}") from None

@@ -55,6 +55,7 @@ before it changes anything.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .names_config import NO_BALLOT, Ballot, Cursor, Incarnation, Members, Value
@@ -62,7 +63,7 @@ from .terms import key_problem
 
 __all__ = [
     "ARITY", "BadMessage", "ballot_of", "cursor_of", "freeze", "incarnation_of", "int_of", "members_of", "name_of",
-    "value_of",
+    "value_of", "shared_ballot", "shared_value", "copy_entries_of",
 ]
 
 
@@ -168,3 +169,37 @@ ARITY = {
     "copy": 1,
     "copy_part": 4,
 }
+
+
+def shared_value(x: Any, members: dict[Incarnation, Incarnation], pid_ok: Callable[[Any], bool] | None) -> Value:
+    """`value_of`, with a holder that `pid_ok` accepts, and a member owner replaced by the
+    member's own tuple (`members` maps each to itself): one tuple per member, not one per
+    register."""
+    v = value_of(x)
+    if v[0] is not None:
+        if pid_ok is not None and not pid_ok(v[0]):
+            raise BadMessage("a value's holder is not a pid")
+        owner = members.get(v[3])
+        if owner is not None and owner is not v[3]:
+            v = (v[0], v[1], v[2], owner)
+    return v
+
+
+def shared_ballot(x: Any, members: dict[Incarnation, Incarnation]) -> Ballot:
+    """`ballot_of`, with a member's incarnation replaced by the member's own tuple."""
+    b = ballot_of(x)
+    inc = members.get(b[2])
+    if inc is not None and inc is not b[2]:
+        b = (b[0], b[1], inc)
+    return b
+
+
+def copy_entries_of(entries: Any, kind: Any, ballot: Callable[[Any], Ballot],
+                    value: Callable[[Any], Value]) -> list[tuple[Any, Ballot, Value, bool]]:
+    """A copy_part's entries ``(name, ballot, value, decided)``, each part checked by the
+    given parsers, and its kind ("sealed" or "complete")."""
+    if type(entries) is not tuple or kind not in ("sealed", "complete"):
+        raise BadMessage("copy_part entries must be a tuple and kind sealed or complete")
+    if not all(type(e) is tuple and len(e) == 4 and type(e[3]) is bool for e in entries):
+        raise BadMessage("a copy entry is (name, ballot, value, decided)")
+    return [(name_of(e[0]), ballot(e[1]), value(e[2]), e[3]) for e in entries]
