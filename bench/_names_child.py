@@ -27,7 +27,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _runner import die_with_parent  # noqa: E402  (bench/_runner.py)
-from cluster import serve_echo, summarize  # noqa: E402  (bench/cluster.py: the statistics, the echo)
+from cluster import echo_round_trips, serve_echo, summarize  # noqa: E402  (bench/cluster.py: the statistics, the echo)
 
 SERVICE = "names"
 
@@ -193,27 +193,7 @@ class _NamesChild:
         return int(self.echo_server.sockets[0].getsockname()[1])
 
     async def cmd_rtt_run(self, port: int, n: int, warmup: int) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        waiting: list[asyncio.Future[None]] = []
-
-        class Client(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                if waiting and not waiting[0].done():
-                    waiting[0].set_result(None)
-
-        transport, _protocol = await loop.create_connection(Client, "127.0.0.1", port)
-        samples = []
-        try:
-            for i in range(warmup + n):
-                waiting[:] = [loop.create_future()]
-                t0 = time.monotonic_ns()
-                transport.write(b"01234567")
-                await asyncio.wait_for(waiting[0], 5.0)
-                if i >= warmup:
-                    samples.append(time.monotonic_ns() - t0)
-        finally:
-            transport.close()
-        return summarize(samples)
+        return await echo_round_trips(port, n, warmup)
 
     # -- latency, whereis -------------------------------------------------------------------
 

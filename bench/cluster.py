@@ -116,6 +116,33 @@ class _Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
+async def echo_round_trips(port: int, n: int, warmup: int) -> dict[str, Any]:
+    """Round trips of 8 bytes to the echo server at `port`, one at a time (a future per
+    reply), after `warmup` unmeasured ones: `summarize` of their ns."""
+    loop = asyncio.get_running_loop()
+    waiting: list[asyncio.Future[None]] = []
+
+    class Client(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            if waiting and not waiting[0].done():
+                waiting[0].set_result(None)
+
+    transport, _protocol = await loop.create_connection(Client, "127.0.0.1", port)
+    samples = []
+    clock = time.monotonic_ns
+    try:
+        for i in range(warmup + n):
+            waiting[:] = [loop.create_future()]
+            t0 = clock()
+            transport.write(b"01234567")
+            await asyncio.wait_for(waiting[0], 5.0)
+            if i >= warmup:
+                samples.append(clock() - t0)
+    finally:
+        transport.close()
+    return summarize(samples)
+
+
 async def serve_echo() -> asyncio.AbstractServer:
     """A bare asyncio echo server (no pgregistry) on a free loopback port."""
     return await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
@@ -341,29 +368,7 @@ class _ChildServer:
         return int(self.echo_server.sockets[0].getsockname()[1])
 
     async def cmd_rtt_run(self, port: int, n: int, warmup: int) -> dict:
-        """Round trips of 8 bytes to an echo server, one at a time (a future per reply)."""
-        loop = asyncio.get_running_loop()
-        waiting: list[asyncio.Future[None]] = []
-
-        class Client(asyncio.Protocol):
-            def data_received(self, data: bytes) -> None:
-                if waiting and not waiting[0].done():
-                    waiting[0].set_result(None)
-
-        transport, _protocol = await loop.create_connection(Client, "127.0.0.1", port)
-        samples = []
-        clock = time.monotonic_ns
-        try:
-            for i in range(warmup + n):
-                waiting[:] = [loop.create_future()]
-                t0 = clock()
-                transport.write(b"01234567")
-                await asyncio.wait_for(waiting[0], 5.0)
-                if i >= warmup:
-                    samples.append(clock() - t0)
-        finally:
-            transport.close()
-        return summarize(samples)
+        return await echo_round_trips(port, n, warmup)
 
     # -- 5. call ----------------------------------------------------------------------------
 
@@ -1193,6 +1198,11 @@ def print_table(lines: list[Line], loops: list[str]) -> None:
     headers = ["figure", *loops, "target", "met? (" + " / ".join(loops) + ")"]
     rows = [[ln.label, *(ln.values.get(loop, "-") for loop in loops), ln.target,
              " / ".join(ln.met[loop] for loop in loops) if ln.met else ""] for ln in lines]
+    print_rows(headers, rows)
+
+
+def print_rows(headers: list[str], rows: list[list[Any]]) -> None:
+    """`rows` under `headers`, in columns as wide as their widest cell."""
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
 
     def fmt_row(row: list[str]) -> str:

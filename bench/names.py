@@ -487,17 +487,8 @@ def build_lines(res: dict[str, Any], opts: argparse.Namespace) -> list[Line]:
 
 def print_table(lines: list[Line]) -> None:
     headers = ["figure", "value", "target", "baseline", "met?"]
-    rows = [[ln.label, ln.values.get("", "-"), ln.target, ln.values.get("baseline", ""), ln.met.get("", "")]
-            for ln in lines]
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-
-    def fmt_row(row: list[str]) -> str:
-        return " | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
-
-    print(fmt_row(headers))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt_row(row))
+    cluster.print_rows(headers, [[ln.label, ln.values.get("", "-"), ln.target, ln.values.get("baseline", ""),
+                                  ln.met.get("", "")] for ln in lines])
 
 
 # =========================================================================== main
