@@ -29,10 +29,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from .errors import JoinRefused, NoProcess
+from .errors import JoinRefused
 from .logbudget import LogBudget
 from .names_config import Incarnation
 from .node import Node
+from .service import Requests, fail
 from .terms import short_repr
 
 __all__ = ["NamesLink", "BATCH", "fail", "parse_config"]
@@ -67,16 +68,14 @@ class NamesLink:
         self.me = me
         self.peers: dict[str, Incarnation] = {}  # node id -> incarnation of its names service
         self._deliver = deliver
-        self._request = request
         self._invited = invited
         self._hello = hello
         self._out: dict[str, list[Any]] = {}
         self._local: list[Any] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._next_request = 0
-        self._replies: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._waiting_hello: dict[str, list[asyncio.Future[None]]] = {}
         self._input_log = LogBudget(log, f"names service {service!r}")
+        self.requests = Requests(node, service, request, self._input_log)
         self.closed = False
         self.messages_out = 0
         self.payloads_out = 0
@@ -146,34 +145,14 @@ class NamesLink:
     def peer_down(self, peer: str) -> None:
         self.peers.pop(peer, None)
         self._out.pop(peer, None)
-        for rid, (node_id, fut) in list(self._replies.items()):
-            if node_id == peer:
-                del self._replies[rid]
-                if not fut.done():
-                    fail(fut, NoProcess(f"{peer} went down before it answered"))
+        self.requests.peer_down(peer)
 
     # -- requests ---------------------------------------------------------------------------
 
     async def call(self, peer: str, what: str, args: list[Any], timeout: float) -> Any:
         """Ask `peer`'s names service `what`; its reply. `NoProcess` if `peer` is not
         connected or goes down first, `TimeoutError` after `timeout` seconds."""
-        self._next_request += 1
-        rid = self._next_request
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not self.node.send_service(peer, self.service, ["req", rid, what, args]):
-            raise NoProcess(f"{peer} is not connected")
-        self._replies[rid] = (peer, fut)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._replies.pop(rid, None)
-
-    def _answer(self, peer: str, rid: Any, result: Any) -> None:
-        if asyncio.isfuture(result) or asyncio.iscoroutine(result):
-            task = asyncio.ensure_future(result)
-            task.add_done_callback(lambda t: self._answer(peer, rid, _outcome(t)))
-            return
-        self.node.send_service(peer, self.service, ["rep", rid, result])
+        return await self.requests.call(peer, what, args, timeout)
 
     # -- input ------------------------------------------------------------------------------
 
@@ -204,19 +183,9 @@ class NamesLink:
                     fut.set_result(None)
             if not known:
                 self._hello(peer, inc)
-        elif kind == "req" and len(payload) == 4 and type(payload[2]) is str and type(payload[3]) is list:
-            try:
-                result = self._request(peer, payload[2], payload[3])
-            except (TypeError, ValueError, LookupError) as e:
-                result = ["error", f"{type(e).__name__}: {e}"]
-            self._answer(peer, payload[1], result)
-        elif kind == "rep" and len(payload) == 3:
-            entry = self._replies.pop(payload[1], None) if type(payload[1]) is int else None
-            if entry is not None and entry[0] == peer and not entry[1].done():
-                entry[1].set_result(payload[2])
         elif kind == "invite" and len(payload) == 2 and type(payload[1]) is list:
             self._invited(peer, payload[1])
-        else:
+        elif not self.requests.on_payload(peer, payload):
             self._input_log.warning("names: malformed payload from %s: %s", peer, short_repr(payload, 200))
 
     def bad_message(self, peer: str, why: str, msg: Any) -> None:
@@ -228,27 +197,7 @@ class NamesLink:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        for _peer, fut in self._replies.values():
-            if not fut.done():
-                fail(fut, RuntimeError(f"names service {self.service!r} stopped"))
-        self._replies.clear()
-
-
-def fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    """Fail `fut` with `exc` without a "never retrieved" log if its waiter is gone (its wait
-    timed out or was cancelled): the error is for whoever still waits, nobody else."""
-    fut.set_exception(exc)
-    fut.exception()
-
-
-def _outcome(task: asyncio.Future[Any]) -> Any:
-    """A request handler's result, or an error reply naming what it raised."""
-    if task.cancelled():
-        return ["error", "cancelled"]
-    exc = task.exception()
-    if exc is not None:
-        return ["error", f"{type(exc).__name__}: {exc}"]
-    return task.result()
+        self.requests.close()
 
 
 def parse_config(config: Any, peer: str) -> tuple[str, int, list[Incarnation], float, int]:

@@ -5,7 +5,8 @@ A *service* is an object attached to a `pgregistry.node.Node` under a name
 through their nodes' connections (`Node.send_service`). A registry scope
 (`pgregistry.scope.ScopeServer`) is one; the name, placement and discovery services are
 the next. `Service` is the interface the node calls; `PeerDiscovery` is the exchange
-every service needs to learn which connected nodes run it too.
+every service needs to learn which connected nodes run it too; `Requests` carries the
+requests a service asks of its peer services and their replies.
 
 Everything here runs on the node's loop thread.
 """
@@ -16,7 +17,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
-__all__ = ["Service", "PeerDiscovery", "DISCOVER"]
+from .errors import NoProcess
+from .logbudget import LogBudget
+from .terms import short_repr
+
+__all__ = ["Service", "PeerDiscovery", "Requests", "DISCOVER", "fail"]
 
 DISCOVER: Final = "discover"
 """The tag of the payload ``[DISCOVER]`` that asks a peer node whether it runs the service."""
@@ -134,3 +139,136 @@ class PeerDiscovery:
             if not waiter.done():
                 waiter.set_exception(error())
         self._waiters.clear()
+
+
+class Requests:
+    """Requests to the services of one name on other nodes, and their replies.
+
+    A request is the payload ``["req", request_id, what, args]`` and its reply
+    ``["rep", request_id, result]``. `handle(peer, what, args)` answers the requests that
+    arrive (its return value, or an awaitable of it, is the result); a `TypeError`,
+    `ValueError` or `LookupError` it raises, or an awaitable's failure, becomes the result
+    ``["error", "TypeName: message"]``. The owner of this object passes it the payloads
+    whose tag is ``"req"`` or ``"rep"`` (`on_payload`) and tells it of peers going down.
+    """
+
+    __slots__ = ("_node", "_service", "_handle", "_log", "_next", "_replies", "_closed")
+
+    def __init__(self, node: Any, service: str, handle: Callable[[str, str, list[Any]], Any],
+                 log: LogBudget) -> None:
+        """`node` is the `pgregistry.node.Node` (its ``send_service``), `service` the name."""
+        self._node = node
+        self._service = service
+        self._handle = handle
+        self._log = log
+        self._next = 0
+        self._replies: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._closed = False
+
+    async def call(self, peer: str, what: str, args: list[Any], timeout: float) -> Any:
+        """Ask `peer`'s service `what` with `args` (terms); its result.
+
+        `NoProcess` if `peer` is not connected or goes down before it answers,
+        `TimeoutError` after `timeout` seconds, `RuntimeError` once `close` was called.
+        On timeout or cancellation the request is forgotten: a late reply is dropped.
+        """
+        if self._closed:
+            raise RuntimeError(f"service {self._service!r} stopped")
+        self._next += 1
+        rid = self._next
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._node.send_service(peer, self._service, ["req", rid, what, args]):
+            raise NoProcess(f"{peer} is not connected")
+        self._replies[rid] = (peer, fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(rid, None)
+
+    def on_payload(self, peer: str, payload: list[Any]) -> bool:
+        """Handle a ``"req"`` or ``"rep"`` payload from `peer`; False if it is neither or malformed."""
+        kind = payload[0] if payload else None
+        if kind == "req" and len(payload) == 4 and type(payload[2]) is str and type(payload[3]) is list:
+            try:
+                result = self._handle(peer, payload[2], payload[3])
+            except (TypeError, ValueError, LookupError) as e:
+                result = ["error", f"{type(e).__name__}: {e}"]
+            self._answer(peer, payload[1], result)
+            return True
+        if kind == "rep" and len(payload) == 3:
+            entry = self._replies.pop(payload[1], None) if type(payload[1]) is int else None
+            if entry is not None and entry[0] == peer and not entry[1].done():
+                entry[1].set_result(payload[2])
+            return True
+        return False
+
+    def _answer(self, peer: str, rid: Any, result: Any) -> None:
+        if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda t: self._answer(peer, rid, _outcome(t)))
+            return
+        if self._closed:
+            return
+        try:
+            self._node.send_service(peer, self._service, ["rep", rid, result])
+        except (TypeError, ValueError) as e:
+            # A result that is no term or too big for the peer: the asker gets the reason.
+            self._log.warning("service %r: a reply to %s cannot be sent (%s)", self._service, peer, e)
+            self._node.send_service(peer, self._service, ["rep", rid, ["error", f"{type(e).__name__}: {e}"]])
+
+    def peer_down(self, peer: str) -> None:
+        """`peer` went down: its unanswered requests raise `NoProcess`."""
+        for rid, (node_id, fut) in list(self._replies.items()):
+            if node_id == peer:
+                del self._replies[rid]
+                if not fut.done():
+                    fail(fut, NoProcess(f"{peer} went down before it answered"))
+
+    def close(self) -> None:
+        """Fail every unanswered request with `RuntimeError`; later calls raise it at once."""
+        self._closed = True
+        for _peer, fut in self._replies.values():
+            if not fut.done():
+                fail(fut, RuntimeError(f"service {self._service!r} stopped"))
+        self._replies.clear()
+
+
+def fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail `fut` with `exc` without a "never retrieved" log if its waiter is gone (its wait
+    timed out or was cancelled): the error is for whoever still waits, nobody else."""
+    fut.set_exception(exc)
+    fut.exception()
+
+
+def _outcome(task: asyncio.Future[Any]) -> Any:
+    """A request handler's result, or an error reply naming what it raised."""
+    if task.cancelled():
+        return ["error", "cancelled"]
+    exc = task.exception()
+    if exc is not None:
+        return ["error", f"{type(exc).__name__}: {exc}"]
+    return task.result()
+
+
+def error_reply(reply: Any) -> str | None:
+    """The message of an ``["error", message]`` reply; None for any other reply."""
+    if type(reply) is list and reply and reply[0] == "error":
+        return str(reply[1]) if len(reply) > 1 else "error"
+    return None
+
+
+def check_reply(reply: Any, peer: str, what: str) -> list[Any]:
+    """`reply` if it is ``["ok", ...]``; the error it names otherwise.
+
+    ``NoProcess: ...`` raises `NoProcess`; any other error `ValueError`; a reply of
+    neither shape `NoProcess` (the peer speaks another protocol), each naming `peer`.
+    Errors of other types are the caller's to map before calling this.
+    """
+    message = error_reply(reply)
+    if message is not None:
+        if message.startswith("NoProcess"):
+            raise NoProcess(f"{peer}: {message}")
+        raise ValueError(f"{peer} refused a {what} request: {message}")
+    if type(reply) is not list or not reply or reply[0] != "ok":
+        raise NoProcess(f"{peer} answered a {what} request with {short_repr(reply, 100)}")
+    return reply
