@@ -29,8 +29,22 @@ from .errors import (
     NotReplicated,
     RegistryError,
     RemoteError,
+    RingUnsettled,
 )
-from .events import Down, Join, Leave, NameLost, NodeDown, NodeUp, Registered, Unregistered, Update
+from .events import (
+    DieNow,
+    Down,
+    HandoffState,
+    Join,
+    Leave,
+    NameLost,
+    NodeDown,
+    NodeUp,
+    Registered,
+    ShouldRestart,
+    Unregistered,
+    Update,
+)
 from .names import Names
 from .node import Node
 from .placement import Ring
@@ -38,15 +52,17 @@ from .process import Via, demonitor, exit, monitor, receive, self, send
 from .registry import Registry
 from .server import Server, call, cast
 from .terms import Pid, Ref
+from .workers import Workers
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Registry", "Names", "Ring", "Server", "Via", "Pid", "Ref",
+    "Node", "Registry", "Names", "Ring", "Workers", "Server", "Via", "Pid", "Ref",
     "self", "send", "receive", "monitor", "demonitor", "exit", "call", "cast",
     "Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost",
+    "ShouldRestart", "DieNow", "HandoffState",
     "RegistryError", "AlreadyRegistered", "AlreadyStarted", "NotLocal", "NoProcess",
     "CallTimeout", "AuthenticationError", "RemoteError", "NotReplicated",
-    "NoQuorum", "JoinRefused",
+    "NoQuorum", "JoinRefused", "RingUnsettled",
     "spec", "TABLE_IMPLEMENTATION", "__version__",
 ]

@@ -21,6 +21,9 @@ __all__ = [
     "AuthenticationError",
     "RemoteError",
     "NotReplicated",
+    "NoQuorum",
+    "JoinRefused",
+    "RingUnsettled",
 ]
 
 
@@ -56,7 +59,15 @@ class NotLocal(RegistryError, ValueError):
 
 
 class NoProcess(RegistryError, LookupError):
-    """The destination process does not exist (dead pid, or no process under a name)."""
+    """The destination process does not exist (dead pid, or no process under a name).
+
+    ``.reason`` is ``"noproc"`` (there is no such process) or ``"noconnection"`` (the
+    node that would hold it is not connected, or went down before it answered).
+    """
+
+    def __init__(self, *args: Any, reason: str = "noproc") -> None:
+        super().__init__(*args)
+        self.reason = reason
 
 
 class CallTimeout(RegistryError, TimeoutError):
@@ -90,6 +101,11 @@ class NoQuorum(RegistryError, TimeoutError):
 
     The operation may still be decided later; if it would make a process of this node a
     holder, the node releases the name again (see `pgregistry.names.Names`)."""
+
+
+class RingUnsettled(RegistryError, TimeoutError):
+    """The nodes of a `pgregistry.workers.Workers` service kept disagreeing on a name's
+    owner until the timeout (each sent the request on to another, or views were changing)."""
 
 
 class JoinRefused(RegistryError):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Final, NamedTuple
 
-__all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost"]
+__all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "NodeUp", "NodeDown", "NameLost",
+           "ShouldRestart", "DieNow", "HandoffState"]
 
 
 class Join(NamedTuple):
@@ -93,8 +94,30 @@ class NameLost(NamedTuple):
     token: int
 
 
+class ShouldRestart(NamedTuple):
+    """To a worker of a `Workers` service: its name is now owned by another node; exit and
+    let it be started there (it is never killed for it)."""
+
+    name: Any
+
+
+class DieNow(NamedTuple):
+    """To a worker of a `Workers` service: another instance of its name won; it was
+    unregistered and is exited with reason ``"dienow"`` one second later."""
+
+    name: Any
+
+
+class HandoffState(NamedTuple):
+    """The first message of a worker started by `Workers.handoff`: its predecessor's state."""
+
+    name: Any
+    state: Any
+
+
 MESSAGE_TYPES: Final[dict[str, type]] = {
-    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered, NameLost)
+    cls.__name__: cls for cls in (Down, NodeUp, NodeDown, Join, Leave, Update, Registered, Unregistered, NameLost,
+                                  ShouldRestart, DieNow, HandoffState)
 }
 """The message types above by name: what a ``send_t`` message of the node protocol may carry."""
 

@@ -82,6 +82,19 @@ class Server:
         """Clean up before the process exits with `reason` (not run on a kill)."""
 
     @classmethod
+    async def serve(cls, *args: Any) -> None:
+        """Run this server in the calling process: ``init(*args)``, then the message loop.
+
+        For a process started some other way (a `pgregistry.workers.Workers` function is
+        ``async def f(*args): await MyServer.serve(*args)``). Returns never; the process
+        ends with an exit signal or a crash of a callback, as a started server does.
+        """
+        proc = current_process()
+        server = cls()
+        await server.init(*args)
+        await _loop(server, proc)
+
+    @classmethod
     async def start(cls, node: _HasRuntime, *args: Any, name: str | Via | None = None) -> Pid:
         """Start a server process on `node`, run ``init(*args)`` in it, return its pid.
 
