@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
-from .errors import NoProcess
+from .errors import NoProcess, NoQuorum
 from .logbudget import LogBudget
 from .terms import short_repr
 
@@ -250,6 +250,11 @@ def _outcome(task: asyncio.Future[Any]) -> Any:
     return task.result()
 
 
+_REPLY_ERRORS: Final[dict[str, type[Exception]]] = {
+    "NoProcess": NoProcess, "NoQuorum": NoQuorum, "TypeError": TypeError, "ValueError": ValueError,
+}
+
+
 def error_reply(reply: Any) -> str | None:
     """The message of an ``["error", message]`` reply; None for any other reply."""
     if type(reply) is list and reply and reply[0] == "error":
@@ -260,14 +265,15 @@ def error_reply(reply: Any) -> str | None:
 def check_reply(reply: Any, peer: str, what: str) -> list[Any]:
     """`reply` if it is ``["ok", ...]``; the error it names otherwise.
 
-    ``NoProcess: ...`` raises `NoProcess`; any other error `ValueError`; a reply of
-    neither shape `NoProcess` (the peer speaks another protocol), each naming `peer`.
-    Errors of other types are the caller's to map before calling this.
+    An error named `NoProcess`, `NoQuorum`, `TypeError` or `ValueError` raises that
+    type, any other `ValueError`; a reply of neither shape `NoProcess` (the peer speaks
+    another protocol); each message names `peer`.
     """
     message = error_reply(reply)
     if message is not None:
-        if message.startswith("NoProcess"):
-            raise NoProcess(f"{peer}: {message}")
+        kind = message.partition(":")[0]
+        if kind in _REPLY_ERRORS:
+            raise _REPLY_ERRORS[kind](f"{peer}: {message}")
         raise ValueError(f"{peer} refused a {what} request: {message}")
     if type(reply) is not list or not reply or reply[0] != "ok":
         raise NoProcess(f"{peer} answered a {what} request with {short_repr(reply, 100)}")

@@ -52,7 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
-from .errors import CallTimeout, NoProcess, NotLocal, RingUnsettled
+from .errors import CallTimeout, NoProcess, NoQuorum, NotLocal, RingUnsettled
 from .events import DieNow, HandoffState, ShouldRestart
 from .logbudget import LogBudget
 from .node import Node
@@ -61,7 +61,8 @@ from .process import Cast, check_timeout, current_process
 from .server import call as call_server
 from .service import Requests, check_reply
 from .terms import Pid, check_key, check_message, check_value, key_problem, short_repr
-from .worker_functions import Functions
+from .worker_functions import Functions, WorkerFunction
+from .workers_exact import ExactNames
 from .workers_table import Worker, WorkerTable
 
 __all__ = ["Workers", "ADOPT_PART", "DIENOW_GRACE"]
@@ -75,17 +76,21 @@ DIENOW_GRACE: Final = 1.0
 """Seconds a worker that lost to another instance has to exit before it is exited with ``"dienow"``."""
 
 _MAX_HOPS: Final = 1  # a forwarded send or cast is forwarded once more at most
+_OWNER_SHARE: Final = 0.9  # of a request's timeout, for the owner's own work (a names decision)
 
 
 class Workers:
     """A workers service on one node: ``await Workers.start(node, "sessions", functions=(fn,))``."""
 
-    def __init__(self, node: Node, service: str, functions: Functions, points: int) -> None:
+    def __init__(self, node: Node, service: str, functions: Functions, points: int,
+                 exact: ExactNames | None) -> None:
         self.node = node
         self.service = service
         self.functions = functions
         self.points = points
         self.me = node.id
+        self._exact = exact
+        self._announced = None if exact is None else exact.cluster_id  # the names cluster our hello named
         self._runtime = node.runtime
         self._loop = asyncio.get_running_loop()
         self._log = LogBudget(log, f"workers service {service!r}")
@@ -115,7 +120,7 @@ class Workers:
 
     @classmethod
     async def start(cls, node: Node, service: str = "workers", *, functions: Iterable[Callable[..., Awaitable[Any]]],
-                    points: int = 128) -> Workers:
+                    points: int = 128, names: Any = None) -> Workers:
         """Start the workers service `service` on `node`, offering `functions`.
 
         `functions`: the module-level async functions this node may run as workers; a
@@ -125,6 +130,11 @@ class Workers:
         a function that cannot be listed (a lambda, a closure, a bound method, a partial,
         a function of ``__main__``); `TypeError`/`ValueError` for other bad options;
         `AlreadyStarted` if `service` runs on `node` already.
+
+        `names`: a `pgregistry.names.Names` service of this node makes the service *exact*
+        (`pgregistry.workers_exact`): every node of the service must be a member of the
+        same names cluster (a node of another cluster is left out of the ring, and logged),
+        a worker's name is decided by that cluster, and a minority raises `NoQuorum`.
         """
         if not isinstance(node, Node):
             raise TypeError(f"node must be a pgregistry Node, got {short_repr(node, 60)}")
@@ -132,7 +142,8 @@ class Workers:
             raise TypeError(f"the service name must be a non-empty str, got {short_repr(service, 60)}")
         fns = Functions(functions)
         node.require_loop_thread("Workers.start")
-        self = cls(node, service, fns, points)  # Ring checks points
+        exact = None if names is None else ExactNames(names, node, service)
+        self = cls(node, service, fns, points, exact)  # Ring checks points
         node.attach_service(service, self)
         for peer in node.peers():
             self._say_hello(peer, True)
@@ -172,17 +183,27 @@ class Workers:
         self.node.require_loop_thread(f"Workers.{what}")
         if self.closed:
             raise RuntimeError(f"Workers.{what}: workers service {self.service!r} is stopped")
+        if self._exact is not None and self._exact.cluster_id != self._announced:
+            # This node joined another names cluster since it said hello: say it again.
+            self._announced = self._exact.cluster_id
+            for peer in self.node.peers():
+                self._say_hello(peer, True)
 
     # -- the ring -------------------------------------------------------------------------
 
     def _say_hello(self, peer: str, want_reply: bool) -> None:
-        self.node.send_service(peer, self.service, ["hello", PLACEMENT_VERSION, self.points, want_reply],
-                               trusted=True)
+        self.node.send_service(peer, self.service,
+                               ["hello", PLACEMENT_VERSION, self.points, self._announced, want_reply], trusted=True)
 
-    def _on_hello(self, peer: str, version: Any, points: Any, want_reply: Any) -> None:
+    def _on_hello(self, peer: str, version: Any, points: Any, cluster: Any, want_reply: Any) -> None:
+        why = None
         if version != PLACEMENT_VERSION or points != self.points:
             why = (f"placement version {short_repr(version)} and points {short_repr(points)} differ from this "
                    f"node's {PLACEMENT_VERSION} and {self.points}")
+        elif cluster != self._announced:
+            why = (f"it is {'not exact' if cluster is None else f'exact in names cluster {short_repr(cluster)}'}, "
+                   f"this node {'is not exact' if self._announced is None else f'in {self._announced!r}'}")
+        if why is not None:
             if self.refused.get(peer) != why:
                 self._log.warning("workers service %r: %s left out of the ring: %s", self.service, peer, why)
             self.refused[peer] = why
@@ -223,7 +244,7 @@ class Workers:
             self._gate_open.clear()
         else:
             self._gate_open.set()
-        rescan = self.table.rescan(old, new)
+        rescan = self.table.rescan(old, new, adopting=self._exact is None)
         for w in rescan.should_restart:
             self._runtime.send(w.pid, ShouldRestart(w.name))
         self.counters["should_restart"] += len(rescan.should_restart)
@@ -295,11 +316,11 @@ class Workers:
             return
         kind = payload[0]
         n = len(payload)
-        if kind == "hello" and n == 4:
-            self._on_hello(peer, payload[1], payload[2], payload[3])
+        if kind == "hello" and n == 5:
+            self._on_hello(peer, payload[1], payload[2], payload[3], payload[4])
         elif peer not in self._members and kind != "rep":
-            if kind == "req":  # not on our ring (yet): it may be refused; the asker learns why
-                self.requests.on_payload(peer, ["req", payload[1], "refused", []] if n == 4 else payload)
+            if kind == "req" and n == 4:  # not on our ring (yet): it may be refused; the asker learns why
+                self.requests.on_payload(peer, ["req", payload[1], "refused", []])
             elif kind != "bye":
                 self._say_hello(peer, True)
         elif kind in ("req", "rep"):
@@ -387,11 +408,14 @@ class Workers:
         h = key_hash(name)
         if what == "whereis" and len(args) == 2:
             return self._answer_whereis(name, h)
-        if what == "start" and len(args) == 4 and type(args[3]) is list:
-            return self._answer_start(name, h, args[2], args[3], None)
-        if what == "handoff" and len(args) == 6 and type(args[3]) is list and type(args[5]) is Pid:
-            return self._answer_start(name, h, args[2], args[3], (args[4], args[5]))
+        if what == "start" and len(args) == 5 and type(args[3]) is list and _is_timeout(args[4]):
+            return self._answer_start(name, h, args[2], args[3], None, float(args[4]))
+        if (what == "handoff" and len(args) == 8 and type(args[3]) is list and type(args[5]) is Pid
+                and _is_timeout(args[6]) and (args[7] is None or type(args[7]) is int)):
+            return self._answer_start(name, h, args[2], args[3], (args[4], args[5], args[7]), float(args[6]))
         if what == "unregister" and len(args) == 2:
+            if self._exact is not None:
+                return self._exact_unregister(name)
             return self._answer_unregister(name, h)
         return ["error", f"ValueError: unknown request {short_repr(what)}"]
 
@@ -411,21 +435,20 @@ class Workers:
         return ["ok", None]
 
     def _answer_start(self, name: Any, h: int, path: Any, args: list[Any],
-                      handoff: tuple[Any, Pid] | None) -> Any:
+                      handoff: tuple[Any, Pid, int | None] | None, timeout: float) -> Any:
         w = self.table.get(name)
         if w is not None and handoff is None:
             return ["ok", w.pid]
+        if self._exact is not None:
+            return self._moved(h) or self._exact_start(name, h, path, args, handoff, timeout)
         if w is not None and handoff is not None and w.pid != handoff[1]:
             return ["error", f"ValueError: {short_repr(name)} is held by {w.pid}, not by {handoff[1]}"]
         moved = self._moved(h)
         if moved is not None:
             return moved
-        fn = self.functions.get(path)
-        if fn is None:
-            return ["error", f"ValueError: {short_repr(path)} is not one of the functions of workers service "
-                             f"{self.service!r} on {self.me}; nothing was started"]
+        fn = self._function(path)
         if self._gated(h):
-            return self._answer_later(lambda: self._answer_start(name, h, path, args, handoff))
+            return self._answer_later(lambda: self._answer_start(name, h, path, args, handoff, timeout))
         if w is not None:  # a handoff from a worker of this node: it gives way to the new one
             self.table.remove(name, w.pid)
             self._unhook(w)
@@ -436,6 +459,42 @@ class Workers:
         self._hold_local(Worker(name, pid, h, path, args))
         self.counters["started"] += 1
         return ["ok", pid]
+
+    def _function(self, path: Any) -> WorkerFunction:
+        fn = self.functions.get(path)
+        if fn is None:
+            raise ValueError(f"{short_repr(path)} is not one of the functions of workers service {self.service!r} "
+                             f"on {self.me}; nothing was started")
+        return fn
+
+    async def _exact_start(self, name: Any, h: int, path: Any, args: list[Any],
+                           handoff: tuple[Any, Pid, int | None] | None, timeout: float) -> list[Any]:
+        assert self._exact is not None
+        fn = self._function(path)
+        if handoff is None:
+            pid = await self._exact.start(name, fn, args, timeout)
+        elif handoff[2] is None:
+            raise ValueError(f"a hand-off of {short_repr(name)} on an exact service needs the holder's token")
+        else:
+            pid = await self._exact.handoff(name, fn, args, handoff[0], handoff[2], timeout)
+            self.counters["handoffs"] += 1
+        w = self.table.get(name)
+        if self._runtime.is_local(pid) and (w is None or w.pid != pid) and self._runtime.process(pid) is not None:
+            if w is not None:
+                self.table.remove(name, w.pid)
+                self._unhook(w)
+            self._hold_local(Worker(name, pid, h, path, args))
+            self.counters["started"] += 1
+        return ["ok", pid]
+
+    async def _exact_unregister(self, name: Any) -> list[Any]:
+        assert self._exact is not None
+        freed = await self._exact.unregister(name, self.node.down_after)
+        w = self.table.get(name)
+        if w is not None:
+            self.table.remove(name, w.pid)
+            self._unhook(w)
+        return ["ok", freed]
 
     async def _answer_later(self, answer: Callable[[], Any]) -> Any:
         await self._after_gate()
@@ -475,6 +534,8 @@ class Workers:
                 await self._ring_after(digest, deadline, name)
                 redirect = None
                 continue
+            except (NoQuorum, CallTimeout):  # the owner's own verdict (these are TimeoutErrors too)
+                raise
             except TimeoutError:
                 raise CallTimeout(f"workers service {self.service!r}: {target} did not answer a {what} of "
                                   f"{short_repr(name)} in time") from None
@@ -530,8 +591,12 @@ class Workers:
 
     def _deliver(self, name: Any, msg: Any, is_cast: bool, hops: int) -> None:
         w = self.table.get(name)
-        if w is not None:
-            self._runtime.send(w.pid, Cast(msg) if is_cast else msg)
+        pid = w.pid if w is not None else None if self._exact is None else self._exact.whereis_here(name)
+        if pid is not None:
+            self._runtime.send(pid, Cast(msg) if is_cast else msg)
+            return
+        if self._exact is not None:
+            self.counters["dropped_sends"] += 1
             return
         owner = self.ring.node_for_hash(key_hash(name))
         if owner == self.me or hops > _MAX_HOPS or owner not in self._members:
@@ -561,7 +626,9 @@ class Workers:
         check_key(name, "name")
         path = self.functions.path_of(fn, self.service)
         fn_args = check_value(list(args), "args")
-        reply = await self._route("start", name, key_hash(name), [path, fn_args], self._deadline(timeout, "spawn"))
+        deadline = self._deadline(timeout, "spawn")
+        # The owner gets most of the time, so that its own timeout (NoQuorum) is what the caller sees.
+        reply = await self._route("start", name, key_hash(name), [path, fn_args, timeout * _OWNER_SHARE], deadline)
         return _pid_in(reply, "start")
 
     async def get_or_start(self, name: Any, fn: Callable[..., Awaitable[Any]], *args: Any,
@@ -573,6 +640,10 @@ class Workers:
             w = None
         if w is not None and not self.closed:
             return w.pid
+        if self._exact is not None and not self.closed:
+            pid = self._exact.whereis_here(check_key(name, "name"))
+            if pid is not None:
+                return pid
         return await self.spawn(name, fn, *args, timeout=timeout)
 
     async def whereis(self, name: Any, timeout: float = 5.0) -> Pid | None:
@@ -582,6 +653,9 @@ class Workers:
         w = self.table.get(check_key(name, "name"))
         if w is not None:
             return w.pid
+        if self._exact is not None:
+            check_timeout(timeout, "Workers.whereis")
+            return await self._exact.whereis(name, timeout)
         reply = await self._route("whereis", name, key_hash(name), [], self._deadline(timeout, "whereis"))
         return _pid_in(reply, "whereis", none_ok=True)
 
@@ -635,8 +709,14 @@ class Workers:
             raise ValueError(f"handoff: {short_repr(name)} is a tracked process, not started by the service: "
                              "there is no function to start it again with")
         check_value(state, "state")
-        reply = await self._route("handoff", name, w.hash, [w.fn, w.args, state, w.pid],
-                                  self._deadline(timeout, "handoff"))
+        token = None
+        if self._exact is not None:
+            token = self._exact.token(name)
+            if token is None or self._exact.whereis_here(name) != w.pid:
+                raise NoProcess(f"handoff: {short_repr(name)} is not validly held by {w.pid} now")
+        deadline = self._deadline(timeout, "handoff")
+        reply = await self._route("handoff", name, w.hash,
+                                  [w.fn, w.args, state, w.pid, timeout * _OWNER_SHARE, token], deadline)
         new = _pid_in(reply, "handoff")
         if new != w.pid:
             if self.table.remove(name, w.pid) is not None:
@@ -649,6 +729,9 @@ class Workers:
         the service). Its owner is told at once. `NotLocal`/`NoProcess` for another node's
         or a dead pid, `ValueError` if this node holds `name` under another pid."""
         self._check_open("track")
+        if self._exact is not None:
+            raise ValueError("track: on an exact workers service a worker's name is taken by consensus; "
+                             "start it with spawn or get_or_start")
         check_key(name, "name")
         if type(pid) is not Pid:
             raise TypeError(f"track: pid must be a Pid, got {short_repr(pid, 60)}")
@@ -668,6 +751,8 @@ class Workers:
         Asks the owner unless this node runs it. Errors as for `whereis`."""
         self._check_open("unregister")
         w = self.table.get(check_key(name, "name"))
+        if self._exact is not None:
+            return await self._unregister_exact(name, self._deadline(timeout, "unregister"))
         if w is not None and self.table.is_local(w):
             self.table.remove(name, w.pid)
             self._unhook(w)
@@ -675,6 +760,20 @@ class Workers:
             return True
         reply = await self._route("unregister", name, key_hash(name), [], self._deadline(timeout, "unregister"))
         return reply[1] is True
+
+    async def _unregister_exact(self, name: Any, deadline: float) -> bool:
+        assert self._exact is not None
+        holder = await self._exact.whereis(name, max(0.0, deadline - self._loop.time()))
+        if holder is None:
+            return False
+        if holder.node == self.me:
+            return (await self._exact_unregister(name))[1] is True
+        try:
+            reply = await self.requests.call(holder.node, "unregister", [self.ring.digest(), name],
+                                             max(0.0, deadline - self._loop.time()))
+        except TimeoutError:
+            raise CallTimeout(f"{holder.node} did not answer an unregister of {short_repr(name)} in time") from None
+        return check_reply(reply, holder.node, "workers unregister")[1] is True
 
     def processes(self) -> dict[Any, Pid]:
         """The workers this node answers for, by name: its own and those it adopted."""
@@ -707,6 +806,10 @@ class Workers:
     async def drain(self, timeout: float) -> None:
         """Send what is queued for peers now (nothing else is under way between nodes)."""
         self._flush()
+
+
+def _is_timeout(x: Any) -> bool:
+    return type(x) in (int, float) and 0 <= x <= 3600
 
 
 def _pid_in(reply: list[Any], what: str, none_ok: bool = False) -> Any:

@@ -134,8 +134,11 @@ class WorkerTable:
             del self.held[w.name]
         return gone
 
-    def rescan(self, old: Ring, new: Ring) -> Rescan:
-        """Compare owners in `old` and `new` for every held worker (cached hashes)."""
+    def rescan(self, old: Ring, new: Ring, adopting: bool = True) -> Rescan:
+        """Compare owners in `old` and `new` for every held worker (cached hashes).
+
+        `adopting` False (an exact service, whose names cluster knows every holder): only
+        `Rescan.should_restart` is filled."""
         me = self.me
         out = Rescan(tuple(n for n in new.nodes if n != me))
         adopts = out.adopts
@@ -151,16 +154,18 @@ class WorkerTable:
                 if owner != me:
                     dropped.append(w)
                 continue
+            if owner != me and (me if old_owner_of is None else old_owner_of(w.hash)) != owner:
+                out.should_restart.append(w)
+            if not adopting:
+                continue
             told = w.told
             if told is not None and told != owner:
                 untold.setdefault(told, []).append([w.name, w.pid])
             if owner == me:
                 w.told = None
-                continue
-            w.told = owner
-            adopts[owner].append([w.name, w.pid])
-            if (me if old_owner_of is None else old_owner_of(w.hash)) != owner:
-                out.should_restart.append(w)
+            else:
+                w.told = owner
+                adopts[owner].append([w.name, w.pid])
         for w in dropped:
             del self.held[w.name]
         return out

@@ -363,12 +363,12 @@ async def test_a_function_the_owner_does_not_list_is_refused_and_nothing_is_impo
         assert wb.processes() == {} and await wa.whereis(name) is None
         # A hostile peer naming a module nobody listed: refused, never imported.
         module = "tests.never_imported_by_workers"
-        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), name, f"{module}:f", []], 2.0)
+        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), name, f"{module}:f", [], 1.0], 2.0)
         assert reply[0] in ("moved", "error")
         own = next(f"o{i}" for i in range(1000) if wa.node_for(f"o{i}") == a.id)
-        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), own, f"{module}:f", []], 2.0)
+        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), own, f"{module}:f", [], 1.0], 2.0)
         assert reply[0] == "error" and "not one of the functions" in reply[1]
-        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), own, "os:system", ["true"]], 2.0)
+        reply = await wb.requests.call(a.id, "start", [wa.ring.digest(), own, "os:system", ["true"], 1.0], 2.0)
         assert reply[0] == "error"
         assert module not in sys.modules and wa.processes() == {}
         assert await wa.spawn(name, counter) == await wb.whereis(name)

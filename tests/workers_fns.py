@@ -51,3 +51,13 @@ async def other(start: int = 0) -> None:
 
 async def not_listed() -> None:
     await Counter.serve(0)
+
+
+RAN: list[tuple[Any, pgr.Pid]] = []
+"""``(name, pid)`` of every `logged` worker that ran its code, in this OS process (for the
+exact tests: an instance that lost its name must never get here)."""
+
+
+async def logged(name: Any) -> None:
+    RAN.append((name, pgr.self()))
+    await Counter.serve(0)
