@@ -73,6 +73,17 @@ wait has a fixed bound (`NAMES_TIMEOUT`), not one taken from the request.
     ``(pid, token)`` of the valid holder as this node knows it (a local read), or None.
 ``("names_lookup", service, name)``
     `Names.lookup`: ``(pid, token)`` as a majority decided it, or None.
+
+Workers (`pgregistry.workers.Workers`): ``service`` names a workers service the node runs
+(``pgregistry node --workers``). Its only function is `session`, so these commands too
+start no code of the caller's choosing; a request names at most `MAX_WORKERS` keys.
+
+``("workers_start", service, keys)``
+    `Workers.get_or_start` ``session(key)`` for each key; returns ``[(key, pid), ...]``.
+``("workers_where", service, keys)``
+    `Workers.whereis` of each key: ``[(key, pid or None), ...]``.
+``("workers_stat", service)``
+    `Workers.stat`, with ``"nodes"`` the ring's node ids.
 """
 
 from __future__ import annotations
@@ -98,11 +109,12 @@ from .registry import Registry
 from .server import Server, call
 from .spec import V1, V2, V3
 from .terms import Pid, check_key, check_value, short_repr
+from .workers import Workers
 
 T = TypeVar("T")
 
 __all__ = ["CONTROL_NAME", "MAX_WORKERS", "NAMES_TIMEOUT", "Control", "ControlError", "NodeProcess", "Singleton",
-           "control"]
+           "Session", "control", "session"]
 
 #: The local name of the control server on every ``pgregistry node``.
 CONTROL_NAME: Final = "pgregistry_control"
@@ -142,6 +154,9 @@ _COMMANDS: Final[dict[str, tuple[str, ...]]] = {
     "names_call": ("service", "name", "request"),
     "names_whereis": ("service", "name"),
     "names_lookup": ("service", "name"),
+    "workers_start": ("service", "keys"),
+    "workers_where": ("service", "keys"),
+    "workers_stat": ("service",),
 }
 
 
@@ -209,24 +224,52 @@ class Singleton(Server):
         return (self.names.node.id, current_process().pid, self.names.token(self.name), request)
 
 
+class Session(Server):
+    """The worker `session` runs: answers every call with ``(node_id, pid, key, calls)``,
+    `calls` how many calls it answered so far."""
+
+    key: Any
+    calls: int
+
+    async def init(self, key: Any) -> None:
+        """Keep the worker's key."""
+        self.key = key
+        self.calls = 0
+
+    async def handle_call(self, request: Any, caller: Pid) -> tuple[str, Pid, Any, int]:
+        """Say where it runs and how often it was called."""
+        self.calls += 1
+        pid = current_process().pid
+        return (pid.node, pid, self.key, self.calls)
+
+
+async def session(key: Any) -> None:
+    """The function of the workers services of ``pgregistry node --workers``."""
+    await Session.serve(key)
+
+
 class Control(Server):
     """The control server of a node: answers the requests of the module docstring.
 
-    Start it with ``await Control.start(node, node, registries, names, name=CONTROL_NAME)``,
-    `registries` mapping each scope name to its running `Registry`, `names` (optional)
-    each names service name to its running `Names`.
+    Start it with ``await Control.start(node, node, registries, names, workers,
+    name=CONTROL_NAME)``, `registries` mapping each scope name to its running `Registry`,
+    `names` (optional) each names service name to its running `Names`, `workers`
+    (optional) each workers service name to its running `Workers`.
     """
 
     node: Node
     registries: dict[str, Registry]
     names: dict[str, Names]
     workers: dict[tuple[str, Any], list[Pid]]
+    placements: dict[str, Workers]
 
-    async def init(self, node: Node, registries: dict[str, Registry], names: dict[str, Names] | None = None) -> None:
-        """Keep the node, its registries and names services; no worker runs yet."""
+    async def init(self, node: Node, registries: dict[str, Registry], names: dict[str, Names] | None = None,
+                   placements: dict[str, Workers] | None = None) -> None:
+        """Keep the node, its registries, names and workers services; no worker runs yet."""
         self.node = node
         self.registries = dict(registries)
         self.names = dict(names or {})
+        self.placements = dict(placements or {})
         self.workers = {}
 
     async def handle_call(self, request: Any, caller: Pid) -> tuple[str, Any]:
@@ -361,6 +404,26 @@ class Control(Server):
     async def _cmd_names_lookup(self, service: Any, name: Any) -> tuple[Pid, int] | None:
         return await self._names(service).lookup(name, timeout=NAMES_TIMEOUT)
 
+    def _placement(self, service: Any) -> Workers:
+        return self._named(self.placements, "workers service", service)
+
+    async def _cmd_workers_start(self, service: Any, keys: Any) -> list[tuple[Any, Pid]]:
+        workers = self._placement(service)
+        checked = _keys(keys)
+        pids = await asyncio.gather(*(workers.get_or_start(key, session, key, timeout=NAMES_TIMEOUT)
+                                      for key in checked))
+        return list(zip(checked, pids, strict=True))
+
+    async def _cmd_workers_where(self, service: Any, keys: Any) -> list[tuple[Any, Pid | None]]:
+        workers = self._placement(service)
+        checked = _keys(keys)
+        pids = await asyncio.gather(*(workers.whereis(key, timeout=NAMES_TIMEOUT) for key in checked))
+        return list(zip(checked, pids, strict=True))
+
+    async def _cmd_workers_stat(self, service: Any) -> dict[str, Any]:
+        workers = self._placement(service)
+        return {**workers.stat(), "nodes": list(workers.nodes())}
+
 
 async def control(node_id: str, request: tuple[Any, ...], timeout: float = 5.0) -> Any:
     """Send `request` to the control server of the node `node_id`; return the result.
@@ -434,14 +497,15 @@ class NodeProcess:
         names: str | None = None,
         lease: float | None = None,
         join: str | None = None,
+        workers: str | None = None,
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
         timeout: float = START_TIMEOUT,
     ) -> NodeProcess:
         """Start ``python -m pgregistry node`` with these options and wait for its id.
 
-        `names`, `lease` and `join` are ``--names``, ``--lease`` and ``--join`` (None:
-        left out); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
+        `names`, `lease`, `join` and `workers` are ``--names``, ``--lease``, ``--join``
+        and ``--workers`` (None: left out); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints
         something else first, `TimeoutError` after `timeout` seconds; the child is
@@ -459,6 +523,8 @@ class NodeProcess:
             args += ["--lease", repr(lease)]
         if join is not None:
             args += ["--join", join]
+        if workers is not None:
+            args += ["--workers", workers]
         environment = {**os.environ, **(env or {}), "PGREGISTRY_COOKIE": cookie}
         with contextlib.ExitStack() as files:
             stderr = files.enter_context(log.open("ab")) if log is not None else None
@@ -533,3 +599,9 @@ class NodeProcess:
         if self.log is None or not self.log.exists():
             return ""
         return self.log.read_text(errors="replace")[-limit:]
+
+
+def _keys(keys: Any) -> list[Any]:
+    if type(keys) is not list or len(keys) > MAX_WORKERS:
+        raise TypeError(f"keys must be a list of at most {MAX_WORKERS} keys, got {short_repr(keys, 80)}")
+    return [check_key(key, "key") for key in keys]

@@ -2,10 +2,12 @@
 
 ``pgregistry node --name N [--host H] [--port P] [--cookie C] [--scope S ...]
 [--connect ADDR ...] [--names [SERVICE]] [--lease SECONDS] [--join ADDR]
-[--join-timeout SECONDS] [--tick-interval T] [--down-after D] [--exit-with-stdin]
-[--log-level L]`` runs one node in the foreground: it starts the registries named by
-``--scope`` (duplicate keys) and, with ``--names``, a names service (`pgregistry.names.Names`,
-default name ``"names"``, ``--lease`` default 3 s), connects to every ``--connect`` address
+[--join-timeout SECONDS] [--workers [SERVICE]] [--tick-interval T] [--down-after D]
+[--exit-with-stdin] [--log-level L]`` runs one node in the foreground: it starts the
+registries named by ``--scope`` (duplicate keys), with ``--names`` a names service
+(`pgregistry.names.Names`, default name ``"names"``, ``--lease`` default 3 s), with
+``--workers`` a workers service (`pgregistry.workers.Workers`, default name ``"workers"``,
+whose only function is the demo's session worker), connects to every ``--connect`` address
 (``host:port`` or a node id; one member is enough to join a whole cluster), joins the names
 cluster of ``--join`` (trying again while nothing answers there, up to ``--join-timeout``),
 prints exactly one line ``NODE <node id>`` on stdout once ready, and serves until SIGTERM or SIGINT (then it
@@ -28,8 +30,11 @@ and c join a's names cluster, b starts a server under ``names.via("singleton")``
 calls; a partition leaves b alone, so its lease lapses and its holder is killed
 (``"lost_quorum"``) while c, on the majority side, takes the name with a larger fencing
 token. The partition comes before the kill: with one of three nodes dead, no side of a
-partition of the other two would be a majority. When c, the holder, is then killed, a
-survivor takes the name over after about one lease. It stops every process it started,
+partition of the other two would be a majority. The workers scene (each node runs
+``--workers sessions``): a asks for 30 session workers, which start on the nodes their
+keys hash to, and b finds each one by asking its owner. When c, the names holder, is then
+killed, a survivor takes the name over after about one lease, and c's session workers
+start again on their new owners when a asks for them. It stops every process it started,
 also on Ctrl-C or an error.
 """
 
@@ -50,7 +55,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import _table
-from ._control import CONTROL_NAME, NAMES_TIMEOUT, SELECT_ALL, Control, NodeProcess, control
+from ._control import CONTROL_NAME, NAMES_TIMEOUT, SELECT_ALL, Control, NodeProcess, control, session
 from .errors import RegistryError
 from .events import Down, Join, Leave, NodeDown, NodeUp, Update
 from .names import Names
@@ -61,6 +66,7 @@ from .registry import Registry
 from .spec import V1, V2, V3
 from .terms import Pid
 from .testing import Partition
+from .workers import Workers
 
 __all__ = ["main"]
 
@@ -119,7 +125,13 @@ async def run_node(args: argparse.Namespace) -> int:
                 names[args.names] = await Names.start(node, args.names, lease=lease)
             except (TypeError, ValueError, RegistryError) as exc:
                 return _fail(f"--names: {exc}", 2)
-        await Control.start(node, node, registries, names, name=CONTROL_NAME)
+        placements: dict[str, Workers] = {}
+        if args.workers is not None:
+            try:
+                placements[args.workers] = await Workers.start(node, args.workers, functions=(session,))
+            except (TypeError, ValueError, RegistryError) as exc:
+                return _fail(f"--workers: {exc}", 2)
+        await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
         for address in _unique(args.connect):
             try:
                 await node.connect(address)
@@ -181,6 +193,8 @@ CHILDREN: Final = ("a", "b", "c")
 NAMES: Final = "names"
 LEASE: Final = 1.0
 SINGLETON: Final = "singleton"
+WORKERS: Final = "sessions"
+SESSIONS: Final = [("user", i) for i in range(30)]
 WAIT: Final = 10.0  # seconds any one step of the demo may take before it gives up
 
 
@@ -337,7 +351,8 @@ async def _start_children(cookie: str, logs: Path, children: list[NodeProcess]) 
     """Start a, b and c at once; each one goes into `children` as soon as it runs."""
     results = await asyncio.gather(
         *(NodeProcess.start(name, cookie=cookie, scopes=[SCOPE], tick_interval=TICK, down_after=DOWN_AFTER,
-                            names=NAMES, lease=LEASE, log=logs / f"{name}.log") for name in CHILDREN),
+                            names=NAMES, lease=LEASE, workers=WORKERS, log=logs / f"{name}.log")
+          for name in CHILDREN),
         return_exceptions=True,
     )
     started = [result for result in results if isinstance(result, NodeProcess)]
@@ -387,7 +402,7 @@ async def demo(children: list[NodeProcess]) -> int:
 async def _cluster_tour(cookie: str, logs: Path, children: list[NodeProcess]) -> None:
     """Start the nodes, the proxies and the narrator; tell the story; stop the nodes."""
     _say(f"starting: pgregistry node --name {{a,b,c}} --scope {SCOPE} "
-         f"--tick-interval {TICK} --down-after {DOWN_AFTER} --names --lease {LEASE}")
+         f"--tick-interval {TICK} --down-after {DOWN_AFTER} --names --lease {LEASE} --workers {WORKERS}")
     nodes = await _start_children(cookie, logs, children)
     a, b, c = nodes
     for child in nodes:
@@ -518,8 +533,10 @@ async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition,
 
     held = await _names_scene(narrator, obs, part, nodes, converged)
     _say()
+    sessions = await _workers_scene(nodes)
+    _say()
 
-    _say("6. a node killed with SIGKILL")
+    _say("7. a node killed with SIGKILL")
     on_c = [pid for pid, _value in reg.lookup("web") if pid.node == c.id]
     since = time.monotonic_ns()
     c.kill()
@@ -536,6 +553,7 @@ async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition,
     counts = [await control(child.id, ("count", SCOPE)) for child in (a, b)] + [reg.count()]
     _say(f"  count() on a, b, narrator: {', '.join(map(str, counts))}")
     await _takeover([a, b], held, takeovers, since)
+    await _workers_move([a, b], c, sessions)
 
 
 async def _names_scene(narrator: Node, obs: _Observer, part: Partition, nodes: list[NodeProcess],
@@ -587,6 +605,48 @@ async def _names_scene(narrator: Node, obs: _Observer, part: Partition, nodes: l
     await _eventually(converged, "the same registry view on every node", timeout=WAIT + 4 * DOWN_AFTER)
     _say(f"  heal: {took:.2f} s later b sees the holder the majority chose, {_short(new_pid)} with token {new_token}")
     return new_pid, new_token
+
+
+def _spread(placed: list[tuple[Any, Pid]]) -> str:
+    """``"a 9, b 12, c 9"``: how many workers run on each node."""
+    counts: dict[str, int] = {}
+    for _key, pid in placed:
+        counts[_name(pid.node)] = counts.get(_name(pid.node), 0) + 1
+    return ", ".join(f"{node} {count}" for node, count in sorted(counts.items()))
+
+
+async def _workers_scene(nodes: list[NodeProcess]) -> dict[Any, Pid]:
+    """Scene 6: workers started from one node land on the nodes their keys hash to."""
+    a, b, c = nodes
+    _say(f"6. workers spread by consistent hashing (workers service {WORKERS!r} on a, b and c)")
+    began = time.monotonic_ns()
+    placed = await control(a.id, ("workers_start", WORKERS, SESSIONS), NAMES_TIMEOUT)
+    _say(f"  a asked for {len(SESSIONS)} session workers (get_or_start): each started on the node its key "
+         f"hashes to, in {_ms(time.monotonic_ns() - began)}: {_spread(placed)}")
+    where_b = await control(b.id, ("workers_where", WORKERS, SESSIONS), NAMES_TIMEOUT)
+    _say(f"  b's whereis of every key (asked of each key's owner) finds the same pids: {where_b == placed}")
+    stat = await control(c.id, ("workers_stat", WORKERS))
+    _say(f"  c's ring: {', '.join(sorted(_name(n) for n in stat['nodes']))}; c runs {stat['local']} of them; "
+         "no node told the others about any worker")
+    return dict(placed)
+
+
+async def _workers_move(survivors: list[NodeProcess], dead: NodeProcess, sessions: dict[Any, Pid]) -> None:
+    """Scene 7, workers: the sessions c ran start again on their new owners when asked for."""
+    lost = [key for key, pid in sessions.items() if pid.node == dead.id]
+
+    async def ring_without_dead() -> bool:
+        for child in survivors:
+            if dead.id in (await control(child.id, ("workers_stat", WORKERS)))["nodes"]:
+                return False
+        return True
+
+    await _eventually(ring_without_dead, "the rings without c")
+    placed = await control(survivors[0].id, ("workers_start", WORKERS, SESSIONS), NAMES_TIMEOUT)
+    kept = sum(1 for key, pid in placed if sessions[key] == pid)
+    moved = [(key, pid) for key, pid in placed if key in lost]
+    _say(f"  c's {len(lost)} session workers died with it; a asked for all {len(SESSIONS)} again: {kept} were "
+         f"still running, c's started anew on their new owners ({_spread(moved)}); now {_spread(placed)}")
 
 
 async def _takeover(survivors: list[NodeProcess], held: tuple[Pid, int],
@@ -691,6 +751,9 @@ def _parser() -> argparse.ArgumentParser:
                            "printed once a member")
     node.add_argument("--join-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="seconds --join may take in all (30)")
+    node.add_argument("--workers", nargs="?", const="workers", default=None, metavar="SERVICE",
+                      help="run a workers service called SERVICE (default 'workers') whose only function is the "
+                           "demo session worker; nodes running it share workers by consistent hashing")
     node.add_argument("--exit-with-stdin", action="store_true",
                       help="also stop when stdin reaches end of file (for a parent holding a pipe)")
     node.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],

@@ -109,6 +109,16 @@ def test_demo_runs_a_three_process_cluster_and_leaves_nothing_running() -> None:
     other = "b" if taken[1] == "a" else "a"
     assert re.search(rf"{other} called names\.via\('singleton'\): answered by {taken[1]}\.\d+ on {taken[1]}, token 3",
                      out), out
+    # Workers: spread over the three nodes by key hash, found alike from another node.
+    spread = re.search(r"a asked for 30 session workers \(get_or_start\): each started on the node its key hashes "
+                       r"to, in [\d.]+ m?s: a (\d+), b (\d+), c (\d+)\n", out)
+    assert spread and sum(map(int, spread.groups())) == 30 and min(map(int, spread.groups())) > 0, out
+    assert "finds the same pids: True" in out and "c's ring: a, b, c;" in out
+    # ... and c's move to the survivors when c is killed; the others keep running.
+    moved = re.search(r"c's (\d+) session workers died with it; a asked for all 30 again: (\d+) were still running, "
+                      r"c's started anew on their new owners \(.*\); now a (\d+), b (\d+)\n", out)
+    assert moved and moved[1] == spread[3] and int(moved[2]) == 30 - int(moved[1]), out
+    assert int(moved[3]) + int(moved[4]) == 30 and int(moved[3]) >= int(spread[1]), out
     assert "node a stopped by SIGTERM: exit status 0" in out and "node b stopped by SIGTERM: exit status 0" in out
     assert "node c was killed: exit status -9" in out
     assert "every node process the demo started has exited: True" in out
