@@ -33,3 +33,26 @@ def test_readme_example_runs() -> None:
 def test_readme_names_example_runs() -> None:
     lines = _run_block(2)
     assert len(lines) == 2 and lines[0].startswith("hello from b@127.0.0.1:") and lines[1] == "True"
+
+
+def run_as_module(text: str, directory: pathlib.Path) -> list[str]:
+    """Save `text` as ``sessions.py`` in `directory` and run its ``main()`` as the docs say
+    (a worker function must live in a module, not in ``__main__``)."""
+    (directory / "sessions.py").write_text(text)
+    done = subprocess.run([sys.executable, "-c", "import asyncio, sessions; asyncio.run(sessions.main())"],
+                          capture_output=True, text=True, timeout=60, cwd=directory)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_readme_workers_example_runs(tmp_path: pathlib.Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    lines = run_as_module(blocks[3], tmp_path)
+    assert lines[0] == "True" and lines[1].startswith("('a@127.0.0.1:") and lines[1].endswith("['book'])")
+
+
+def test_placement_docs_quick_start_runs(tmp_path: pathlib.Path) -> None:
+    page = README.parent / "docs" / "placement.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    lines = run_as_module(blocks[0], tmp_path)
+    assert lines[0] == "True" and lines[1].endswith("['book'])")
