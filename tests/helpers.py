@@ -18,6 +18,7 @@ from pgregistry.node import Node
 from pgregistry.process import current_process, receive
 from pgregistry.registry import Registry
 from pgregistry.terms import Pid
+from pgregistry.testing import Partition
 
 RECEIVE_TIMEOUT = 5.0
 
@@ -182,3 +183,17 @@ async def registry_cluster(count: int, cookie: str, keys: str = "duplicate", lis
         for _node, reg in members:
             await reg.sync()
         yield members
+
+
+async def proxied_links(stack: contextlib.AsyncExitStack, nodes: list[Node]) -> Partition:
+    """A started `Partition` with a proxy on every directed link between `nodes` (closed
+    with `stack`); each node dials each other one through its proxy, so that a test can
+    split and heal them. Call it before the nodes connect."""
+    part = Partition.for_targets({n.name: f"{n.host}:{n.port}" for n in nodes})
+    await part.start()
+    stack.push_async_callback(part.close)
+    for src in nodes:
+        for dst in nodes:
+            if src is not dst:
+                src.add_route(dst.id, part.address(src.name, dst.name))
+    return part

@@ -22,7 +22,7 @@ from pgregistry.server import Server, call
 from pgregistry.terms import Pid
 from pgregistry.testing import Partition
 
-from .helpers import eventually, run_as, spawn_agent
+from .helpers import eventually, proxied_links, run_as, spawn_agent
 
 COOKIE = "names-tests"
 LEASE = 0.6
@@ -301,13 +301,7 @@ async def proxied_names(on_lost: str = "kill") -> AsyncIterator[tuple[list[tuple
     """Three nodes whose every link goes through a proxy, in one names cluster."""
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(Node(f"p{i}", cookie=COOKIE, **FAST)) for i in range(3)]
-        part = Partition.for_targets({n.name: f"{n.host}:{n.port}" for n in nodes})
-        await part.start()
-        stack.push_async_callback(part.close)
-        for src in nodes:
-            for dst in nodes:
-                if src is not dst:
-                    src.add_route(dst.id, part.address(src.name, dst.name))
+        part = await proxied_links(stack, nodes)
         members = [(n, await Names.start(n, lease=LEASE, on_lost=on_lost)) for n in nodes]
         for _node, names in members[1:]:
             await names.join(nodes[0].id)

@@ -24,7 +24,7 @@ from pgregistry.terms import Pid
 from pgregistry.testing import Partition
 from pgregistry.workers import DIENOW_GRACE, Workers
 
-from .helpers import eventually, run_as, spawn_agent
+from .helpers import eventually, proxied_links, run_as, spawn_agent
 from .workers_fns import counter, not_listed, other
 
 COOKIE = "workers-tests"
@@ -62,13 +62,7 @@ async def proxied(count: int = 3) -> AsyncIterator[tuple[list[tuple[Node, Worker
     """`count` nodes whose every link goes through a proxy, each running "w"."""
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(Node(f"p{i}", cookie=COOKIE, **FAST)) for i in range(count)]
-        part = Partition.for_targets({n.name: f"{n.host}:{n.port}" for n in nodes})
-        await part.start()
-        stack.push_async_callback(part.close)
-        for src in nodes:
-            for dst in nodes:
-                if src is not dst:
-                    src.add_route(dst.id, part.address(src.name, dst.name))
+        part = await proxied_links(stack, nodes)
         for node in nodes[1:]:
             await node.connect(nodes[0].id)
         for node in nodes:

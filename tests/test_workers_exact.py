@@ -22,7 +22,7 @@ from pgregistry.testing import Partition
 from pgregistry.workers import Workers
 from pgregistry.workers_exact import ENTRY_TAG
 
-from .helpers import eventually, run_as, spawn_agent
+from .helpers import eventually, proxied_links, run_as, spawn_agent
 from .workers_fns import RAN, counter, logged
 
 COOKIE = "workers-exact-tests"
@@ -53,13 +53,7 @@ async def exact_cluster(count: int, proxied: bool = False) -> AsyncIterator[tupl
         nodes = [await stack.enter_async_context(Node(f"e{i}", cookie=COOKIE, **FAST)) for i in range(count)]
         part = None
         if proxied:
-            part = Partition.for_targets({n.name: f"{n.host}:{n.port}" for n in nodes})
-            await part.start()
-            stack.push_async_callback(part.close)
-            for src in nodes:
-                for dst in nodes:
-                    if src is not dst:
-                        src.add_route(dst.id, part.address(src.name, dst.name))
+            part = await proxied_links(stack, nodes)
         names = [await Names.start(node, lease=LEASE) for node in nodes]
         await join_all(names)
         yield await exact_workers(list(zip(nodes, names, strict=True))), part
