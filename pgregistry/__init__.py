@@ -17,6 +17,7 @@ This module only re-exports; every name is defined in a private module below it.
 
 from . import spec
 from ._table import IMPLEMENTATION as TABLE_IMPLEMENTATION
+from ._version import __version__
 from .errors import (
     AlreadyRegistered,
     AlreadyStarted,
@@ -53,8 +54,6 @@ from .registry import Registry
 from .server import Server, call, cast
 from .terms import Pid, Ref
 from .workers import Workers
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Node", "Registry", "Names", "Ring", "Workers", "Server", "Via", "Pid", "Ref",

@@ -498,6 +498,7 @@ class NodeProcess:
         lease: float | None = None,
         join: str | None = None,
         workers: str | None = None,
+        test_control: bool = True,
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
         timeout: float = START_TIMEOUT,
@@ -505,7 +506,8 @@ class NodeProcess:
         """Start ``python -m pgregistry node`` with these options and wait for its id.
 
         `names`, `lease`, `join` and `workers` are ``--names``, ``--lease``, ``--join``
-        and ``--workers`` (None: left out); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
+        and ``--workers`` (None: left out); `test_control` adds ``--test-control`` (the
+        control server this module's `control` drives); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints
         something else first, `TimeoutError` after `timeout` seconds; the child is
@@ -513,6 +515,8 @@ class NodeProcess:
         """
         args = [sys.executable, "-m", "pgregistry", "node", "--name", name, "--host", host, "--port", str(port),
                 "--tick-interval", repr(tick_interval), "--down-after", repr(down_after), "--exit-with-stdin"]
+        if test_control:
+            args.append("--test-control")
         for scope in scopes:
             args += ["--scope", scope]
         for address in connect:

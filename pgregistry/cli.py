@@ -54,10 +54,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from . import _table
+from . import _table, inspect_cli
 from ._control import CONTROL_NAME, NAMES_TIMEOUT, SELECT_ALL, Control, NodeProcess, control, session
+from ._version import __version__
 from .errors import RegistryError
 from .events import Down, Join, Leave, NodeDown, NodeUp, Update
+from .inspection import Inspection
 from .names import Names
 from .node import Node
 from .process import monitor, receive
@@ -131,7 +133,9 @@ async def run_node(args: argparse.Namespace) -> int:
                 placements[args.workers] = await Workers.start(node, args.workers, functions=(session,))
             except (TypeError, ValueError, RegistryError) as exc:
                 return _fail(f"--workers: {exc}", 2)
-        await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
+        Inspection.serve(node, registries=registries, names=names, workers=placements, on_drain=stop.set)
+        if args.test_control:
+            await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
         for address in _unique(args.connect):
             try:
                 await node.connect(address)
@@ -143,7 +147,8 @@ async def run_node(args: argparse.Namespace) -> int:
                 return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
         print(f"NODE {node.id}", flush=True)
         await stop.wait()
-        _ignore_signals(loop)  # one signal stops the node; more must not cut the stop short
+        _exit_on_second_signal(loop)
+        await node.stop(drain_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -171,11 +176,11 @@ async def _join(names: Names, address: str, timeout: float) -> str | None:
             return f"{type(exc).__name__}: {exc}"
 
 
-def _ignore_signals(loop: asyncio.AbstractEventLoop) -> None:
-    """Ignore SIGTERM/SIGINT from now on (the loop's handlers would be reset to the default)."""
+def _exit_on_second_signal(loop: asyncio.AbstractEventLoop) -> None:
+    """While the node stops gracefully, a second SIGTERM/SIGINT ends the process at once."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
+        loop.add_signal_handler(sig, os._exit, 128 + sig)
 
 
 def _fail(message: str, status: int) -> int:
@@ -703,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(run_node(args))
         except KeyboardInterrupt:  # before the signal handlers were in place
             return 130
+    if args.command in inspect_cli.COMMANDS:
+        return inspect_cli.run(args)
     children: list[NodeProcess] = []
     try:
         return _run(demo(children))
@@ -720,8 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgregistry", description="Run a pgregistry node, or watch a real cluster "
                                      "at work (pgregistry demo).")
+    parser.add_argument("--version", action="version", version=f"pgregistry {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="start a 3-node cluster in 3 OS processes and narrate it at work")
+    inspect_cli.add_commands(commands)
     node = commands.add_parser("node", help="run one node in the foreground until SIGTERM/SIGINT",
                                description="Run one node in the foreground; print 'NODE <id>' on stdout "
                                            "when ready; stop cleanly on SIGTERM/SIGINT. Peers drive it through "
@@ -754,6 +763,12 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--workers", nargs="?", const="workers", default=None, metavar="SERVICE",
                       help="run a workers service called SERVICE (default 'workers') whose only function is the "
                            "demo session worker; nodes running it share workers by consistent hashing")
+    node.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="SECONDS",
+                      help="on SIGTERM, SIGINT or 'pgregistry drain': seconds the services get to finish what is "
+                           "under way before the node leaves (20); a second signal exits at once")
+    node.add_argument("--test-control", action="store_true",
+                      help="also serve the control server through which tests and the demo drive the node "
+                           "(it can start processes and change entries: never in production)")
     node.add_argument("--exit-with-stdin", action="store_true",
                       help="also stop when stdin reaches end of file (for a parent holding a pipe)")
     node.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],

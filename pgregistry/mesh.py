@@ -21,6 +21,11 @@ Messages of confirmed connections other than ``members``, ``disconnect`` and ``l
 go to the handlers the owner installs with `Mesh.route` (`pgregistry.remote`). The mesh
 knows nothing of processes or services: it reports peers up and down to its owner.
 
+* Tools: a connection whose dialler sends ``["tool", TOOL_VERSION]`` instead of
+  ``propose`` (an operator's command, authenticated by the cookie like any peer) never
+  becomes a peer: it is not confirmed, gossiped in ``members`` or reported up or down;
+  its messages go to the owner's `Mesh.on_tool`. A node without one refuses it.
+
 The full protocol is in docs/protocol.md.
 """
 
@@ -46,6 +51,7 @@ __all__ = [
     "MEMBERS_PER_MESSAGE",
     "REPLACED",
     "PROPOSED",
+    "TOOL_VERSION",
     "MalformedMessage",
     "Mesh",
     "PeerHandler",
@@ -76,6 +82,10 @@ AWAIT_CONFIRM: Final = "await confirm"  # we accepted, said ready; the peer deci
 ASKED: Final = "asked"  # we decide and asked "alive?" about the old connection
 UP: Final = "up"
 CLOSED: Final = "closed"
+TOOL: Final = "tool"  # an operator's tool, never a peer
+
+TOOL_VERSION: Final = 1
+"""The version of the tool exchange (``["tool", version]`` opens it)."""
 
 
 class MalformedMessage(Exception):
@@ -211,7 +221,10 @@ class Mesh:
             "disconnect": self._on_disconnect,
             "leave": self._on_leave,
         }
+        self.on_tool: Callable[[Connection, Any], None] | None = None  # a tool connection's messages
+        self.leaving = False  # stopping: refuse new connections with "leaving"
         self._confirm_step_handlers: dict[str, Callable[[_PeerLink, list], None]] = {
+            "tool": self._on_tool_hello,
             "propose": self._on_propose,
             "ready": self._on_ready,
             "confirm": self._on_confirm,
@@ -434,6 +447,10 @@ class Mesh:
         link = self._links.get(conn)
         if link is None or link.state == CLOSED:
             return
+        if link.state == TOOL:
+            if self.on_tool is not None:
+                self.on_tool(conn, term)
+            return
         try:
             need(type(term) is list and len(term) > 0 and type(term[0]) is str, "not a tagged list")
             handler = self._confirm_step_handlers.get(term[0])
@@ -443,12 +460,29 @@ class Mesh:
             logger.warning("node %s: %r: protocol error during the confirm step: %s", self.id, link, exc)
             self._refuse(link, "protocol")
 
+    def _on_tool_hello(self, link: _PeerLink, m: list) -> None:
+        need(link.state == AWAIT_PROPOSAL and len(m) == 2, "unexpected tool hello")
+        if m[1] != TOOL_VERSION:
+            self._refuse(link, f"tool version {TOOL_VERSION} only")
+            return
+        if self.on_tool is None:
+            self._refuse(link, "this node serves no tools")
+            return
+        link.state = TOOL
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        link.conn.send(["tool", TOOL_VERSION])
+
     def _decides(self, peer: PeerRecord) -> bool:
         """True if this node confirms the connections of the pair (the smaller id does)."""
         return self.id < peer.id
 
     def _on_propose(self, link: _PeerLink, m: list) -> None:
         need(link.state == AWAIT_PROPOSAL and len(m) == 3, "unexpected propose")
+        if self.leaving:
+            self._refuse(link, "leaving")
+            return
         token, explicit = m[1], m[2]
         need(type(token) is int and 0 <= token < 2**63 and type(explicit) is bool, "malformed propose")
         conn = link.conn

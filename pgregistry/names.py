@@ -24,6 +24,7 @@ would give to a process of this node is released again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import time
@@ -188,9 +189,8 @@ class Names:
         node as a member that stopped answering until it is removed (`leave`)."""
         self.node.require_loop_thread("Names.stop")
         check_timeout(timeout, "Names.stop")
-        releases = [self.unregister_name(name, timeout) for name in list(self.core.grants)]
-        if releases:
-            await asyncio.gather(*releases, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await self.drain(timeout)
         self.close()
         self.node.detach_service(self.service)
 
@@ -878,8 +878,14 @@ class Names:
         return out
 
     async def drain(self, timeout: float) -> None:
-        """Wait (within `timeout`) until no operation of this node is under way."""
+        """Before a graceful stop: release the names held here (so that other members may
+        take them at once, not a lease later), then wait until no operation of this node is
+        under way; `TimeoutError` after `timeout` seconds (a release still under way goes
+        on). The holders are let go as for a lost lease (killed, or sent `NameLost`)."""
         deadline = self._loop.time() + timeout
+        releases = [self.unregister_name(name, timeout) for name in list(self.core.grants)]
+        if releases:
+            await asyncio.gather(*releases, return_exceptions=True)
         while self.core.busy():
             if self._loop.time() >= deadline:
                 raise TimeoutError(f"names service {self.service!r}: operations still under way")

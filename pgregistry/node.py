@@ -47,7 +47,7 @@ from .remote import Remote
 from .runtime import Runtime
 from .service import Service
 from .terms import Pid, short_repr
-from .transport import Endpoint
+from .transport import Connection, Endpoint
 from .wire import MAX_FRAME
 
 __all__ = ["Node", "REPLACED", "GOSSIP_ATTEMPTS", "MEMBERS_PER_MESSAGE"]
@@ -302,7 +302,7 @@ class Node:
             if current is None or current.adopted:
                 runtime.adopt(task)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:
         """Kill every process, close every service, leave the cluster, close the endpoint.
 
         Exit hooks run for each process (reason ``"killed"``; `Server.terminate` does not
@@ -310,10 +310,22 @@ class Node:
         seconds for the killed tasks to unwind, calls ``close()`` on each service
         (awaiting it if it returns an awaitable; errors are logged), tells every peer it
         leaves (so they do not redial it) and closes the endpoint (queued output is
-        written first). Idempotent: stopping a stopped or never-started node does
-        nothing, and a concurrent `stop` waits for the first one. If `stop` is cancelled
-        while waiting, the processes are already dead and the services are closed before
-        the cancellation propagates.
+        written first). From the start of a stop, new connections are refused with
+        ``"leaving"``.
+
+        With `drain_timeout` (seconds), the stop is graceful, and the order changes so
+        that peers lose nothing they could have had and purge this node in one step:
+        first every service's ``drain`` runs (what is under way toward peers is sent:
+        queued registry changes, sync rounds, releases of names), within `drain_timeout`
+        in all (a service that takes longer is logged and left); then the services close
+        while the peers are still connected (each registry says ``bye``, so its peers
+        drop this node's entries at once instead of one leave per entry); then the node
+        leaves the mesh; only then are the processes killed, with nothing left to tell.
+
+        Idempotent: stopping a stopped or never-started node does nothing, and a
+        concurrent `stop` waits for the first one. If `stop` is cancelled while waiting,
+        the processes are already dead and the services are closed before the
+        cancellation propagates.
         """
         if self._state == _NEW:
             self._state = _STOPPED
@@ -330,7 +342,12 @@ class Node:
         if threading.get_ident() != self.runtime.loop_thread:
             raise RuntimeError(f"stop of node {self.id} must run on the node's event loop thread")
         self._state = _STOPPING
+        self._mesh.leaving = True
         try:
+            if drain_timeout is not None:
+                await self._drain_services(check_seconds("drain_timeout", drain_timeout))
+                await self._close_services()
+                await self._mesh.close()
             tasks = self.runtime.close(exclude=asyncio.current_task())
             if tasks:
                 _, still_running = await asyncio.wait(tasks, timeout=STOP_GRACE)
@@ -338,14 +355,32 @@ class Node:
                     logger.warning("node %s: %r ignored its cancellation and is still running", self.id, task)
         finally:
             try:
-                services = list(self._services.items())
-                self._services.clear()
-                for name, service in services:
-                    await self._close_service(name, service)
+                await self._close_services()
                 await self._mesh.close()
             finally:
                 self._state = _STOPPED
                 self._stopped.set()
+
+    async def _drain_services(self, timeout: float) -> None:
+        """Run every service's ``drain`` at once, within `timeout` seconds in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        drains = {name: service.drain for name, service in self._services.items() if hasattr(service, "drain")}
+
+        async def drain(name: str, fn: Callable[[float], Awaitable[None]]) -> None:
+            try:
+                await fn(max(0.0, deadline - loop.time()))
+            except Exception as exc:  # TimeoutError included: the stop goes on without it
+                logger.warning("node %s: draining service %r: %s", self.id, name, exc or type(exc).__name__)
+
+        if drains:
+            await asyncio.gather(*(drain(name, fn) for name, fn in drains.items()))
+
+    async def _close_services(self) -> None:
+        services = list(self._services.items())
+        self._services.clear()
+        for name, service in services:
+            await self._close_service(name, service)
 
     async def _close_service(self, name: str, service: Service) -> None:
         try:
@@ -526,6 +561,23 @@ class Node:
         if loop_thread is not None and threading.get_ident() != loop_thread:
             raise RuntimeError("detach_service must be called on the node's event loop thread")
         self._services.pop(name, None)
+
+    def serve_tools(self, handler: Callable[[Connection, Any], None] | None) -> None:
+        """Accept operator tools' connections and give each message of theirs to `handler`.
+
+        A tool proves the cookie like a peer, then opens with ``["tool", TOOL_VERSION]``
+        instead of proposing itself: it never becomes a peer (no ``NodeUp``, no
+        ``peer_up``, never listed in ``members``). ``handler(conn, term)`` runs on the loop
+        thread and answers with ``conn.send``; None refuses tools again (the default).
+        """
+        self.require_loop_thread("serve_tools")
+        if handler is not None and not callable(handler):
+            raise TypeError(f"serve_tools: handler must be callable or None, got {short_repr(handler)}")
+        self._mesh.on_tool = handler
+
+    def services(self) -> dict[str, Service]:
+        """The attached services by name (a copy)."""
+        return dict(self._services)
 
     def service(self, name: str) -> Service | None:
         """The service attached under `name`, or None."""

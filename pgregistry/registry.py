@@ -150,6 +150,12 @@ class Registry:
     def __repr__(self) -> str:
         return f"<Registry {self.name!r} {self.keys_mode} on {self.node.id} with {len(self._table)} entries>"
 
+    def stat(self) -> dict[str, Any]:
+        """Sizes and counters of the scope on this node, for status and metrics (O(1)):
+        ``rows``, ``peers``, ``subscribers``, sync rounds under way, queued ops, ... (the
+        scope server's `pgregistry.scope.ScopeServer.stat`)."""
+        return self._scope.stat()
+
     # -- guards -----------------------------------------------------------------------------
 
     def _check_thread(self, what: str) -> None:
