@@ -507,7 +507,8 @@ class NodeProcess:
 
         `names`, `lease`, `join` and `workers` are ``--names``, ``--lease``, ``--join``
         and ``--workers`` (None: left out); `test_control` adds ``--test-control`` (the
-        control server this module's `control` drives); `env` adds to the child's environment (``PGREGISTRY_LOOP``, say).
+        control server this module's `control` drives); `env` adds to the child's
+        environment (``PGREGISTRY_LOOP``, say).
 
         Raises `RuntimeError` (with the end of its log) if the child exits or prints
         something else first, `TimeoutError` after `timeout` seconds; the child is

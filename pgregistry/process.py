@@ -221,7 +221,7 @@ def _exited_error(pid: Any, reason: Any) -> NoProcess:
     if type(reason) is str and reason == "noproc":
         exc = NoProcess(f"no process {short_repr(pid)} (noproc)")
     elif type(reason) is str and reason == "noconnection":
-        exc = NoProcess(f"no connection to the node of {short_repr(pid)} (noconnection)")
+        exc = NoProcess(f"no connection to the node of {short_repr(pid)} (noconnection)", reason="noconnection")
     else:
         exc = NoProcess(f"{short_repr(pid)} exited ({short_repr(reason)})")
     if isinstance(reason, BaseException):

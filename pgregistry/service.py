@@ -178,7 +178,7 @@ class Requests:
         rid = self._next
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._node.send_service(peer, self._service, ["req", rid, what, args]):
-            raise NoProcess(f"{peer} is not connected")
+            raise NoProcess(f"{peer} is not connected", reason="noconnection")
         self._replies[rid] = (peer, fut)
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -222,7 +222,7 @@ class Requests:
             if node_id == peer:
                 del self._replies[rid]
                 if not fut.done():
-                    fail(fut, NoProcess(f"{peer} went down before it answered"))
+                    fail(fut, NoProcess(f"{peer} went down before it answered", reason="noconnection"))
 
     def close(self) -> None:
         """Fail every unanswered request with `RuntimeError`; later calls raise it at once."""

@@ -22,11 +22,16 @@ its import path and a node runs only what its own list holds. Arguments are term
 
 Protocol between the services of one name (payloads are terms):
 
-    ["hello", version, points, want_reply]   I run the service, with these placement rules
+    ["hello", version, points, cluster, want_reply]   I run the service, with these placement
+                                             rules (cluster: the names cluster id of an
+                                             exact service, else None)
     ["bye"]                                  I stopped
     ["req", id, what, args] / ["rep", id, result]   (`pgregistry.service.Requests`)
-        what: "start" [digest, name, path, args], "whereis" [digest, name],
-              "unregister" [digest, name], "handoff" [digest, name, path, args, state, old]
+        what: "start" [digest, name, path, args, timeout], "whereis" [digest, name],
+              "unregister" [digest, name, timeout],
+              "handoff" [digest, name, path, args, state, old_pid, timeout, token]
+        (timeout: what the owner may spend, a share of the caller's; token: the
+        holder's fencing token on an exact service, else None)
         result: ["ok", pid | None | bool], ["moved", owner, digest], ["error", message]
     ["adopt", digest, [[name, pid], ...], done]   your workers among mine (soft state)
     ["dienow", [[name, pid], ...]]           these of yours lost to another instance
@@ -77,6 +82,7 @@ DIENOW_GRACE: Final = 1.0
 
 _MAX_HOPS: Final = 1  # a forwarded send or cast is forwarded once more at most
 _OWNER_SHARE: Final = 0.9  # of a request's timeout, for the owner's own work (a names decision)
+_MAX_TIMEOUT: Final = 86_400.0  # the longest timeout a request carries (a day; longer waits are the caller's)
 
 
 class Workers:
@@ -112,7 +118,7 @@ class Workers:
         self._hook_tag = ("pgregistry.workers", service)
         self.closed = False
         self.counters = dict.fromkeys(
-            ("started", "adopted", "should_restart", "dienow", "handoffs", "forwarded", "dropped_sends",
+            ("started", "adopts_received", "should_restart", "dienow", "handoffs", "forwarded", "dropped_sends",
              "ring_changes", "redirects"), 0)
         self.last_rescan_seconds = 0.0
 
@@ -237,8 +243,8 @@ class Workers:
         started = time.perf_counter()
         old, self._old_ring, self.ring = self.ring, self.ring, new
         self.counters["ring_changes"] += 1
-        self._awaited_done = {n for n in old.nodes
-                              if n != self.me and n in self._members and self._last_done.get(n) != digest}
+        self._awaited_done = set() if self._exact is not None else {
+            n for n in old.nodes if n != self.me and n in self._members and self._last_done.get(n) != digest}
         self._gate_until = self._loop.time() + self.node.down_after
         if self._awaited_done:
             self._gate_open.clear()
@@ -257,10 +263,13 @@ class Workers:
         self._wake_ring_waiters()
 
     def _send_adopt(self, peer: str, digest: bytes, pairs: list[list[Any]], done: bool) -> None:
-        last = max(len(pairs) - ADOPT_PART, 0)
-        for i in range(0, last + 1, ADOPT_PART):
-            part = pairs[i:i + ADOPT_PART]
-            self.node.send_service(peer, self.service, ["adopt", digest, part, done and i >= last], trusted=True)
+        """``adopt`` payloads of `ADOPT_PART` pairs at most (one, empty, for no pairs); the
+        last one carries `done`."""
+        starts = range(0, len(pairs), ADOPT_PART) if pairs else range(1)
+        last = starts[-1]
+        for i in starts:
+            self.node.send_service(peer, self.service, ["adopt", digest, pairs[i:i + ADOPT_PART], done and i == last],
+                                   trusted=True)
 
     def _wake_ring_waiters(self) -> None:
         waiters, self._ring_waiters = self._ring_waiters, []
@@ -356,7 +365,7 @@ class Workers:
         for name, pid in self._pairs(peer, pairs, peer):
             loser = self.table.adopt(name, pid, key_hash(name))
             if loser is None:
-                self.counters["adopted"] += 1
+                self.counters["adopts_received"] += 1
             else:
                 losers.append([name, loser])
         for i in range(0, len(losers), ADOPT_PART):
@@ -412,10 +421,12 @@ class Workers:
             return self._answer_start(name, h, args[2], args[3], None, float(args[4]))
         if (what == "handoff" and len(args) == 8 and type(args[3]) is list and type(args[5]) is Pid
                 and _is_timeout(args[6]) and (args[7] is None or type(args[7]) is int)):
+            if args[5].node != peer:  # a node hands off its own workers only
+                return ["error", f"ValueError: {peer} cannot hand off {short_repr(args[5])}, a process of another node"]
             return self._answer_start(name, h, args[2], args[3], (args[4], args[5], args[7]), float(args[6]))
-        if what == "unregister" and len(args) == 2:
+        if what == "unregister" and len(args) == 3 and _is_timeout(args[2]):
             if self._exact is not None:
-                return self._exact_unregister(name)
+                return self._exact_unregister(name, float(args[2]))
             return self._answer_unregister(name, h)
         return ["error", f"ValueError: unknown request {short_repr(what)}"]
 
@@ -487,9 +498,9 @@ class Workers:
             self.counters["started"] += 1
         return ["ok", pid]
 
-    async def _exact_unregister(self, name: Any) -> list[Any]:
+    async def _exact_unregister(self, name: Any, timeout: float) -> list[Any]:
         assert self._exact is not None
-        freed = await self._exact.unregister(name, self.node.down_after)
+        freed = await self._exact.unregister(name, timeout)
         w = self.table.get(name)
         if w is not None:
             self.table.remove(name, w.pid)
@@ -628,7 +639,7 @@ class Workers:
         fn_args = check_value(list(args), "args")
         deadline = self._deadline(timeout, "spawn")
         # The owner gets most of the time, so that its own timeout (NoQuorum) is what the caller sees.
-        reply = await self._route("start", name, key_hash(name), [path, fn_args, timeout * _OWNER_SHARE], deadline)
+        reply = await self._route("start", name, key_hash(name), [path, fn_args, _owner_timeout(timeout)], deadline)
         return _pid_in(reply, "start")
 
     async def get_or_start(self, name: Any, fn: Callable[..., Awaitable[Any]], *args: Any,
@@ -716,7 +727,7 @@ class Workers:
                 raise NoProcess(f"handoff: {short_repr(name)} is not validly held by {w.pid} now")
         deadline = self._deadline(timeout, "handoff")
         reply = await self._route("handoff", name, w.hash,
-                                  [w.fn, w.args, state, w.pid, timeout * _OWNER_SHARE, token], deadline)
+                                  [w.fn, w.args, state, w.pid, _owner_timeout(timeout), token], deadline)
         new = _pid_in(reply, "handoff")
         if new != w.pid:
             if self.table.remove(name, w.pid) is not None:
@@ -758,7 +769,8 @@ class Workers:
             self._unhook(w)
             self._untell(w)
             return True
-        reply = await self._route("unregister", name, key_hash(name), [], self._deadline(timeout, "unregister"))
+        reply = await self._route("unregister", name, key_hash(name), [_owner_timeout(timeout)],
+                                  self._deadline(timeout, "unregister"))
         return reply[1] is True
 
     async def _unregister_exact(self, name: Any, deadline: float) -> bool:
@@ -766,11 +778,12 @@ class Workers:
         holder = await self._exact.whereis(name, max(0.0, deadline - self._loop.time()))
         if holder is None:
             return False
+        remaining = max(0.0, deadline - self._loop.time())
         if holder.node == self.me:
-            return (await self._exact_unregister(name))[1] is True
+            return (await self._exact_unregister(name, remaining))[1] is True
         try:
-            reply = await self.requests.call(holder.node, "unregister", [self.ring.digest(), name],
-                                             max(0.0, deadline - self._loop.time()))
+            reply = await self.requests.call(holder.node, "unregister",
+                                             [self.ring.digest(), name, _owner_timeout(remaining)], remaining)
         except TimeoutError:
             raise CallTimeout(f"{holder.node} did not answer an unregister of {short_repr(name)} in time") from None
         return check_reply(reply, holder.node, "workers unregister")[1] is True
@@ -808,8 +821,14 @@ class Workers:
         self._flush()
 
 
+def _owner_timeout(timeout: float) -> float:
+    """The part of a request's `timeout` its owner gets for its own work (a names decision),
+    so that the owner's verdict (`NoQuorum`) reaches the caller before the caller gives up."""
+    return min(timeout * _OWNER_SHARE, _MAX_TIMEOUT)
+
+
 def _is_timeout(x: Any) -> bool:
-    return type(x) in (int, float) and 0 <= x <= 3600
+    return type(x) in (int, float) and 0 <= x <= _MAX_TIMEOUT
 
 
 def _pid_in(reply: list[Any], what: str, none_ok: bool = False) -> Any:

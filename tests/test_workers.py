@@ -22,7 +22,7 @@ from pgregistry.placement import Ring
 from pgregistry.process import receive
 from pgregistry.terms import Pid
 from pgregistry.testing import Partition
-from pgregistry.workers import DIENOW_GRACE, Workers
+from pgregistry.workers import ADOPT_PART, DIENOW_GRACE, Workers
 
 from .helpers import eventually, proxied_links, run_as, spawn_agent
 from .workers_fns import counter, not_listed, other
@@ -429,3 +429,42 @@ async def test_no_traffic_between_nodes_while_nothing_changes() -> None:
         for s0, s1 in zip(sent, after, strict=True):
             assert s0 is not None and s1 is not None
             assert s1["messages_sent"] == s0["messages_sent"]  # ticks are not messages
+
+
+async def test_a_join_adopts_more_workers_than_one_adopt_message_holds() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = [await stack.enter_async_context(Node(f"big{i}", cookie=COOKIE, **FAST)) for i in range(2)]
+        await b.connect(a.id)
+        [wa] = await start_workers([a])
+        count = 5 * ADOPT_PART + 517  # several full parts and a partial one, for b
+        for i in range(count):
+            wa.track(("big", i), a.spawn(idle))
+        wb = await Workers.start(b, "w", functions=FNS)
+        await eventually(lambda: len(wa.nodes()) == 2 and len(wb.nodes()) == 2, what="rings")
+        owned = {("big", i) for i in range(count) if wb.node_for(("big", i)) == b.id}
+        assert len(owned) > 2 * ADOPT_PART
+        await eventually(lambda: set(wb.processes()) == owned, what="every adopted worker held")
+        assert wb.stat()["adopted"] == len(owned) and wb.stat()["awaited_done"] == 0
+        # A start on b's new arc is not held back: every done arrived.
+        fresh = next(("fresh", i) for i in range(1000) if wb.node_for(("fresh", i)) == b.id)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert (await wb.get_or_start(fresh, counter, timeout=10_000_000)).node == b.id  # any timeout is fine
+        assert loop.time() - began < FAST["down_after"]
+        # Exits reach the adopter: the count follows.
+        gone = sorted(owned)[:10]
+        for name in gone:
+            pgr.exit(wa.processes()[name], "shutdown")
+        await eventually(lambda: wb.stat()["adopted"] == len(owned) - 10, what="exits forgotten at the adopter")
+
+
+async def test_a_node_cannot_hand_off_another_nodes_worker() -> None:
+    async with cluster(3) as members:
+        (a, wa), (b, wb), (c, wc) = members
+        name = next(f"v{i}" for i in range(1000) if wa.node_for(f"v{i}") == b.id)
+        victim = await wa.spawn(name, counter)
+        assert victim.node == b.id
+        path = "tests.workers_fns:counter"
+        reply = await wc.requests.call(b.id, "handoff", [wc.ring.digest(), name, path, [], 0, victim, 1.0, None], 2.0)
+        assert reply[0] == "error" and "another node" in reply[1]
+        assert await wa.whereis(name) == victim and b.runtime.process(victim) is not None
