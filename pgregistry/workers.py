@@ -236,10 +236,12 @@ class Workers:
         self._wake_ring_waiters()
 
     def _send_adopt(self, peer: str, digest: bytes, pairs: list[list[Any]], done: bool) -> None:
-        last = max(len(pairs) - ADOPT_PART, 0)
-        for i in range(0, last + 1, ADOPT_PART):
+        """`pairs` in parts of `ADOPT_PART` (one empty part if none), `done` on the last only."""
+        count = len(pairs)
+        for i in range(0, max(count, 1), ADOPT_PART):
             part = pairs[i:i + ADOPT_PART]
-            self.node.send_service(peer, self.service, ["adopt", digest, part, done and i >= last], trusted=True)
+            self.node.send_service(peer, self.service, ["adopt", digest, part, done and i + ADOPT_PART >= count],
+                                   trusted=True)
 
     def _wake_ring_waiters(self) -> None:
         waiters, self._ring_waiters = self._ring_waiters, []

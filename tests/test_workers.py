@@ -22,7 +22,7 @@ from pgregistry.placement import Ring
 from pgregistry.process import receive
 from pgregistry.terms import Pid
 from pgregistry.testing import Partition
-from pgregistry.workers import DIENOW_GRACE, Workers
+from pgregistry.workers import ADOPT_PART, DIENOW_GRACE, Workers
 
 from .helpers import eventually, run_as, spawn_agent
 from .workers_fns import counter, not_listed, other
@@ -435,3 +435,20 @@ async def test_no_traffic_between_nodes_while_nothing_changes() -> None:
         for s0, s1 in zip(sent, after, strict=True):
             assert s0 is not None and s1 is not None
             assert s1["messages_sent"] == s0["messages_sent"]  # ticks are not messages
+
+
+async def test_adopt_parts_carry_every_pair_and_done_on_the_last_only() -> None:
+    async with Node("solo", cookie=COOKIE) as node:
+        workers = await Workers.start(node, "w", functions=FNS)
+        sent: list[Any] = []
+        node.send_service = lambda peer, service, payload, trusted=False: sent.append(payload)  # type: ignore
+        for count in (0, 1, ADOPT_PART - 1, ADOPT_PART, ADOPT_PART + 1, 5 * ADOPT_PART + 184):
+            sent.clear()
+            pairs = [[f"k{i}", i] for i in range(count)]
+            workers._send_adopt("peer", b"digest", pairs, True)
+            assert len(sent) == max(1, -(-count // ADOPT_PART))
+            assert [pair for payload in sent for pair in payload[2]] == pairs
+            assert [payload[3] for payload in sent] == [False] * (len(sent) - 1) + [True]
+            sent.clear()
+            workers._send_adopt("peer", b"digest", pairs, False)
+            assert not any(payload[3] for payload in sent)
