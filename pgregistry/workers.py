@@ -224,14 +224,15 @@ class Workers:
         else:
             self._gate_open.set()
         rescan = self.table.rescan(old, new)
-        for w in rescan.should_restart:
-            self._runtime.send(w.pid, ShouldRestart(w.name))
-        self.counters["should_restart"] += len(rescan.should_restart)
         for peer, pairs in rescan.untold.items():
             for pair in pairs:
                 self._queue(peer, "gone", pair)
-        for peer, pairs in rescan.adopts.items():
+        for peer, pairs in rescan.adopts.items():  # first: the new owners work on them while this loop goes on
             self._send_adopt(peer, digest, pairs, True)
+        send = self._runtime.send
+        for w in rescan.should_restart:
+            send(w.pid, ShouldRestart(w.name))
+        self.counters["should_restart"] += len(rescan.should_restart)
         self.last_rescan_seconds = time.perf_counter() - started
         self._wake_ring_waiters()
 
