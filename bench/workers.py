@@ -179,6 +179,10 @@ class _WorkersChild:
             await asyncio.sleep(0.005)
         return list(self.workers.nodes())
 
+    async def cmd_cpu(self) -> float:
+        """This process's CPU seconds so far (user + system)."""
+        return time.process_time()
+
     async def cmd_stat(self) -> dict[str, Any]:
         return self.workers.stat()
 
@@ -416,6 +420,16 @@ async def quiet(x: WorkersChild, y: WorkersChild, duration: float) -> dict[str, 
     return {x.name: sx, y.name: sy}
 
 
+async def with_cpu(nodes: list[WorkersChild], calls: int, measure: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of `measure`, with ``cpu``: each node's CPU seconds per call meanwhile
+    (the whole process: its loop, the node, the commands that read the clock)."""
+    before = await asyncio.gather(*(x.cmd("cpu") for x in nodes))
+    out = await measure
+    after = await asyncio.gather(*(x.cmd("cpu") for x in nodes))
+    out["cpu"] = {x.name: (t1 - t0) / calls for x, t0, t1 in zip(nodes, before, after)}
+    return out
+
+
 async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> None:
     only = opts.only
     nodes: list[WorkersChild] = []
@@ -427,7 +441,8 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
 
         # The baselines always run: every ratio needs them.
         port = await b.cmd("echo_serve")
-        res["rtt"] = await a.cmd("rtt_run", port=port, n=opts.trials, warmup=500, timeout=300)
+        res["rtt"] = await with_cpu([a, b], opts.trials + 500,
+                                    a.cmd("rtt_run", port=port, n=opts.trials, warmup=500, timeout=300))
         await asyncio.sleep(opts.quiet / 2)  # the connect's traffic is over
         res["quiet0"] = await quiet(a, b, opts.quiet)
 
@@ -445,8 +460,8 @@ async def run(opts: argparse.Namespace, logdir: Path, res: dict[str, Any]) -> No
             for what in ("get_or_start", "whereis", "call", "call_pid"):
                 log("workers", f"latency: {what} on A of {name!r}, held on B ({opts.trials} calls)")
                 async with profiled(opts, f"latency-{what}", [a, b]):
-                    res["latency"][what] = await a.cmd("remote", what=what, name=name, n=opts.trials,
-                                                       warmup=opts.trials // 10, timeout=600)
+                    res["latency"][what] = await with_cpu([a, b], opts.trials + opts.trials // 10, a.cmd(
+                        "remote", what=what, name=name, n=opts.trials, warmup=opts.trials // 10, timeout=600))
 
         if "join" in only:
             h, j = await start_nodes(nodes, "H", "J", opts=opts, logdir=logdir)
@@ -494,6 +509,9 @@ def build_rows(res: dict[str, Any], opts: argparse.Namespace) -> list[list[str]]
     r50, r99 = rtt.get("p50"), rtt.get("p99")
     rows.append([f"bare asyncio TCP round trip A -> B (RTT), p50 / p99 ({opts.trials})",
                  f"{fmt_time(r50)} / {fmt_time(r99)}", "", "", "", ""])
+    if "cpu" in rtt:
+        rows.append(["  CPU per round trip on A / on B", f"{_us(rtt['cpu']['A'])} / {_us(rtt['cpu']['B'])}",
+                     "", "", "", ""])
 
     loc = res.get("local")
     if loc:
@@ -518,6 +536,11 @@ def build_rows(res: dict[str, Any], opts: argparse.Namespace) -> list[list[str]]
                 ok = v is not None and bool(base) and v / base <= REMOTE_TARGET
             rows.append([f"{label}, {q}" if q == "p50" else f"  {q}", fmt_time(v), f"RTT {q} {fmt_time(base)}",
                          _ratio(v, base, "RTT"), target, _met(ok) if target else ""])
+        if "cpu" in s and "cpu" in rtt:
+            rows.append(["  CPU per call on A / on B", f"{_us(s['cpu']['A'])} / {_us(s['cpu']['B'])}",
+                         f"per RTT {_us(rtt['cpu']['A'])} / {_us(rtt['cpu']['B'])}",
+                         f"{_ratio(s['cpu']['A'], rtt['cpu']['A'])} / {_ratio(s['cpu']['B'], rtt['cpu']['B'])}",
+                         "", ""])
         if s.get("redirects") or s.get("held_here"):
             rows.append(["  (redirects / held on A)", f"{s['redirects']} / {s['held_here']}", "", "", "", ""])
 
@@ -552,7 +575,7 @@ def build_rows(res: dict[str, Any], opts: argparse.Namespace) -> list[list[str]]
             worst = max(vals)
             rows.append([f"  H <-> J, {ws['H']:,} workers held on H, {ws['J']:,} on J",
                          f"{vals[0]:g} / {vals[1]:g} ({q1['H']['bytes']:,} / {q1['J']['bytes']:,} B)",
-                         f"{base:g}/s (no worker)", _ratio(worst, base),
+                         f"{base:g}/s (no worker)", _ratio(worst, base) if base else f"+{worst - base:g}/s",
                          "no per-worker traffic (<= baseline + 2/s)", _met(worst <= base + 2)])
     for section, error in (res.get("errors") or {}).items():
         rows.append([f"{section}: FAILED", error.strip().splitlines()[-1][-100:], "", "", "", "target MISSED"])
