@@ -313,6 +313,19 @@ class Ring:
         i = bisect.bisect_left(positions, h)
         return owners[i] if i < len(owners) else owners[0]
 
+    def _owner_table(self) -> tuple[list[int], list[str]]:
+        """Private fast path for a caller placing many hashes made by `key_hash` (a rescan).
+
+        The sorted point positions and, at the same index, each point's node, with the
+        first point's node once more at the end: ``owners[bisect_left(positions, h)]`` is
+        ``node_for_hash(h)`` without the checks and the wrap test. `LookupError` if the
+        ring has no nodes. The lists are the caller's until the ring changes.
+        """
+        positions, owners = self._snapshot or self._points_snapshot()
+        if not positions:
+            raise LookupError("the ring has no nodes: no node owns any hash")
+        return positions, [*owners, owners[0]]
+
     def nodes_for(self, key: Any, n: int) -> list[str]:
         """The first `n` distinct nodes met walking clockwise from `key`'s hash.
 

@@ -251,24 +251,24 @@ class Workers:
         else:
             self._gate_open.set()
         rescan = self.table.rescan(old, new, adopting=self._exact is None)
-        for w in rescan.should_restart:
-            self._runtime.send(w.pid, ShouldRestart(w.name))
-        self.counters["should_restart"] += len(rescan.should_restart)
         for peer, pairs in rescan.untold.items():
             for pair in pairs:
                 self._queue(peer, "gone", pair)
-        for peer, pairs in rescan.adopts.items():
+        for peer, pairs in rescan.adopts.items():  # first: the new owners work on them while this loop goes on
             self._send_adopt(peer, digest, pairs, True)
+        send = self._runtime.send
+        for w in rescan.should_restart:
+            send(w.pid, ShouldRestart(w.name))
+        self.counters["should_restart"] += len(rescan.should_restart)
         self.last_rescan_seconds = time.perf_counter() - started
         self._wake_ring_waiters()
 
     def _send_adopt(self, peer: str, digest: bytes, pairs: list[list[Any]], done: bool) -> None:
-        """``adopt`` payloads of `ADOPT_PART` pairs at most (one, empty, for no pairs); the
-        last one carries `done`."""
-        starts = range(0, len(pairs), ADOPT_PART) if pairs else range(1)
-        last = starts[-1]
-        for i in starts:
-            self.node.send_service(peer, self.service, ["adopt", digest, pairs[i:i + ADOPT_PART], done and i == last],
+        """`pairs` in parts of `ADOPT_PART` (one empty part if none), `done` on the last only."""
+        count = len(pairs)
+        for i in range(0, max(count, 1), ADOPT_PART):
+            part = pairs[i:i + ADOPT_PART]
+            self.node.send_service(peer, self.service, ["adopt", digest, part, done and i + ADOPT_PART >= count],
                                    trusted=True)
 
     def _wake_ring_waiters(self) -> None:

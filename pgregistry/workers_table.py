@@ -18,6 +18,7 @@ No I/O here: `pgregistry.workers` sends what `rescan` and `adopt` return.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,18 +145,24 @@ class WorkerTable:
         adopts = out.adopts
         if not len(new):
             return out
-        owner_of = new.node_for_hash
-        old_owner_of = old.node_for_hash if len(old) else None
+        # Ring._owner_table: node_for_hash inlined, without its per-call checks (every
+        # hash here was made by key_hash), and Pid.node read as the tuple's first item.
+        positions, owners = new._owner_table()
+        old_positions, old_owners = old._owner_table() if len(old) else ([], [me])
+        find = bisect_left
+        node_of = tuple.__getitem__
         dropped = out.dropped
         untold = out.untold
+        should_restart = out.should_restart
         for w in self.held.values():
-            owner = owner_of(w.hash)
-            if w.pid.node != me:
+            h = w.hash
+            owner = owners[find(positions, h)]
+            if node_of(w.pid, 0) != me:
                 if owner != me:
                     dropped.append(w)
                 continue
-            if owner != me and (me if old_owner_of is None else old_owner_of(w.hash)) != owner:
-                out.should_restart.append(w)
+            if owner != me and old_owners[find(old_positions, h)] != owner:
+                should_restart.append(w)
             if not adopting:
                 continue
             told = w.told
