@@ -308,6 +308,8 @@ async def test_a_paused_node_comes_back_and_one_instance_per_name_remains(tmp_pa
         a, b = c.alive("c")
         during = await a.command("get_or_start", NAMES)
         assert await whereis_everywhere(c, "c") == during
+        # One instance per name on the others (each node watches its own from now on).
+        assert await instances(c, "c") == {name: {pid} for name, pid in during.items()}
         duplicates = {name: during[name] for name in paused}
         for name in NAMES:
             if name in paused:

@@ -21,8 +21,8 @@ Commands, one JSON list per line on stdin; each is answered by one line on stdou
 * ``["node_for", names]``: `Workers.node_for` of each (result: ``{name: node id}``);
 * ``["processes"]``: `Workers.processes` (result: ``{name: pid}``);
 * ``["stat"]``: `Workers.stat` with the ring (``"ring"``) and the connected peers (``"peers"``);
-* ``["exits"]``: the exit reason of every worker of this node that a spawn, get_or_start
-  or whereis of this node returned and that has exited (result: ``{pid: reason}``).
+* ``["exits"]``: the exit reason of every worker of this node that a spawn, get_or_start,
+  whereis or processes of this node returned and that has exited (result: ``{pid: reason}``).
 
 Each request to the service is bounded by `TIMEOUT`. It serves until its stdin closes
 (the parent went away), SIGTERM or SIGINT.
@@ -153,7 +153,7 @@ async def _run(command: Any, node: Node, workers: Workers, watcher: Watcher) -> 
         case ["node_for", list(names)]:
             return {name: workers.node_for(name) for name in names}
         case ["processes"]:
-            return workers.processes()
+            found = workers.processes()
         case ["stat"]:
             return {**workers.stat(), "ring": list(workers.nodes()), "peers": node.peers()}
         case ["exits"]:
