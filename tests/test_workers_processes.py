@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pgregistry.workers import DIENOW_GRACE
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +40,6 @@ COOKIE = "workers-processes-test-cookie"
 NODES = ("a", "b", "c")
 TICK = 0.1
 DOWN_AFTER = 0.5
-DIENOW_GRACE = 1.0  # pgregistry.workers.DIENOW_GRACE: a loser's time to exit before it is exited
 NAMES = [f"user-{i}" for i in range(60)]
 START_TIMEOUT = 20.0  # a cold interpreter start on a loaded machine
 REPLY_TIMEOUT = 15.0  # of a command (each request to the service inside is bounded by 5 s)
