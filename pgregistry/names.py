@@ -594,8 +594,12 @@ class Names:
         check_key(name, "name")
         check_timeout(timeout, "Names.register_name")
         pid = self._live_local(pid, "register_name")
+        return await self._register(name, pid, self._loop.time() + timeout, timeout, wait_while_renewed=True)
+
+    async def _register(self, name: Any, pid: Pid, deadline: float, timeout: float, wait_while_renewed: bool) -> bool:
+        """`register_name`'s rounds. With `wait_while_renewed` False, a holder whose node
+        still renews at some acceptors ("busy") is an answer too: False at once."""
         started = self._loop.time()
-        deadline = started + timeout
         self.counters["registers"] += 1
         while True:
             held = self.core.holder(name, lease_clock())
@@ -619,6 +623,8 @@ class Names:
                 continue
             # "busy": the holder's node renewed lately (wait until its lease may be over);
             # "lost": decided while this node's lease lapsed (it waits for a new one).
+            if status == "busy" and not wait_while_renewed:
+                return False
             pause = result[2] if status == "busy" else 0.0
             if self._loop.time() + pause > deadline:
                 raise NoQuorum(f"register_name: {short_repr(name)} is still held by a node whose lease has "
@@ -783,6 +789,7 @@ class Names:
         ``fn`` and the winner is returned. `NoQuorum` after `timeout`.
         """
         self._check_open("get_or_start")
+        self._check_member("get_or_start")
         check_key(name, "name")
         check_timeout(timeout, "Names.get_or_start")
         if not callable(fn):
@@ -795,7 +802,8 @@ class Names:
             gate: asyncio.Future[None] = self._loop.create_future()
             pid = self._runtime.spawn(_gated, gate, fn, *args)
             try:
-                won = await self.register_name(name, pid, timeout=max(0.0, deadline - self._loop.time()))
+                # A holder still renewing somewhere is looked up rather than waited out.
+                won = await self._register(name, pid, deadline, timeout, wait_while_renewed=False)
             except BaseException:
                 self._runtime.exit(pid, "kill")
                 raise

@@ -9,9 +9,11 @@ and a worker costs the other nodes nothing.
 When the nodes change, every node rescans its workers (cached hashes) and tells each new
 owner, in one batched ``adopt``, which of its workers that owner now answers for. A
 worker whose owner moved gets `ShouldRestart` and keeps running until it exits (it is
-never killed for it); a start on an arc a node gained waits until the nodes of the
-previous ring said they sent everything (``done``), for at most the node's
-``down_after``, so nodes that agree on the ring never start a second worker. After a
+never killed for it). After a ring change, a start (or a lookup that would find
+nothing) of a name the node does not hold waits until every other node of the new ring
+said it sent everything (``done``), for at most the node's ``down_after``: a node that
+joins or comes back may run workers that others now answer for, so nodes that agree on
+the ring never start a second worker. After a
 partition heals, two instances of a name may meet at their owner: the owner keeps its
 own, else the first one it was told of, and every other gets `DieNow`, is unregistered
 at once and exited with reason ``"dienow"`` a second later. While a partition lasts,
@@ -103,7 +105,6 @@ class Workers:
         self.requests = Requests(node, service, self._request, self._log)
         self.table = WorkerTable(node.id)
         self.ring = Ring([node.id], points)
-        self._old_ring = Ring([], points)  # the ring before the last change: for the start gate
         self._members: set[str] = {node.id}  # this node and the peers that said hello in agreement
         self.refused: dict[str, str] = {}  # peer -> why its placement rules were refused
         self._ring_handle: asyncio.Handle | None = None
@@ -241,10 +242,13 @@ class Workers:
         if digest == self.ring.digest():
             return
         started = time.perf_counter()
-        old, self._old_ring, self.ring = self.ring, self.ring, new
+        old, self.ring = self.ring, new
         self.counters["ring_changes"] += 1
+        # Every other node of the new ring may run workers this node now answers for (a
+        # node that joins or comes back may have started some alone): starts and lookups
+        # wait until each said it sent them (its "done" for this ring), or down_after.
         self._awaited_done = set() if self._exact is not None else {
-            n for n in old.nodes if n != self.me and n in self._members and self._last_done.get(n) != digest}
+            n for n in new.nodes if n != self.me and self._last_done.get(n) != digest}
         self._gate_until = self._loop.time() + self.node.down_after
         if self._awaited_done:
             self._gate_open.clear()
@@ -288,11 +292,11 @@ class Workers:
                 raise RingUnsettled(f"workers service {self.service!r}: the nodes kept disagreeing on the owner "
                                     f"of {short_repr(name)} until the timeout") from None
 
-    def _gated(self, h: int) -> bool:
-        """True if a start of a key hashing to `h` must wait: its arc was another node's in
-        the previous ring and that node's ``done`` has not come yet (at most ``down_after``)."""
-        return (bool(self._awaited_done) and self._loop.time() < self._gate_until
-                and len(self._old_ring) > 0 and self._old_ring.node_for_hash(h) != self.me)
+    def _gated(self) -> bool:
+        """True while a start or a lookup of a name this node does not hold must wait: since
+        the last ring change, some node of the ring has not said it sent the workers this
+        node now answers for (at most ``down_after``)."""
+        return bool(self._awaited_done) and self._loop.time() < self._gate_until
 
     async def _after_gate(self) -> None:
         while self._awaited_done and not self.closed:
@@ -441,7 +445,7 @@ class Workers:
         moved = self._moved(h)
         if moved is not None:
             return moved
-        if self._gated(h):
+        if self._gated():
             return self._answer_later(lambda: self._answer_whereis(name, h))
         return ["ok", None]
 
@@ -458,7 +462,7 @@ class Workers:
         if moved is not None:
             return moved
         fn = self._function(path)
-        if self._gated(h):
+        if self._gated():
             return self._answer_later(lambda: self._answer_start(name, h, path, args, handoff, timeout))
         if w is not None:  # a handoff from a worker of this node: it gives way to the new one
             self.table.remove(name, w.pid)

@@ -468,3 +468,26 @@ async def test_a_node_cannot_hand_off_another_nodes_worker() -> None:
         reply = await wc.requests.call(b.id, "handoff", [wc.ring.digest(), name, path, [], 0, victim, 1.0, None], 2.0)
         assert reply[0] == "error" and "another node" in reply[1]
         assert await wa.whereis(name) == victim and b.runtime.process(victim) is not None
+
+
+async def test_a_node_asked_at_once_after_joining_finds_the_running_workers_and_starts_none() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        a, b, c = [await stack.enter_async_context(Node(f"jn{i}", cookie=COOKIE, **FAST)) for i in range(3)]
+        await b.connect(a.id)
+        wa, wb = await start_workers([a, b])
+        names = [f"s{i}" for i in range(300)]
+        pids = {n: await wa.spawn(n, counter) for n in names}
+        gained = [n for n in names if Ring([a.id, b.id, c.id]).node_for(n) == c.id]
+        wc = await Workers.start(c, "w", functions=FNS)
+        await c.connect(a.id)
+        # Asked the moment its ring is complete (a poll every loop iteration), before the
+        # others' adopts may have come.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(wc.nodes()) < 3:
+            assert loop.time() < deadline, "c's ring never completed"
+            await asyncio.sleep(0)
+        got = await asyncio.gather(*(wc.get_or_start(n, counter) for n in gained))
+        assert got == [pids[n] for n in gained]
+        assert [await wc.whereis(n) for n in names] == [pids[n] for n in names]
+        assert wa.stat()["dienow"] == wb.stat()["dienow"] == wc.stat()["started"] == 0
