@@ -394,8 +394,11 @@ class Mesh:
     # -- the confirm step -------------------------------------------------------------------
 
     def _on_connection(self, conn: Connection) -> None:
-        if not self._running():
-            conn.close("node not running")
+        if self.leaving or not self._running():
+            reason = "leaving" if self.leaving else "node not running"
+            if not conn.initiated and conn.established:
+                conn.send(["refuse", reason])  # the dialler's connect names the reason
+            conn.close(reason)
             return
         link = _PeerLink(conn, DIALED if conn.initiated else AWAIT_PROPOSAL, self._next_link_seq())
         self._links[conn] = link
@@ -557,6 +560,8 @@ class Mesh:
 
     def _refuse(self, link: _PeerLink, reason: str) -> None:
         """Tell the peer `reason` (if the connection still takes output) and close `link`."""
+        logger.info("node %s: refused a connection from %s: %s", self.id, link.conn.peer_id, reason,
+                    extra={"node": self.id, "event": "refused", "peer": link.conn.peer_id})
         if link.conn.established:
             link.conn.send(["refuse", reason])
         self._close_link(link, reason, f"refused: {reason}")
@@ -636,7 +641,8 @@ class Mesh:
         if peer.kick is not None:
             peer.kick.set()  # a reconnect loop still sleeping ends now
         self.up[conn] = peer
-        logger.info("node %s: %s is up (creation %d)", self.id, peer.id, peer.creation)
+        logger.info("node %s: %s is up (creation %d)", self.id, peer.id, peer.creation,
+                    extra={"node": self.id, "event": "peer_up", "peer": peer.id})
         self.send_members(conn, [other.id for other in self.up.values() if other is not peer])
         self._on_peer_up(peer)
         self._wake(peer)
@@ -657,7 +663,8 @@ class Mesh:
         peer.conn = None
         link.state = CLOSED
         self.up.pop(conn, None)
-        logger.info("node %s: %s is down (%s)", self.id, peer.id, reason)
+        logger.info("node %s: %s is down (%s)", self.id, peer.id, reason,
+                    extra={"node": self.id, "event": "peer_down", "peer": peer.id})
         if not conn.closed:
             conn.close(reason)
         self._on_peer_down(peer, reason)

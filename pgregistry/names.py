@@ -334,8 +334,14 @@ class Names:
                            f"{short_repr(timeout)} s ({len(self.live_nodes())} of {len(self.core.members)} "
                            "members connected)") from None
         finally:
-            if self._waiters.pop(op_id, None) is not None and gives is not _NO_NAME:
-                self._abandoned[op_id] = gives
+            if self._waiters.pop(op_id, None) is not None:
+                # Given up on (timeout, cancellation): withdrawn if it never left this node,
+                # so that it cannot run later (after a heal, say) for nobody.
+                fx = self.core.withdraw(op_id, lease_clock())
+                withdrawn = any(r[0] == op_id for r in fx.results)
+                self._apply(fx)
+                if not withdrawn and gives is not _NO_NAME:
+                    self._abandoned[op_id] = gives
 
     def _check_open(self, what: str) -> None:
         self.node.require_loop_thread(f"Names.{what}")
@@ -799,6 +805,12 @@ class Names:
             holder = self.whereis_name(name)
             if holder is not None:
                 return holder
+            # Not validly held as this node knows it: ask a majority before trying to take it,
+            # so that a holder whose node is connected (its renewals not counted here yet, as
+            # just after a heal) is found rather than challenged by a takeover it would refuse.
+            found = await self.lookup(name, timeout=max(0.0, deadline - self._loop.time()))
+            if found is not None and self._reachable(found[0]):
+                return found[0]
             gate: asyncio.Future[None] = self._loop.create_future()
             pid = self._runtime.spawn(_gated, gate, fn, *args)
             try:
@@ -815,6 +827,12 @@ class Names:
             if found is not None:
                 return found[0]
             # Freed meanwhile: try again.
+
+    def _reachable(self, pid: Pid) -> bool:
+        """A live process of this node, or a process of a connected member's service."""
+        if self._runtime.is_local(pid):
+            return self._runtime.process(pid) is not None
+        return pid.node in self.link.peers
 
     def send(self, name: Any, msg: Any) -> Pid:
         """Send `msg` to the valid holder of `name` (as `whereis_name` finds it); its pid.

@@ -645,6 +645,29 @@ class Member:
             self._start_round(name, op, now)
         return fx
 
+    def withdraw(self, op_id: Any, now: float) -> Effects:
+        """Drop the operation `op_id` if nothing of it can still take effect: it waits in the
+        queue, or for a lease or an epoch, and no accept naming a pid of this node went out
+        (a proposer that gives up there is one that crashed). Its result is then
+        ``("withdrawn",)``; otherwise nothing happens and the operation runs on (its
+        caller stopped waiting; see `pgregistry.names`)."""
+        fx = self._begin()
+        for name, q in self._ops.items():
+            for i, op in enumerate(q):
+                if op.op_id != op_id:
+                    continue
+                if op.phase not in ("queued", "wait_lease", "wait_epoch") or op.doubt:
+                    return fx
+                del q[i]
+                self._fx.cancels.append(("retry", name, op.attempt))
+                fx.results.append((op_id, ("withdrawn",)))
+                if not q:
+                    del self._ops[name]
+                elif i == 0:
+                    self._start_round(name, q[0], now)
+                return fx
+        return fx
+
     def _enqueue_front(self, name: Any, op: Operation, now: float) -> None:
         """Queue an internal release right after the operation running on `name` (or run it)."""
         q = self._ops.setdefault(name, deque())

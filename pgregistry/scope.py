@@ -780,6 +780,9 @@ class ScopeServer:
                 known.discard(pid)
         if last:
             del self._receiving[peer]
+            log.info("registry %r on %s: a sync round from %s applied (%d parts, %d processes)", self.name,
+                     self.node.id, peer, n + 1, len(mentioned),
+                     extra={"node": self.node.id, "event": "sync_round", "peer": peer})
             for pid in known - mentioned:
                 for key, value, _tag in table.pop_pid(pid):
                     leaves.setdefault(key, []).append((pid, value))

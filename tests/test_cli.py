@@ -132,7 +132,7 @@ def _start_node(*args: str, cookie: str | None = COOKIE) -> subprocess.Popen[str
     env = {key: value for key, value in os.environ.items() if key != "PGREGISTRY_COOKIE"}
     if cookie is not None:
         env["PGREGISTRY_COOKIE"] = cookie
-    return subprocess.Popen([sys.executable, "-m", "pgregistry", "node", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pgregistry", "node", "--test-control", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -1089,3 +1089,31 @@ def test_contention_wait_ends_on_its_timer_when_no_commit_comes() -> None:
     waited = phases[start + 1][0] - phases[start][0]
     expected = 2 * a_node.member.round_trip() / a_node.rate  # its local seconds, in true time
     assert expected - 0.001 <= waited <= expected + 0.001
+
+
+def test_a_withdrawn_operation_that_never_left_the_node_never_runs() -> None:
+    """A register that waits for a lease (its node is cut off from the majority) and is
+    given up on is withdrawn: after the heal it does not run as a takeover for nobody."""
+    sim = Sim(7)
+    sim.run_until(1.0)
+    sim.call("a", "register", "n", ("a", 1))
+    sim.run_until(1.2)
+    sim.cut("b", "a")
+    sim.cut("b", "c")
+    sim.run_until(2.5)  # b's lease has lapsed: its register waits for a new one
+    op = sim.call("b", "register", "n", ("b", 1))
+    sim.run_until(2.6)
+    assert sim.status(op) is None
+    b = sim.nodes["b"]
+    fx = b.member.withdraw(op, b.local(sim.t))
+    assert fx.results == [(op, ("withdrawn",))] and not fx.messages
+    assert not b.member.busy()
+    sim.heal()
+    sim.run_until(4.0)
+    assert sim.holder("n") == ("a", (("a", 1), 1))  # still a's, token 1: b never tried
+    # An operation whose messages went out is not withdrawn: it runs to its end.
+    late = sim.call("c", "register", "m", ("c", 1))
+    c = sim.nodes["c"]
+    assert c.member.withdraw(late, c.local(sim.t)).results == []
+    sim.run_until(sim.t + 0.5)
+    assert sim.status(late) == "ok"
