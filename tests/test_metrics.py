@@ -313,3 +313,25 @@ def test_pgregistry_imports_without_prometheus_client() -> None:
 def _loop_class() -> str:
     cls: Any = type(asyncio.get_running_loop())
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        async with Node("a", cookie=COOKIE) as a:
+            server = await MetricsServer.start(a, lag_interval=0.01)
+            try:
+                assert await get(server.port, "/livez") == (200, b"ok\n")
+                samples = await scrape(server)
+                assert value(samples, "pgregistry_build_info", version=pgregistry.__version__,
+                             core=pgregistry.TABLE_IMPLEMENTATION, loop="uvloop.Loop") == 1
+
+                async def lag_observed() -> bool:
+                    return (value(await scrape(server), "pgregistry_event_loop_lag_seconds_count") or 0) >= 2
+                await eventually(lag_observed, what="lag observations on uvloop")
+            finally:
+                await server.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
