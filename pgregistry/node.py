@@ -71,6 +71,13 @@ def _check_text(what: str, value: Any, forbidden: frozenset[str]) -> str:
     return value
 
 
+def down_reason_label(reason: str) -> str:
+    """A NodeDown reason without its variable detail, for counting: the text before the
+    first ``":"`` or ``" ("`` (``"connection lost: [Errno 104] ..."`` counts as
+    ``"connection lost"``), at most 40 characters."""
+    return reason.split(":", 1)[0].split(" (", 1)[0].strip()[:40] or "unknown"
+
+
 def _new_creation() -> int:
     """A random non-zero 32-bit creation for a new incarnation of a node."""
     while True:
@@ -205,6 +212,7 @@ class Node:
         self._stopped = asyncio.Event()
         self._services: dict[str, Service] = {}
         self._node_monitors: dict[Pid, None] = {}
+        self._down_reasons: dict[str, int] = {}  # peers lost since start, by `down_reason_label`
         self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
         make_endpoint = functools.partial(
             Endpoint, self.name, cookie, host=self.host, port=port, ssl=ssl, client_ssl=client_ssl,
@@ -525,6 +533,20 @@ class Node:
             "creation": record.creation,
         }
 
+    @property
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Counts of rare events since `start`, by reason, for metrics (copies).
+
+        ``"node_down"``: peers lost, by `down_reason_label` of the NodeDown reason;
+        ``"handshake_failures"`` and ``"frames_rejected"``: the endpoint's
+        (`Endpoint.handshake_failures`, `Endpoint.frames_rejected`).
+        """
+        return {
+            "node_down": dict(self._down_reasons),
+            "handshake_failures": self._endpoint.handshake_failures,
+            "frames_rejected": self._endpoint.frames_rejected,
+        }
+
     # -- services -------------------------------------------------------------------
 
     def attach_service(self, name: str, service: Service) -> None:
@@ -582,6 +604,10 @@ class Node:
     def service(self, name: str) -> Service | None:
         """The service attached under `name`, or None."""
         return self._services.get(name)
+
+    def service_names(self) -> list[str]:
+        """The names of the attached services, in attach order. Any thread."""
+        return list(self._services)
 
     def send_service(self, peer: str, name: str, payload: Any, *, trusted: bool = False) -> bool:
         """Send `payload` (a term) to the service `name` on the connected node `peer`.
@@ -649,6 +675,8 @@ class Node:
         self._notify_services("peer_up", peer.id)
 
     def _peer_down(self, peer: PeerRecord, reason: str) -> None:
+        label = down_reason_label(reason)
+        self._down_reasons[label] = self._down_reasons.get(label, 0) + 1
         self._remote.peer_lost(peer)
         self._notify_services("peer_down", peer.id, reason)
         self._notify_node_monitors(NodeDown(peer.id, reason))

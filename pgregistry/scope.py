@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Final
@@ -70,7 +71,7 @@ _ABSENT = object()  # "no such row", where None could be a stored value
 class _Round:
     """A sync round this server is sending to one peer."""
 
-    __slots__ = ("peer", "pids", "listed", "next", "part", "task", "held")
+    __slots__ = ("peer", "pids", "listed", "next", "part", "task", "held", "started")
 
     def __init__(self, peer: str, pids: list[Pid], held: list[list[Any]]) -> None:
         self.peer = peer
@@ -82,6 +83,7 @@ class _Round:
         self.part = 0  # number of the next part
         self.task: asyncio.Task[None] | None = None
         self.held = held  # ping/pong to send once the round is out
+        self.started = time.monotonic()
 
     def list_pid(self, pid: Pid) -> None:
         """`pid` joined: make sure the round sends its state."""
@@ -168,6 +170,14 @@ class ScopeServer:
         self._held_back: set[tuple[Any, Pid]] = set()  # (key, pid) of rows some peer lacks
         self._input_log = LogBudget(log, f"scope {name!r}")
         self._unsent_log = LogBudget(log, f"scope {name!r}")
+        # For readiness and metrics, touched only at rare events: peers a whole round
+        # was received from, when the round being received began, and the counts
+        # `stat` adds (rounds and their seconds; peers added and lost; messages dropped).
+        self._synced: set[str] = set()
+        self._receive_started: dict[str, float] = {}
+        self._counts: dict[str, float] = dict.fromkeys(
+            ("rounds_sent", "rounds_sent_seconds", "rounds_received", "rounds_received_seconds",
+             "peers_added", "peers_lost", "malformed_dropped", "left_out"), 0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -196,6 +206,8 @@ class ScopeServer:
         for peer in list(self._sending):
             self._stop_round(peer)
         self._receiving.clear()
+        self._synced.clear()
+        self._receive_started.clear()
         for _waiting, future in self._barriers.values():
             if not future.done():
                 future.set_exception(RuntimeError(f"registry {self.name!r} stopped"))
@@ -212,9 +224,15 @@ class ScopeServer:
         our discover yet; ``barriers``: `sync` calls waiting for pongs; ``queued_ops``:
         local changes not flushed to peers yet; ``unsent``: entries left out of
         replication since the last `sync` reported them; ``held_back``: rows some peer
-        lacks until they are updated; ``meta``: metadata keys; ``closed``.
+        lacks until they are updated; ``meta``: metadata keys; ``closed``. Counters since
+        start: ``rounds_sent`` / ``rounds_received`` (complete sync rounds) and their
+        total ``rounds_sent_seconds`` / ``rounds_received_seconds`` (first part to last);
+        ``peers_added`` / ``peers_lost`` (scope peers gained, and lost with their rows);
+        ``malformed_dropped`` (peer messages dropped as malformed); ``left_out`` (entries
+        not sent to some peer).
         """
         return {
+            **self._counts,
             "rows": len(self.table),
             "peers": len(self._peers),
             "subscribers": len(self._subs),
@@ -228,6 +246,14 @@ class ScopeServer:
             "meta": len(self.meta),
             "closed": self.closed,
         }
+
+    def unsynced(self, peers: Iterable[str]) -> list[str]:
+        """Those of `peers` (connected node ids) this scope has not caught up with yet:
+        that have not answered its discover, or run the scope and have not sent a whole
+        sync round yet, or are sending one now. For readiness probes."""
+        return [peer for peer in peers
+                if self._discovery.is_asked(peer) or peer in self._receiving
+                or (peer in self._peers and peer not in self._synced)]
 
     async def drain(self, timeout: float) -> None:
         """Before a graceful stop: send the queued ops, then wait for the sync rounds under way.
@@ -482,6 +508,7 @@ class ScopeServer:
         """Record an entry that could not be sent: logged, and reported by the next `sync`."""
         self._unsent_log.error("scope %r: the entry under key %s of %r was not sent to peers: %s",
                                self.name, short_repr(key), pid, why)
+        self._counts["left_out"] += 1
         self._held_back.add((key, pid))
         if len(self._unsent) < _UNSENT_KEPT:
             self._unsent.append((key, pid, why))
@@ -620,6 +647,8 @@ class ScopeServer:
     def _end_round(self, round_: _Round) -> None:
         if self._sending.get(round_.peer) is round_:
             del self._sending[round_.peer]
+            self._counts["rounds_sent"] += 1
+            self._counts["rounds_sent_seconds"] += time.monotonic() - round_.started
         for message in round_.held:
             self._send(round_.peer, message)
 
@@ -642,6 +671,7 @@ class ScopeServer:
             # Keep the rows: the peer's next round, on the new connection, reconciles.
             self._stop_round(peer)
             self._receiving.pop(peer, None)
+            self._receive_started.pop(peer, None)
             self._release_barriers(peer)
             return
         self._forget_peer(peer, "nodedown")
@@ -658,6 +688,7 @@ class ScopeServer:
         try:
             self._dispatch(peer, payload)
         except BadPeerMessage as exc:
+            self._counts["malformed_dropped"] += 1
             self._input_log.warning("scope %r: dropped a malformed message from %s: %s", self.name, peer, exc)
 
     def _dispatch(self, peer: str, payload: Any) -> None:
@@ -669,6 +700,7 @@ class ScopeServer:
             self._start_round(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
+                self._counts["peers_added"] += 1
                 if not asked_already:
                     self._send(peer, [DISCOVER])
         elif kind == "sync":
@@ -679,6 +711,7 @@ class ScopeServer:
             self._discovery.answered(peer)
             if peer not in self._peers:
                 self._peers[peer] = set()
+                self._counts["peers_added"] += 1
             self._apply_part(peer, n, groups, last)
         elif kind == "ping":
             self._send(peer, ["pong", payload[1] if len(payload) == 2 else None])
@@ -761,6 +794,8 @@ class ScopeServer:
     def _apply_part(self, peer: str, n: int, groups: list[tuple[Pid, list[Any]]], last: bool) -> None:
         """Make this node's view of each pid in `groups` what part `n` says (see the protocol)."""
         mentioned = set() if n == 0 else self._receiving[peer][1]
+        if n == 0:
+            self._receive_started[peer] = time.monotonic()
         self._receiving[peer] = (n + 1, mentioned)
         known = self._peers[peer]
         table = self.table
@@ -780,6 +815,9 @@ class ScopeServer:
                 known.discard(pid)
         if last:
             del self._receiving[peer]
+            self._synced.add(peer)
+            self._counts["rounds_received"] += 1
+            self._counts["rounds_received_seconds"] += time.monotonic() - self._receive_started.pop(peer)
             log.info("registry %r on %s: a sync round from %s applied (%d parts, %d processes)", self.name,
                      self.node.id, peer, n + 1, len(mentioned),
                      extra={"node": self.node.id, "event": "sync_round", "peer": peer})
@@ -824,7 +862,11 @@ class ScopeServer:
         """Drop `peer`'s rows (their `Leave` events carry `reason`)."""
         self._stop_round(peer)
         self._receiving.pop(peer, None)
+        self._receive_started.pop(peer, None)
+        self._synced.discard(peer)
         pids = self._peers.pop(peer, None)
+        if pids is not None:
+            self._counts["peers_lost"] += 1
         self._release_barriers(peer)
         if not pids:
             return

@@ -328,6 +328,7 @@ class Connection(asyncio.Protocol):
         if self._state == _OPEN:
             decoder = self._decoder
             if decoder is not None and decoder.pending:
+                self._endpoint._count(self._endpoint._frames_rejected, "truncated")
                 self._fail(f"truncated frame at end of stream ({decoder.pending} bytes of a frame)")
             else:
                 self._close(REASON_PEER_CLOSED)
@@ -371,6 +372,7 @@ class Connection(asyncio.Protocol):
         try:
             frames = decoder.feed(data)
         except WireError as exc:
+            self._endpoint._count(self._endpoint._frames_rejected, "malformed")
             self._fail(f"malformed frame: {exc}")
             return
         limits = self._limits
@@ -385,6 +387,7 @@ class Connection(asyncio.Protocol):
                 # alone is dropped. Closing instead would cost the peer every entry it
                 # holds here, and its next sync round would resend the same payload.
                 self.messages_dropped += 1
+                self._endpoint._count(self._endpoint._frames_rejected, "undecodable")
                 self._endpoint._input_log.warning("connection %r: dropped a malformed message: %s", self, exc)
                 continue
             self.messages_received += 1
@@ -497,6 +500,7 @@ class Connection(asyncio.Protocol):
         if self._state in (_CLOSED, _OPEN):
             return
         endpoint = self._endpoint
+        endpoint._count(endpoint._handshake_failures, _handshake_failure_kind(exc))
         if self.initiated:
             logger.info("connection %r: handshake failed: %s", self, exc)
         else:
@@ -587,6 +591,17 @@ class Connection(asyncio.Protocol):
     def _linger_abort(self, transport: asyncio.Transport, delay: float) -> None:
         if self._linger is None and not self._lost.done():
             self._linger = self._loop.call_later(delay, transport.abort)
+
+
+def _handshake_failure_kind(exc: Exception) -> str:
+    """The reason a failed handshake is counted under (a few fixed words)."""
+    if isinstance(exc, AuthenticationError):
+        return "cookie"
+    if isinstance(exc, HandshakeError):
+        return exc.kind
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return type(exc).__name__
 
 
 OnConnection = Callable[[Connection], None]
@@ -691,6 +706,9 @@ class Endpoint:
         self._connecting: set[Connection] = set()
         self._established: dict[Connection, None] = {}
         self._unauthenticated_log = LogBudget(logger, f"endpoint {name} (unauthenticated connections)")
+        # Counts of rare failures by reason, for metrics (see the properties below).
+        self._handshake_failures: dict[str, int] = {}
+        self._frames_rejected: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Endpoint {self._node_id or self.name} {len(self._established)} connections>"
@@ -724,6 +742,24 @@ class Endpoint:
     def connections(self) -> list[Connection]:
         """The established connections, oldest first."""
         return list(self._established)
+
+    @property
+    def handshake_failures(self) -> dict[str, int]:
+        """Handshakes that failed since start, by reason: ``"cookie"``, a `HandshakeError`
+        kind (``"version"``, ``"protocol"``, ``"self"``, ``"identity"``, ``"closed"``),
+        ``"timeout"``, ``"evicted"`` (too many pending handshakes), or an exception's type."""
+        return dict(self._handshake_failures)
+
+    @property
+    def frames_rejected(self) -> dict[str, int]:
+        """Frames from established peers rejected since start, by reason: ``"malformed"``
+        (bad length or oversized: the connection closes), ``"truncated"`` (at end of
+        stream) and ``"undecodable"`` (well framed but not a term: dropped alone)."""
+        return dict(self._frames_rejected)
+
+    @staticmethod
+    def _count(counts: dict[str, int], reason: str) -> None:
+        counts[reason] = counts.get(reason, 0) + 1
 
     @property
     def pending_handshakes(self) -> int:
@@ -879,6 +915,7 @@ class Endpoint:
                 len(pending),
                 oldest.peer_address,
             )
+            self._count(self._handshake_failures, "evicted")
             oldest._close("dropped: too many pending handshakes", abort=True, log=False)
         pending[conn] = None
 

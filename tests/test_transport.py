@@ -648,6 +648,7 @@ async def test_input_that_breaks_the_stream_closes_that_connection(cluster: Clus
         assert ("truncated" in reason) if name == "truncated" else reason.startswith("malformed"), (name, reason)
         assert warnings_about(caplog, reason)
         await peer.wait_eof()
+    assert server.frames_rejected == {"malformed": 1, "truncated": 1}  # counted for metrics
     await still_serving(server, good, grec, conn, 1)
 
 
@@ -672,6 +673,7 @@ async def test_a_well_framed_message_that_does_not_decode_is_dropped_alone(
         assert victim.messages_dropped == i + 1, name
     assert srec.reasons(victim) == [] and not victim.closed
     assert len(warnings_about(caplog, "dropped a malformed message")) == len(cases)
+    assert server.frames_rejected == {"undecodable": len(cases)}  # counted for metrics
     await still_serving(server, good, grec, conn, 1)
 
 
