@@ -5,6 +5,7 @@ forged, stale or replayed announcement); HKDF against RFC 5869."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import socket
@@ -262,14 +263,36 @@ async def test_a_disconnect_holds_against_discovery() -> None:
         await eventually(lambda: a.peers() == [b.id], TIMEOUT, "reconnected explicitly")
 
 
-async def test_discovery_dials_share_the_gossip_dial_cap() -> None:
-    secret = cookie()
-    ports = [free_port() for _ in range(4)]  # nothing listens: every dial fails
-    async with Node("a", cookie=secret, max_gossip_dials=1, **FAST) as a, Node("b", cookie=secret, **FAST) as b:
-        d = await Discovery.start(a, [Static([f"127.0.0.1:{p}" for p in ports] + [f"127.0.0.1:{b.port}"],
-                                             interval=0.02)])
-        await eventually(lambda: a.peers() == [b.id], TIMEOUT, "b found through one dial slot")
-        assert d.stat()["static.failures"] >= len(ports)
+@pytest.mark.parametrize("cap", [1, 3])
+async def test_discovery_dials_respect_the_gossip_dial_cap(cap: int) -> None:
+    """Seeds that accept and never answer the handshake: at most `max_gossip_dials` are held at once."""
+    holes = 4
+    now = {"open": 0, "most": 0, "total": 0}
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        now["open"] += 1
+        now["total"] += 1
+        now["most"] = max(now["most"], now["open"])
+        try:
+            await reader.read()  # until the dialler gives up (handshake_timeout) and closes
+        finally:
+            now["open"] -= 1
+            writer.close()
+
+    servers = [await asyncio.start_server(hold, "127.0.0.1", 0) for _ in range(holes)]
+    try:
+        node = Node("a", cookie=cookie(), max_gossip_dials=cap, **FAST)
+        node.handshake_timeout = 0.2
+        async with node:
+            seeds = [f"127.0.0.1:{server.sockets[0].getsockname()[1]}" for server in servers]
+            d = await Discovery.start(node, [Static(seeds, interval=0.01)])
+            await eventually(lambda: now["most"] == cap and now["total"] >= 2 * holes, TIMEOUT,
+                             f"{2 * holes} dials, {cap} at once", report=lambda: repr(now))
+            assert now["most"] == cap
+            assert d.stat()["static.failures"] >= holes
+    finally:
+        for server in servers:
+            server.close()
 
 
 async def test_start_checks_its_arguments() -> None:
