@@ -44,6 +44,7 @@ __all__ = [
     "LocalNode",
     "certificate_names",
     "certificate_proves",
+    "hkdf_sha256",
 ]
 
 # 2: the node-level confirm step renamed its messages (propose, confirm, refuse);
@@ -142,6 +143,26 @@ def certificate_proves(cert: dict[str, Any], node_id: str) -> bool:
     names = certificate_names(cert)
     name, at, _address = node_id.rpartition("@")
     return node_id in names or (name if at else node_id) in names
+
+
+def hkdf_sha256(ikm: bytes, *, info: bytes, salt: bytes = b"", length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869): a key of `length` bytes from the secret `ikm`, for `info`.
+
+    For keys derived from the cookie for other purposes than the handshake (a different
+    `info` each), so that no such purpose uses the cookie itself as its key. An empty
+    `salt` means the RFC's default, 32 zero bytes. `ValueError` for a length over 8160.
+    """
+    if not 0 < length <= 255 * hashlib.sha256().digest_size:
+        raise ValueError(f"hkdf_sha256: length must be in 1..8160, got {length}")
+    prk = hmac.new(salt or bytes(hashlib.sha256().digest_size), ikm, hashlib.sha256).digest()
+    okm = b""
+    block = b""
+    counter = 1
+    while len(okm) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+        counter += 1
+    return okm[:length]
 
 
 def _mac(key: bytes, label: bytes, hello_frame: bytes, challenge_frame: bytes) -> bytes:

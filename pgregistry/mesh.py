@@ -47,6 +47,7 @@ from .transport import MAX_NODE_ID_LEN, Connection, Endpoint, parse_address
 from .wire import encode
 
 __all__ = [
+    "Disconnected",
     "GOSSIP_ATTEMPTS",
     "MEMBERS_PER_MESSAGE",
     "REPLACED",
@@ -86,6 +87,14 @@ TOOL: Final = "tool"  # an operator's tool, never a peer
 
 TOOL_VERSION: Final = 1
 """The version of the tool exchange (``["tool", version]`` opens it)."""
+
+
+class Disconnected(ConnectionError):
+    """A dial refused because a ``disconnect`` blocks the pair (on either side); ``peer`` is its id."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class MalformedMessage(Exception):
@@ -285,13 +294,25 @@ class Mesh:
 
     # -- what the node's public face asks -----------------------------------------------
 
-    async def connect(self, address: str) -> str:
+    async def connect(self, address: str, *, explicit: bool = True) -> str:
         """See `Node.connect`: dial `address`, wait for the confirm step, return the peer's id.
 
         The dial is bounded by the transport's ``handshake_timeout``, the wait for the
         verdict by ``confirm_timeout`` (`TimeoutError`). Cancellation ends the wait only:
         a connection already proposed may still be confirmed.
+
+        ``explicit=False`` (a dial on behalf of discovery, not of a user): a
+        ``disconnect`` block holds against it (`Disconnected`, on either side), and it
+        takes a slot of ``max_gossip_dials`` like a gossip dial, holding it until the
+        verdict; the wait for a slot is not bounded by the timeouts above.
         """
+        parse_address(address)
+        if explicit:
+            return await self._connect(address, explicit=True)
+        async with self._gossip_dials:
+            return await self._connect(address, explicit=False)
+
+    async def _connect(self, address: str, *, explicit: bool) -> str:
         host, port = parse_address(address)
         expect: str | None = None
         dial = address
@@ -301,16 +322,20 @@ class Mesh:
                 raise ValueError(f"connect: {address} is this node")
             known = self.peers.get(address)
             if known is not None:
-                known.blocked = False
+                if explicit:
+                    known.blocked = False
+                elif known.blocked and known.link is None:
+                    raise Disconnected(address, f"connect to {address}: disconnected from {address}")
                 if known.link is not None:
                     return address
                 dial = known.route or address
         else:
             for peer in self.up.values():
                 if peer.route == address or parse_address(peer.id) == (host, port):
-                    peer.blocked = False
+                    if explicit:
+                        peer.blocked = False
                     return peer.id
-        link = await self._dial(dial, explicit=True, expect=expect)
+        link = await self._dial(dial, explicit=explicit, expect=expect)
         record = link.peer
         assert record is not None
         if dial is address and expect is None:
@@ -322,6 +347,8 @@ class Mesh:
                 raise ConnectionError(f"connect to {address}: node {self.id} stopped")
             if link.state == CLOSED and not record.links:
                 why = link.refusal or link.conn.close_reason or "closed"
+                if link.refusal == "disconnected":
+                    raise Disconnected(record.id, f"connect to {address} ({record.id}) failed: {why}")
                 raise ConnectionError(f"connect to {address} ({record.id}) failed: {why}")
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -420,6 +447,7 @@ class Mesh:
             raise ConnectionError(f"connection to {address} closed during set-up: {conn.close_reason}")
         peer_id = conn.peer_id
         problem = None
+        blocked = False
         if not self._running():
             problem = f"node {self.id} is not running"
         elif peer_id == self.id:
@@ -427,11 +455,13 @@ class Mesh:
         elif expect is not None and peer_id != expect:
             problem = f"{address} is node {peer_id}, not {expect}"
         elif not explicit and self.peer(peer_id).blocked:
-            problem = f"disconnected from {peer_id}"
+            problem, blocked = f"disconnected from {peer_id}", True
         elif self.peer(peer_id).disconnected_at > disconnects_before:
-            problem = f"disconnected from {peer_id} while connecting"  # the later call wins
+            problem, blocked = f"disconnected from {peer_id} while connecting", True  # the later call wins
         if problem is not None:
             conn.close(problem)
+            if blocked:
+                raise Disconnected(peer_id, problem)
             raise ConnectionError(problem)
         peer = self.peer(peer_id)
         if explicit:

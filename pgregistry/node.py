@@ -41,6 +41,7 @@ from typing import Any
 from .checks import check_int, check_liveness, check_max_frame, check_seconds, parse_address
 from .errors import AlreadyStarted, NotLocal
 from .events import NodeDown, NodeUp
+from .handshake import hkdf_sha256
 from .mesh import GOSSIP_ATTEMPTS, MEMBERS_PER_MESSAGE, REPLACED, Mesh, PeerRecord
 from .process import Process, current_process, task_process
 from .remote import Remote
@@ -170,8 +171,11 @@ class Node:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {short_repr(port)}")
         self.port = port
+        shared_cookie = True  # False for the random cookie nobody else knows
         if cookie is None:
-            cookie = os.environ.get("PGREGISTRY_COOKIE") or secrets.token_urlsafe(32)
+            cookie = os.environ.get("PGREGISTRY_COOKIE")
+            if not cookie:
+                cookie, shared_cookie = secrets.token_urlsafe(32), False
         elif type(cookie) is not str:
             raise TypeError(f"cookie must be a str or None, got {type(cookie).__name__}")
         elif not cookie:
@@ -195,6 +199,8 @@ class Node:
             raise ValueError("client_ssl is a server-only context (PROTOCOL_TLS_SERVER); it is used to dial peers")
         self.ssl = ssl
         self.client_ssl = client_ssl
+        # Kept only to derive other keys from (`derive_key`); never sent or logged.
+        self._cookie_key: bytes | None = cookie.encode("utf-8", "surrogatepass") if shared_cookie else None
         self.tick_interval, self.down_after = check_liveness(tick_interval, down_after)
         self.max_frame = check_max_frame(max_frame)
         self.max_members_per_message = check_int(
@@ -436,7 +442,7 @@ class Node:
         # the dict under the iteration.
         return [peer.id for peer in list(self._mesh.up.values())]
 
-    async def connect(self, address: str) -> str:
+    async def connect(self, address: str, *, explicit: bool = True) -> str:
         """Connect to the node at `address` (``"host:port"`` or a node id); return its id.
 
         Connecting to one member joins the whole cluster: the nodes then connect to every
@@ -450,11 +456,36 @@ class Node:
         malformed address or this node's own id, `RuntimeError` off the loop thread or
         when not running. Cancellation abandons the wait; a connection already made
         may still be confirmed.
+
+        ``explicit=False`` is a connect on behalf of discovery (`pgregistry.discovery`)
+        rather than of a user: it lifts no block, so a `disconnect` holds against it
+        (`pgregistry.mesh.Disconnected`, a `ConnectionError`, when either side blocks
+        the pair), and it takes one of the ``max_gossip_dials`` slots for as long as the
+        dial and its confirm step last (waiting for a free slot first, without bound).
         """
         self.require_loop_thread("connect")
         if type(address) is not str:
             raise TypeError(f"connect: address must be a str, got {short_repr(address)}")
-        return await self._mesh.connect(address)
+        if type(explicit) is not bool:
+            raise TypeError(f"connect: explicit must be a bool, got {short_repr(explicit)}")
+        return await self._mesh.connect(address, explicit=explicit)
+
+    def derive_key(self, info: bytes, length: int = 32) -> bytes:
+        """A key for the purpose `info`, derived from the cookie by HKDF-SHA256 (RFC 5869).
+
+        Nodes that share the cookie derive the same key; the key reveals nothing of the
+        cookie, and keys for different `info` are unrelated. `ValueError` when this
+        node has no shared cookie (none given and no ``PGREGISTRY_COOKIE``, e.g. a node
+        that relies on TLS alone: its cookie is random and known to nobody else).
+        """
+        if type(info) is not bytes:
+            raise TypeError(f"derive_key: info must be bytes, got {short_repr(info)}")
+        if self._cookie_key is None:
+            raise ValueError(
+                f"node {self.id} has no shared cookie (none given and no PGREGISTRY_COOKIE): "
+                "there is no secret to derive a key from"
+            )
+        return hkdf_sha256(self._cookie_key, info=info, length=length)
 
     async def disconnect(self, peer: str) -> None:
         """Disconnect from `peer` (a node id), telling it; neither side redials the other.
