@@ -610,9 +610,6 @@ class Workers:
         if pid is not None:
             self._runtime.send(pid, Cast(msg) if is_cast else msg)
             return
-        if self._exact is not None:
-            self.counters["dropped_sends"] += 1
-            return
         owner = self.ring.node_for_hash(key_hash(name))
         if owner == self.me or hops > _MAX_HOPS or owner not in self._members:
             self.counters["dropped_sends"] += 1

@@ -102,13 +102,13 @@ def test_demo_runs_a_three_process_cluster_and_leaves_nothing_running() -> None:
     assert re.search(r"heal: [\d.]+ s later b sees the holder the majority chose, c\.\d+ with token 2", out), out
     # After the holder's node is killed, a survivor takes the name over within about a lease.
     taken = re.search(r"\n  ([ab]) took it over ([\d.]+) (m?s) after the kill \(lease 1\.0 s\): \1\.\d+, "
-                      r"fencing token 3 > 2: True\n", out)
+                      r"fencing token (\d+) > 2: True\n", out)  # 3, or more if an attempt was let go
     assert taken, out
     seconds = float(taken[2]) / (1000 if taken[3] == "ms" else 1)
     assert 0.5 < seconds < 3.0, out  # not before the lease could have ended, not much after
     other = "b" if taken[1] == "a" else "a"
-    assert re.search(rf"{other} called names\.via\('singleton'\): answered by {taken[1]}\.\d+ on {taken[1]}, token 3",
-                     out), out
+    assert re.search(rf"{other} called names\.via\('singleton'\): answered by {taken[1]}\.\d+ on {taken[1]}, "
+                     rf"token {taken[4]}", out), out
     # Workers: spread over the three nodes by key hash, found alike from another node.
     spread = re.search(r"a asked for 30 session workers \(get_or_start\): each started on the node its key hashes "
                        r"to, in [\d.]+ m?s: a (\d+), b (\d+), c (\d+)\n", out)
