@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import secrets
 import signal
@@ -57,9 +56,12 @@ from typing import Any, Final
 from . import _table, inspect_cli
 from ._control import CONTROL_NAME, NAMES_TIMEOUT, SELECT_ALL, Control, NodeProcess, control, session
 from ._version import __version__
+from .discovery import Discovery, parse_strategy
 from .errors import RegistryError
 from .events import Down, Join, Leave, NodeDown, NodeUp, Update
 from .inspection import Inspection
+from .logformat import FORMATS, configure
+from .metrics import MetricsServer
 from .names import Names
 from .node import Node
 from .process import monitor, receive
@@ -133,6 +135,24 @@ async def run_node(args: argparse.Namespace) -> int:
                 placements[args.workers] = await Workers.start(node, args.workers, functions=(session,))
             except (TypeError, ValueError, RegistryError) as exc:
                 return _fail(f"--workers: {exc}", 2)
+        discovery: Discovery | None = None
+        if args.discover:
+            try:
+                discovery = await Discovery.start(node, [parse_strategy(spec) for spec in _unique(args.discover)])
+            except (TypeError, ValueError) as exc:
+                return _fail(f"--discover: {exc}", 2)
+        metrics: MetricsServer | None = None
+        if args.metrics_port is not None:
+            try:
+                metrics = await MetricsServer.start(node, host=args.metrics_host, port=args.metrics_port)
+            except ImportError as exc:
+                return _fail(f"--metrics-port: {exc}", 2)
+            except OSError as exc:
+                return _fail(f"--metrics-port {args.metrics_port}: cannot listen on {args.metrics_host}: "
+                             f"{exc.strerror or exc}", 2)
+            if discovery is not None:
+                settled = discovery.settled
+                metrics.add_ready_check(settled.is_set, name="discovery settled")
         Inspection.serve(node, registries=registries, names=names, workers=placements, on_drain=stop.set)
         if args.test_control:
             await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
@@ -148,7 +168,11 @@ async def run_node(args: argparse.Namespace) -> int:
         print(f"NODE {node.id}", flush=True)
         await stop.wait()
         _exit_on_second_signal(loop)
+        if discovery is not None:
+            await discovery.stop()  # first: no new peer while the node leaves
         await node.stop(drain_timeout=args.shutdown_timeout)
+        if metrics is not None:
+            await metrics.stop()
     return 0
 
 
@@ -702,8 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if alone:
             parser.error(f"{' and '.join(alone)} need{'s' if len(alone) == 1 else ''} --names")
     if args.command == "node":
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure(args.log_level, args.log_format)
         try:
             return _run(run_node(args))
         except KeyboardInterrupt:  # before the signal handlers were in place
@@ -763,6 +786,16 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--workers", nargs="?", const="workers", default=None, metavar="SERVICE",
                       help="run a workers service called SERVICE (default 'workers') whose only function is the "
                            "demo session worker; nodes running it share workers by consistent hashing")
+    node.add_argument("--discover", action="extend", nargs="+", metavar="SPEC",
+                      help="find peers and connect to them: static:HOST:PORT[,HOST:PORT...], dns:NAME:PORT, "
+                           "dns6:NAME:PORT, srv:NAME (a DNS spec may end with @NAMESERVER[:PORT]), or "
+                           "multicast[:GROUP:PORT][@INTERFACE]")
+    node.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                      help="serve /metrics (Prometheus; needs the 'metrics' extra), /livez and /readyz on PORT")
+    node.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                      help="address of the metrics port (127.0.0.1)")
+    node.add_argument("--log-format", default="plain", choices=FORMATS,
+                      help="log lines on stderr: plain text, or one JSON object a line (plain)")
     node.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="SECONDS",
                       help="on SIGTERM, SIGINT or 'pgregistry drain': seconds the services get to finish what is "
                            "under way before the node leaves (20); a second signal exits at once")

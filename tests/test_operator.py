@@ -11,6 +11,8 @@ import json
 import math
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +29,7 @@ from pgregistry.registry import Registry
 from pgregistry.server import call
 
 from .helpers import drain, eventually
-from .test_cli import COOKIE, ROOT, _read_line, _running
+from .test_cli import COOKIE, ROOT, _free_port, _read_line, _running
 
 FAST = {"tick_interval": 0.2, "down_after": 1.0}
 
@@ -185,3 +187,42 @@ async def test_a_stopping_node_refuses_new_connections_with_leaving() -> None:
             await y.connect(x.id)
         slow.release.set()
         await asyncio.wait_for(stopping, 10)
+
+
+def _get(url: str) -> tuple[int, str]:
+    """GET `url`: its status and body (a status >= 400 too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+async def test_a_node_that_discovers_its_peer_serves_metrics_probes_and_json_logs() -> None:
+    port = _free_port()
+    async with Node("t", cookie=COOKIE, **FAST) as t:
+        t.monitor_nodes()
+        address = t.id.rpartition("@")[2]
+        proc = subprocess.Popen([sys.executable, "-m", "pgregistry", "node", "--name", "n1", "--scope", "jobs",
+                                 "--tick-interval", "0.2", "--down-after", "1.0", "--discover", f"static:{address}",
+                                 "--metrics-port", str(port), "--log-format", "json", "--log-level", "info"],
+                                cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PGREGISTRY_COOKIE": COOKIE},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with _running(proc):
+            node_id = (await asyncio.to_thread(_read_line, proc)).split()[1]
+            await eventually(lambda: t.peers() == [node_id], 10, "n1 found t by discovery")
+            assert (await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/livez"))[0] == 200
+
+            async def ready() -> bool:
+                return (await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/readyz"))[0] == 200
+
+            await eventually(ready, 10, "n1 ready")
+            status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+            assert status == 200 and "pgregistry_peers 1.0" in body and 'pgregistry_build_info{' in body
+            proc.terminate()
+            _out, err = await asyncio.to_thread(proc.communicate, timeout=15)
+            assert proc.returncode == 0
+        lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+        assert all({"time", "level", "logger", "node", "event", "peer", "message"} <= set(r) for r in lines)
+        assert any(r["event"] == "peer_up" and r["peer"] == t.id and r["node"] == node_id for r in lines), lines
+        assert COOKIE not in err
