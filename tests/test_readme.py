@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import selectors
+import shlex
 import subprocess
 import sys
+import time
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -57,3 +61,46 @@ def test_placement_docs_quick_start_runs(tmp_path: pathlib.Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     lines = run_as_module(blocks[0], tmp_path)
     assert lines[0] == "True" and lines[1].endswith("['book'])")
+
+
+def test_readme_three_terminal_walk_through_works_as_written(tmp_path: pathlib.Path) -> None:
+    """The shell block, run as written: the cookie line, three nodes (each a terminal of
+    its own: here a background process), then ``status`` on the first."""
+    [block] = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
+    cookie_line, *node_lines, status_line = block.strip().splitlines()
+    env = {"PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"}
+    subprocess.run(cookie_line, shell=True, check=True, cwd=tmp_path, env=env, timeout=30)
+    assert (tmp_path / "cookie").stat().st_mode & 0o077 == 0
+    nodes: list[subprocess.Popen[str]] = []
+    try:
+        for line in node_lines:
+            proc = subprocess.Popen(shlex.split(line), cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            nodes.append(proc)
+            assert proc.stdout is not None
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ)
+                assert selector.select(20), f"{line!r} printed nothing"
+            assert proc.stdout.readline().startswith("NODE "), line
+        deadline = 20.0
+        start = time.monotonic()
+        while True:
+            done = subprocess.run(shlex.split(status_line), cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=30)
+            assert done.returncode == 0, done.stderr
+            if "peers: 2" in done.stdout:
+                break
+            assert time.monotonic() - start < deadline, done.stdout
+            time.sleep(0.1)  # polling a cluster of OS processes for its mesh, with a deadline
+        out = done.stdout
+        assert out.startswith("node a@127.0.0.1:4370") and "b@127.0.0.1:" in out and "c@127.0.0.1:" in out
+        assert "registry jobs: 0 entries, 2 peers" in out, out
+    finally:
+        for proc in nodes:
+            proc.terminate()
+        for proc in nodes:
+            try:
+                assert proc.wait(15) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
