@@ -110,8 +110,8 @@ def _config_value(where: str, key: str, value: Any, action: argparse.Action) -> 
             raise wrong("true or false")
         return value
     if action.nargs in ("+", "*"):
-        if type(value) is not list or not value or any(type(item) is not str or not item for item in value):
-            raise wrong("a non-empty list of non-empty strings")
+        if type(value) is not list or any(type(item) is not str or not item for item in value):
+            raise wrong("a list of non-empty strings")
         return value
     if action.nargs == "?":  # --names [SERVICE]: true for the default service
         if type(value) is bool:
@@ -279,6 +279,6 @@ async def connect_until(node: Node, address: str, timeout: float) -> str | None:
         except RegistryError as exc:
             return f"{type(exc).__name__}: {exc}"
         if loop.time() + pause >= deadline:
-            return f"nothing answered there within {timeout:g} s (last: {type(last).__name__}: {last})"
+            return f"not connected within {timeout:g} s (last attempt: {type(last).__name__}: {last})"
         await asyncio.sleep(pause)
         pause = min(2 * pause, CONNECT_MAX_PAUSE)
