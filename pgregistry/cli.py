@@ -154,14 +154,33 @@ async def run_node(args: argparse.Namespace) -> int:
             except (TypeError, ValueError, RegistryError) as exc:
                 return _fail(f"--workers: {exc}", 2)
         await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
-        for address in _unique(args.connect):
-            failure = await node_options.connect_until(node, address, args.connect_timeout)
-            if failure is not None:
-                return _fail(f"cannot connect to {address}: {failure}", 1)
-        if args.join is not None:
-            failure = await _join(names[args.names], args.join, args.join_timeout)
-            if failure is not None:
-                return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
+        # SIGTERM while --connect or --join still waits for its target stops the node at
+        # once: a process manager stopping a starting node must not wait out the timeouts.
+        starting = asyncio.current_task()
+        assert starting is not None
+
+        async def cancel_on_stop() -> None:
+            await stop.wait()
+            starting.cancel()
+
+        watcher = loop.create_task(cancel_on_stop())
+        try:
+            for address in _unique(args.connect):
+                failure = await node_options.connect_until(node, address, args.connect_timeout)
+                if failure is not None:
+                    return _fail(f"cannot connect to {address}: {failure}", 1)
+            if args.join is not None:
+                failure = await _join(names[args.names], args.join, args.join_timeout)
+                if failure is not None:
+                    return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            starting.uncancel()
+            _ignore_signals(loop)
+            return 0  # stopped before it was ready: no NODE line
+        finally:
+            watcher.cancel()
         print(f"NODE {node.id}", flush=True)
         await stop.wait()
         _ignore_signals(loop)  # one signal stops the node; more must not cut the stop short

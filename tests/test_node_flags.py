@@ -351,6 +351,19 @@ async def _peers_are(node_id: str, peers: list[str]) -> bool:
         return sorted((await control(node_id, ("info",)))["peers"]) == sorted([*peers, t.id])
 
 
+def test_a_node_still_connecting_stops_at_once_on_sigterm() -> None:
+    port = _free_port()
+    proc = _start("--name", "b", "--connect", f"127.0.0.1:{port}", "--connect-timeout", "30")
+    with _running(proc):
+        time.sleep(1.0)
+        assert proc.poll() is None  # still trying
+        began = time.monotonic()
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and out == "" and "Traceback" not in err, err
+    assert time.monotonic() - began < 8  # not the 30 s of --connect-timeout
+
+
 def test_connect_gives_up_after_connect_timeout() -> None:
     port = _free_port()
     began = time.monotonic()
@@ -450,9 +463,29 @@ def test_a_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, caus
     assert SECRET not in err
 
 
-def test_a_missing_config_and_a_config_without_name() -> None:
+async def test_a_config_alone_starts_a_node_and_name_is_required(tmp_path: Path) -> None:
     err = _fails("--name", "n", "--config", "/nonexistent/node.toml")
     assert err == f"{PREFIX}--config /nonexistent/node.toml: cannot read it: No such file or directory", err
+    config = tmp_path / "node.toml"
+    config.write_text('scope = ["jobs"]\n')
+    proc = _start("--config", str(config))
+    with _running(proc):
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "the following arguments are required: --name" in err, err
+    config.write_text('name = "cfg"\nport = 0\nscope = ["jobs"]\nkeys = "unique"\n')
+    proc = _start("--config", str(config))
+    with _running(proc):
+        node_id = await asyncio.to_thread(_node_id, proc)
+        assert node_id.startswith("cfg@127.0.0.1:")
+        assert (await _info(node_id))["scopes"] == ["jobs"]
+        await _stop(proc)
+
+
+async def _info(node_id: str) -> dict[str, object]:
+    async with Node("t", cookie=COOKIE) as t:
+        await t.connect(node_id)
+        info: dict[str, object] = await control(node_id, ("info",))
+        return info
 
 
 def test_config_values_parse_like_the_command_line() -> None:
