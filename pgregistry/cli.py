@@ -786,8 +786,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="read the shared secret of the cluster from PATH (one line; the file must not be "
                            "readable or writable by group or others); the way to give a cookie to a service")
     node.add_argument("--cookie", default=None,
-                      help="shared secret of the cluster (default: $PGREGISTRY_COOKIE); prefer --cookie-file "
-                           "or the environment variable, a command line is visible to other local users")
+                      help="shared secret of the cluster (not with --cookie-file; default: $PGREGISTRY_COOKIE); prefer "
+                           "--cookie-file or the environment variable, a command line is visible to other local "
+                           "users")
     node.add_argument("--tls-cert", default=None, metavar="FILE",
                       help="this node's certificate (PEM); with --tls-key and --tls-ca (all three or none) "
                            "every connection is mutual TLS: each peer must present a certificate signed by "

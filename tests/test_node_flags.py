@@ -364,6 +364,14 @@ def test_a_node_still_connecting_stops_at_once_on_sigterm() -> None:
     assert time.monotonic() - began < 8  # not the 30 s of --connect-timeout
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_connect_timeout_must_be_positive(value: str) -> None:
+    proc = _start("--name", "n", "--connect-timeout", value)
+    with _running(proc):
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "--connect-timeout must be a positive number of seconds" in err, err
+
+
 def test_connect_gives_up_after_connect_timeout() -> None:
     port = _free_port()
     began = time.monotonic()
