@@ -1,24 +1,39 @@
 """The ``pgregistry`` command: run a node, or watch a real cluster at work.
 
-``pgregistry node --name N [--host H] [--port P] [--cookie C] [--scope S ...]
-[--connect ADDR ...] [--names [SERVICE]] [--lease SECONDS] [--join ADDR]
-[--join-timeout SECONDS] [--workers [SERVICE]] [--tick-interval T] [--down-after D]
-[--exit-with-stdin] [--log-level L]`` runs one node in the foreground: it starts the
-registries named by ``--scope`` (duplicate keys), with ``--names`` a names service
+``pgregistry node --name N [--config FILE] [--host H] [--port P] [--advertise-host A]
+[--cookie-file PATH | --cookie C] [--tls-cert FILE --tls-key FILE --tls-ca FILE]
+[--scope S ...] [--keys unique|duplicate] [--connect ADDR ...] [--connect-timeout SECONDS]
+[--names [SERVICE]] [--lease SECONDS] [--join ADDR] [--join-timeout SECONDS]
+[--workers [SERVICE]] [--tick-interval T] [--down-after D] [--exit-with-stdin]
+[--log-level L]`` runs one node in the foreground: it starts the registries named by
+``--scope`` (duplicate keys unless ``--keys unique``), with ``--names`` a names service
 (`pgregistry.names.Names`, default name ``"names"``, ``--lease`` default 3 s), with
 ``--workers`` a workers service (`pgregistry.workers.Workers`, default name ``"workers"``,
 whose only function is the demo's session worker), connects to every ``--connect`` address
-(``host:port`` or a node id; one member is enough to join a whole cluster), joins the names
+(``host:port`` or a node id; one member is enough to join a whole cluster; trying again
+while nothing answers there, up to ``--connect-timeout``, default 30 s), joins the names
 cluster of ``--join`` (trying again while nothing answers there, up to ``--join-timeout``),
 prints exactly one line ``NODE <node id>`` on stdout once ready, and serves until SIGTERM or SIGINT (then it
-stops cleanly and exits 0). The cookie defaults to ``PGREGISTRY_COOKIE``;
-``--exit-with-stdin`` also stops it when stdin reaches end of file (so a parent holding
-a pipe takes its nodes with it when it dies). Logs go to stderr. The node hosts a
-control server under the local name ``"pgregistry_control"`` that peers drive with
-``call(("pgregistry_control", node_id), request)``; its requests are listed in
-`pgregistry._control`. Exit status 2 for bad options, 1 when a ``--connect`` or the
-``--join`` fails (one line on stderr says why: a refusal, nothing answering, no names
-service there).
+stops cleanly and exits 0). ``--exit-with-stdin`` also stops it when stdin reaches end of
+file (so a parent holding a pipe takes its nodes with it when it dies). Logs go to stderr.
+
+Made to run under a process manager (systemd, Kubernetes; see `pgregistry.node_options`):
+the cookie comes from ``--cookie-file`` (a file only its owner may read; its trailing
+newline dropped), else ``--cookie``, else ``PGREGISTRY_COOKIE``, and never appears in a
+log line. ``--advertise-host`` is the host in the node id when the node listens on
+another address (``--host 0.0.0.0`` needs it). ``--tls-cert/--tls-key/--tls-ca`` make
+every connection mutual TLS against one CA (`pgregistry.tls`; docs/deployment.md shows
+how to make the certificates). ``--config FILE`` (TOML) sets any of these options under
+its name with underscores (``down_after = 2.0``, ``scope = ["jobs"]``); the command line
+wins; ``cookie`` is refused there.
+
+The node hosts a control server under the local name ``"pgregistry_control"`` that peers
+drive with ``call(("pgregistry_control", node_id), request)``; its requests are listed in
+`pgregistry._control`. Exit status 2 for bad options and every start-up error (one line
+on stderr ``pgregistry node: error: ...`` naming the option and the cause: a port in use,
+an address not of this machine, an unknown host, a bad cookie file, a bad config, ...), 1
+when a ``--connect`` or the ``--join`` fails (one line on stderr says why: a refusal,
+nothing answering, no names service there).
 
 ``pgregistry demo`` starts a 3-node cluster as three ``pgregistry node`` OS processes on
 loopback, plus a narrator node in its own process that drives them through their control
@@ -53,7 +68,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from . import _table, inspect_cli
+from . import _table, inspect_cli, node_options
 from ._control import CONTROL_NAME, NAMES_TIMEOUT, SELECT_ALL, Control, NodeProcess, control, session
 from ._version import __version__
 from .discovery import Discovery, parse_strategy
@@ -97,7 +112,10 @@ def _unique(items: Sequence[str] | None) -> list[str]:
 
 
 async def run_node(args: argparse.Namespace) -> int:
-    """The ``node`` command: serve one node until SIGTERM/SIGINT; return the exit status."""
+    """The ``node`` command: serve one node until SIGTERM/SIGINT; return the exit status.
+
+    `args` as completed by `node_options.prepare` (the cookie read, ``args.ssl`` made).
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,18 +126,22 @@ async def run_node(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail(f"--exit-with-stdin needs stdin to be a pipe or terminal: {exc}", 2)
     if args.cookie is None and not os.environ.get("PGREGISTRY_COOKIE"):
-        print("pgregistry node: no --cookie and no PGREGISTRY_COOKIE: using a random cookie, "
+        print("pgregistry node: no --cookie-file, no --cookie and no PGREGISTRY_COOKIE: using a random cookie, "
               "so no other node can connect", file=sys.stderr)
     try:
-        node = Node(args.name, host=args.host, port=args.port, cookie=args.cookie,
-                    tick_interval=args.tick_interval, down_after=args.down_after)
+        node = Node(args.name, host=args.host, port=args.port, advertise_host=args.advertise_host,
+                    cookie=args.cookie, ssl=args.ssl, tick_interval=args.tick_interval, down_after=args.down_after)
     except (TypeError, ValueError) as exc:
         return _fail(str(exc), 2)
-    async with node:
+    try:
+        await node.start()
+    except OSError as exc:  # a port in use, an address not of this machine, an unknown host
+        return _fail(node_options.startup_error(exc, args.host, args.port), 2)
+    try:
         registries: dict[str, Registry] = {}
         try:
             for scope in _unique(args.scope):
-                registries[scope] = await Registry.start(node, scope, keys="duplicate")
+                registries[scope] = await Registry.start(node, scope, keys=args.keys)
         except (TypeError, ValueError) as exc:
             return _fail(f"--scope: {exc}", 2)
         names: dict[str, Names] = {}
@@ -156,15 +178,33 @@ async def run_node(args: argparse.Namespace) -> int:
         Inspection.serve(node, registries=registries, names=names, workers=placements, on_drain=stop.set)
         if args.test_control:
             await Control.start(node, node, registries, names, placements, name=CONTROL_NAME)
-        for address in _unique(args.connect):
-            try:
-                await node.connect(address)
-            except (OSError, TimeoutError, RegistryError, ValueError, TypeError) as exc:
-                return _fail(f"cannot connect to {address}: {type(exc).__name__}: {exc}", 1)
-        if args.join is not None:
-            failure = await _join(names[args.names], args.join, args.join_timeout)
-            if failure is not None:
-                return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
+        # SIGTERM while --connect or --join still waits for its target stops the node at
+        # once: a process manager stopping a starting node must not wait out the timeouts.
+        starting = asyncio.current_task()
+        assert starting is not None
+
+        async def cancel_on_stop() -> None:
+            await stop.wait()
+            starting.cancel()
+
+        watcher = loop.create_task(cancel_on_stop())
+        try:
+            for address in _unique(args.connect):
+                failure = await node_options.connect_until(node, address, args.connect_timeout)
+                if failure is not None:
+                    return _fail(f"cannot connect to {address}: {failure}", 1)
+            if args.join is not None:
+                failure = await _join(names[args.names], args.join, args.join_timeout)
+                if failure is not None:
+                    return _fail(f"cannot join the names cluster of {args.join}: {failure}", 1)
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            starting.uncancel()
+            _exit_on_second_signal(loop)
+            return 0  # stopped before it was ready: no NODE line
+        finally:
+            watcher.cancel()
         print(f"NODE {node.id}", flush=True)
         await stop.wait()
         _exit_on_second_signal(loop)
@@ -173,6 +213,8 @@ async def run_node(args: argparse.Namespace) -> int:
         await node.stop(drain_timeout=args.shutdown_timeout)
         if metrics is not None:
             await metrics.stop()
+    finally:
+        await node.stop()
     return 0
 
 
@@ -721,11 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pgregistry`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "node" and args.names is None:
-        alone = [option for option, value in (("--lease", args.lease), ("--join", args.join)) if value is not None]
-        if alone:
-            parser.error(f"{' and '.join(alone)} need{'s' if len(alone) == 1 else ''} --names")
     if args.command == "node":
+        try:
+            node_options.prepare(args, argv, _parser)
+        except node_options.OptionError as exc:
+            return _fail(str(exc), 2)
         configure(args.log_level, args.log_format)
         try:
             return _run(run_node(args))
@@ -759,15 +801,42 @@ def _parser() -> argparse.ArgumentParser:
                                            "when ready; stop cleanly on SIGTERM/SIGINT. Peers drive it through "
                                            f"its control server, the local name {CONTROL_NAME!r} (requests: "
                                            "see pgregistry._control).")
-    node.add_argument("--name", required=True, help="the node's name (its id is name@host:port)")
-    node.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    node.add_argument("--config", default=None, metavar="FILE",
+                      help="read options from the TOML file FILE: each option's name with underscores as its key "
+                           "(down_after = 2.0, scope = [\"jobs\"], cookie_file = \"...\", names = true); "
+                           "options on the command line win; relative paths are taken from FILE's directory; "
+                           "a cookie key is refused (use cookie_file)")
+    node.add_argument("--name", default=None,
+                      help="the node's name, required (its id is name@host:port)")
+    node.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1); 0.0.0.0 or :: (every address) "
+                           "needs --advertise-host")
     node.add_argument("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    node.add_argument("--advertise-host", default=None, metavar="HOST",
+                      help="the host in the node id, which peers dial, when it is not --host (default: --host)")
+    node.add_argument("--cookie-file", default=None, metavar="PATH",
+                      help="read the shared secret of the cluster from PATH (one line; the file must not be "
+                           "readable or writable by group or others); the way to give a cookie to a service")
     node.add_argument("--cookie", default=None,
-                      help="shared secret of the cluster (default: $PGREGISTRY_COOKIE); prefer the "
-                           "environment variable, a command line is visible to other local users")
-    node.add_argument("--scope", action="extend", nargs="+", metavar="S", help="start registry S (duplicate keys)")
+                      help="shared secret of the cluster (not with --cookie-file; default: $PGREGISTRY_COOKIE); prefer "
+                           "--cookie-file or the environment variable, a command line is visible to other local "
+                           "users")
+    node.add_argument("--tls-cert", default=None, metavar="FILE",
+                      help="this node's certificate (PEM); with --tls-key and --tls-ca (all three or none) "
+                           "every connection is mutual TLS: each peer must present a certificate signed by "
+                           "the CA that names its node name (see docs/deployment.md)")
+    node.add_argument("--tls-key", default=None, metavar="FILE", help="the private key of --tls-cert (PEM)")
+    node.add_argument("--tls-ca", default=None, metavar="FILE",
+                      help="the certificate(s) of the CA that peers' certificates must be signed by (PEM)")
+    node.add_argument("--scope", action="extend", nargs="+", metavar="S", help="start registry S (see --keys)")
+    node.add_argument("--keys", default="duplicate", choices=["unique", "duplicate"],
+                      help="the keys of the --scope registries (default duplicate)")
     node.add_argument("--connect", action="extend", nargs="+", metavar="ADDR",
-                      help="connect to the node at ADDR (host:port or a node id)")
+                      help="connect to the node at ADDR (host:port or a node id), trying again while nothing "
+                           "answers there, for --connect-timeout seconds; a refusal (wrong cookie, untrusted "
+                           "certificate) fails at once")
+    node.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="seconds each --connect may take in all (30)")
     node.add_argument("--tick-interval", type=float, default=1.0, metavar="T", help="seconds between ticks (1.0)")
     node.add_argument("--down-after", type=float, default=5.0, metavar="D",
                       help="seconds of silence after which a peer is down (5.0)")

@@ -18,7 +18,6 @@ import ast
 import asyncio
 import json
 import os
-import stat
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -26,8 +25,9 @@ from typing import Any, Final
 from .errors import AuthenticationError
 from .inspection import MAX_PAGE, InspectionClient, InspectionError
 from .jsonterms import to_json
+from .node_options import OptionError, read_cookie_file
 
-__all__ = ["COMMANDS", "add_commands", "read_cookie_file", "run"]
+__all__ = ["COMMANDS", "add_commands", "run"]
 
 SCHEMA: Final = 1
 OK, NOT_FOUND, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -41,28 +41,6 @@ class Usage(Exception):
 
 class NotFound(Exception):
     """What was asked for does not exist (exit status 1)."""
-
-
-def read_cookie_file(path: str) -> str:
-    """The cookie in the file `path` (a trailing newline stripped).
-
-    `ValueError` naming the cause if the file is missing, unreadable, empty, or readable
-    or writable by its group or others (a cookie is a password).
-    """
-    try:
-        mode = os.stat(path).st_mode
-        if mode & 0o077:
-            raise ValueError(f"{path} is accessible by group or others (mode {stat.filemode(mode)}); "
-                             f"chmod 600 {path}")
-        with open(path, encoding="utf-8") as f:
-            cookie = f.read().rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    if not cookie:
-        raise ValueError(f"{path} is empty")
-    return cookie
 
 
 def parse_term(text: str, what: str) -> Any:
@@ -132,8 +110,8 @@ def _cookie(args: argparse.Namespace) -> str:
     if args.cookie_file is not None:
         try:
             return read_cookie_file(args.cookie_file)
-        except ValueError as exc:
-            raise Usage(f"--cookie-file: {exc}") from None
+        except OptionError as exc:
+            raise Usage(str(exc)) from None
     cookie = os.environ.get("PGREGISTRY_COOKIE")
     if not cookie:
         raise Usage("no cookie: give --cookie-file PATH or set PGREGISTRY_COOKIE")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import ipaddress
 import logging
 import os
 import secrets
@@ -79,6 +80,14 @@ def down_reason_label(reason: str) -> str:
     return reason.split(":", 1)[0].split(" (", 1)[0].strip()[:40] or "unknown"
 
 
+def _unspecified(host: str) -> bool:
+    """Whether `host` is an unspecified address (``0.0.0.0``, ``::``): every address, none to dial."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
 def _new_creation() -> int:
     """A random non-zero 32-bit creation for a new incarnation of a node."""
     while True:
@@ -90,12 +99,17 @@ def _new_creation() -> int:
 class Node:
     """A node: an id, its processes and local names, its peers, and attached services.
 
-    ``Node(name, host=, port=, cookie=, ssl=, client_ssl=, tick_interval=, down_after=,
-    max_frame=, max_members_per_message=, max_gossip_peers=, max_gossip_dials=)``:
+    ``Node(name, host=, port=, advertise_host=, cookie=, ssl=, client_ssl=, tick_interval=,
+    down_after=, max_frame=, max_members_per_message=, max_gossip_peers=, max_gossip_dials=)``:
     every argument is checked here (`TypeError` for a wrong type, `ValueError` for a bad
     value, each naming the argument). ``cookie=None`` takes ``PGREGISTRY_COOKIE`` from
     the environment, else a random cookie (then nobody can connect). ``port=0`` binds an
     ephemeral port, which the id then carries.
+
+    ``advertise_host``: the host in the node's id, ``name@advertise_host:port``, which
+    peers dial; by default ``host``, the address the node listens on. Give it when they
+    differ, as when listening on every address: ``host="0.0.0.0"`` or ``"::"`` without
+    ``advertise_host`` raises `ValueError` (peers could not dial such an id back).
 
     TLS: ``ssl`` is the context the node listens with; connections it dials use
     ``client_ssl``, or ``ssl`` when ``client_ssl`` is None, in which case ``ssl`` must be
@@ -154,6 +168,7 @@ class Node:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        advertise_host: str | None = None,
         cookie: str | None = None,
         ssl: _ssl.SSLContext | None = None,
         client_ssl: _ssl.SSLContext | None = None,
@@ -166,6 +181,14 @@ class Node:
     ) -> None:
         self.name = _check_text("name", name, _FORBIDDEN_IN_NAME)
         self.host = _check_text("host", host, frozenset("@/ \t\r\n"))
+        if advertise_host is None:
+            if _unspecified(host):
+                raise ValueError(
+                    f"host {host!r} means every address of this machine: peers could not dial the id "
+                    f"{name}@{host}:port back; give advertise_host, the host peers reach this node at"
+                )
+            advertise_host = host
+        self.advertise_host = _check_text("advertise_host", advertise_host, frozenset("@/ \t\r\n"))
         if type(port) is not int:
             raise TypeError(f"port must be an int, got {short_repr(port)}")
         if not 0 <= port <= 65535:
@@ -221,7 +244,8 @@ class Node:
         self._down_reasons: dict[str, int] = {}  # peers lost since start, by `down_reason_label`
         self._monitor_hook_key = object()  # exit-hook key of monitor_nodes, unique per node
         make_endpoint = functools.partial(
-            Endpoint, self.name, cookie, host=self.host, port=port, ssl=ssl, client_ssl=client_ssl,
+            Endpoint, self.name, cookie, host=self.host, advertise_host=self.advertise_host, port=port,
+            ssl=ssl, client_ssl=client_ssl,
             tick_interval=self.tick_interval, down_after=self.down_after, max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
         )
@@ -246,8 +270,8 @@ class Node:
 
     @property
     def id(self) -> str:
-        """``"name@host:port"`` (the real port once started)."""
-        return f"{self.name}@{self.host}:{self.port}"
+        """``"name@advertise_host:port"`` (the real port once started)."""
+        return f"{self.name}@{self.advertise_host}:{self.port}"
 
     @property
     def creation(self) -> int:

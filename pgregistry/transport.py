@@ -612,7 +612,7 @@ OnClose = Callable[[Connection, str], None]
 class Endpoint:
     """A node's listener and its connections to peers.
 
-    ``Endpoint(name, cookie, *, creation=0, host="127.0.0.1", port=0, ssl=None,
+    ``Endpoint(name, cookie, *, creation=0, host="127.0.0.1", advertise_host=None, port=0, ssl=None,
     client_ssl=None, tick_interval=1.0, down_after=5.0, max_frame=wire.MAX_FRAME,
     handshake_timeout=5.0, max_pending_handshakes=64, send_buffer_limit=64 MiB,
     on_connection=None, on_message=None, on_close=None)``; every argument is checked
@@ -620,7 +620,8 @@ class Endpoint:
     ``client_ssl`` is given, to connect (so it must then be usable on both sides, e.g.
     ``ssl.SSLContext(ssl.PROTOCOL_TLS)`` with a certificate and CA loaded).
 
-    ``node_id`` defaults to ``"name@host:port"`` once `start` knows the port; the caller
+    ``node_id`` defaults to ``"name@advertise_host:port"`` (``advertise_host`` defaults to
+    ``host``, the address bound) once `start` knows the port; the caller
     may set ``node_id`` and ``creation`` after `start`, before the first handshake.
     """
 
@@ -631,6 +632,7 @@ class Endpoint:
         *,
         creation: int = 0,
         host: str = "127.0.0.1",
+        advertise_host: str | None = None,
         port: int = 0,
         ssl: _ssl.SSLContext | None = None,
         client_ssl: _ssl.SSLContext | None = None,
@@ -652,12 +654,15 @@ class Endpoint:
             raise ValueError("cookie must not be empty")
         if type(host) is not str or not host:
             raise TypeError(f"host must be a non-empty str, got {short_repr(host)}")
+        if advertise_host is not None and (type(advertise_host) is not str or not advertise_host):
+            raise TypeError(f"advertise_host must be a non-empty str or None, got {short_repr(advertise_host)}")
         for what, context in (("ssl", ssl), ("client_ssl", client_ssl)):
             if context is not None and not isinstance(context, _ssl.SSLContext):
                 raise TypeError(f"{what} must be an ssl.SSLContext or None, got {short_repr(context)}")
         self.name = name
         self._key = cookie.encode("utf-8", "surrogatepass")
         self.host = host
+        self.advertise_host = host if advertise_host is None else advertise_host
         self.port = check_int("port", port, 0, 65535)
         self.ssl = ssl
         self.client_ssl = client_ssl if client_ssl is not None else ssl
@@ -791,7 +796,7 @@ class Endpoint:
             raise
         self._server = server
         if self._node_id is None:
-            self._node_id = f"{self.name}@{self.host}:{self.port}"
+            self._node_id = f"{self.name}@{self.advertise_host}:{self.port}"
         self._timer_due = loop.time() + self.tick_interval / 2
         self._timer = loop.call_at(self._timer_due, self._on_timer)
         logger.info("endpoint %s listening on %s:%d%s", self._node_id, self.host, self.port,
