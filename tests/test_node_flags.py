@@ -46,7 +46,7 @@ def _start(*args: str, cookie: str | None = COOKIE, cwd: Path = ROOT) -> subproc
     env["PYTHONPATH"] = str(ROOT)
     if cookie is not None:
         env["PGREGISTRY_COOKIE"] = cookie
-    return subprocess.Popen([sys.executable, "-m", "pgregistry", "node", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pgregistry", "node", "--test-control", *args], cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -425,6 +425,12 @@ join_timeout = 10.0
 workers = "sessions"
 exit_with_stdin = false
 log_level = "info"
+log_format = "plain"
+discover = ["static:{a_id.rpartition('@')[2]}"]
+metrics_host = "127.0.0.1"
+metrics_port = {_free_port()}
+shutdown_timeout = 5.0
+test_control = true
 """)
         # Every option of the node command has its key in that file, but --config and --cookie (refused).
         settable = set(node_options._settable(node_options._node_parser(_parser())))
