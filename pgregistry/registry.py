@@ -407,10 +407,10 @@ class Registry:
             known = False
         if not known:
             self._check_how(how)
+        if type(exclude) not in (list, tuple, set, frozenset):
+            raise TypeError(f"exclude must be a list, tuple, set or frozenset of pids, "
+                            f"got {short_repr(exclude, 60)}")
         if exclude:
-            if type(exclude) not in (list, tuple, set, frozenset):
-                raise TypeError(f"exclude must be a list, tuple, set or frozenset of pids, "
-                                f"got {short_repr(exclude, 60)}")
             for pid in exclude:
                 if type(pid) is not Pid:
                     raise TypeError(f"exclude must hold pids, got {short_repr(pid, 60)}")

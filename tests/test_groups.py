@@ -79,6 +79,9 @@ async def test_pick_of_an_empty_group_is_none_and_bad_how_raises() -> None:
             reg.pick("g", "random", self_pid())
         with pytest.raises(TypeError, match="exclude"):
             reg.pick("g", "random", ["not a pid"])
+        for empty_but_wrong in (None, 0, "", {}):
+            with pytest.raises(TypeError, match="exclude"):
+                reg.pick("g", "random", empty_but_wrong)
 
 
 async def test_pick_modes_on_one_node() -> None:
