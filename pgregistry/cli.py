@@ -118,8 +118,18 @@ async def run_node(args: argparse.Namespace) -> int:
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(sig: int) -> None:
+        """The first SIGTERM/SIGINT stops the node gracefully; the next ends the process."""
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(128 + sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     if args.exit_with_stdin:
         try:
             await loop.connect_read_pipe(lambda: _EndOfInput(stop), sys.stdin)
@@ -201,13 +211,11 @@ async def run_node(args: argparse.Namespace) -> int:
             if not stop.is_set():
                 raise
             starting.uncancel()
-            _exit_on_second_signal(loop)
             return 0  # stopped before it was ready: no NODE line
         finally:
             watcher.cancel()
         print(f"NODE {node.id}", flush=True)
-        await stop.wait()
-        _exit_on_second_signal(loop)
+        await stop.wait()  # a signal, or `pgregistry drain` (after which a signal is still the first)
         if discovery is not None:
             await discovery.stop()  # first: no new peer while the node leaves
         await node.stop(drain_timeout=args.shutdown_timeout)
@@ -240,13 +248,6 @@ async def _join(names: Names, address: str, timeout: float) -> str | None:
             pause = min(2 * pause, 1.0)
         except (RegistryError, ValueError, TypeError) as exc:  # JoinRefused, AuthenticationError, a bad address
             return f"{type(exc).__name__}: {exc}"
-
-
-def _exit_on_second_signal(loop: asyncio.AbstractEventLoop) -> None:
-    """While the node stops gracefully, a second SIGTERM/SIGINT ends the process at once."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-        loop.add_signal_handler(sig, os._exit, 128 + sig)
 
 
 def _fail(message: str, status: int) -> int:

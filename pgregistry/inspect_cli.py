@@ -26,6 +26,7 @@ from .errors import AuthenticationError
 from .inspection import MAX_PAGE, InspectionClient, InspectionError
 from .jsonterms import to_json
 from .node_options import OptionError, read_cookie_file
+from .terms import key_problem, short_repr
 
 __all__ = ["COMMANDS", "add_commands", "run"]
 
@@ -43,14 +44,22 @@ class NotFound(Exception):
     """What was asked for does not exist (exit status 1)."""
 
 
+class Refused(Exception):
+    """The node refused the tool (it is stopping, or serves no tools): exit status 3."""
+
+
 def parse_term(text: str, what: str) -> Any:
     """A KEY or NAME argument: a Python literal, or a bare word as that string."""
     try:
-        return ast.literal_eval(text)
+        term = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         if text.isidentifier():
             return text
         raise Usage(f"{what} must be a Python literal such as 42, 'web' or ('user', 42); got {text!r}") from None
+    problem = key_problem(term)
+    if problem is not None:
+        raise Usage(f"{what} {text!r} is not a key: {problem}")
+    return term
 
 
 def add_commands(commands: Any) -> None:
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     except NotFound as exc:
         print(f"pgregistry {args.command}: {exc}", file=sys.stderr)
         return NOT_FOUND
-    except (OSError, TimeoutError, AuthenticationError, ConnectionError) as exc:
+    except (OSError, TimeoutError, AuthenticationError, ConnectionError, Refused) as exc:
         print(f"pgregistry {args.command}: cannot reach {args.address}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return UNREACHABLE
@@ -122,7 +131,10 @@ async def _with_client(args: argparse.Namespace, cookie: str,
                        job: Callable[[InspectionClient, argparse.Namespace], Coroutine[Any, Any, Any]]) -> Any:
     if args.timeout <= 0:
         raise Usage("--timeout must be > 0")
-    client = await InspectionClient.connect(args.address, cookie, timeout=args.timeout)
+    try:
+        client = await InspectionClient.connect(args.address, cookie, timeout=args.timeout)
+    except InspectionError as exc:
+        raise Refused(str(exc)) from None
     try:
         return await job(client, args)
     except InspectionError as exc:
@@ -153,13 +165,17 @@ async def _select(client: InspectionClient, args: argparse.Namespace) -> dict[st
     rows: list[Any] = []
     cursor: int | None = args.cursor
     total = 0
+    skipped = 0
     while cursor is not None and len(rows) < args.limit:
         page = await client.request("select", args.scope, cursor, min(MAX_PAGE, args.limit - len(rows)),
                                     timeout=args.timeout)
+        if page["next"] is not None and page["next"] <= cursor:
+            raise Usage(f"the node's select made no progress at row {cursor}")  # never loop forever
         rows += page["rows"]
+        skipped += page.get("skipped", 0)
         cursor, total = page["next"], page["total"]
     return {"node": client.node_id, "scope": args.scope, "rows": [list(r) for r in rows], "total": total,
-            "next": cursor}
+            "next": cursor, "skipped": skipped}
 
 
 async def _whereis(client: InspectionClient, args: argparse.Namespace) -> dict[str, Any]:
@@ -197,12 +213,13 @@ def _human(command: str, out: dict[str, Any]) -> str:
                          f"{st['nodes']} nodes on the ring")
         return "\n".join(lines)
     if command == "lookup":
-        return "\n".join(f"{pid}  {value!r}" for pid, value in out["entries"])
+        return "\n".join(f"{pid}  {short_repr(value, 1000)}" for pid, value in out["entries"])
     if command == "select":
-        rows = [f"{key!r}  {pid}  {value!r}" for key, pid, value in out["rows"]]
+        rows = [f"{short_repr(key, 200)}  {pid}  {short_repr(value, 1000)}" for key, pid, value in out["rows"]]
         more = f"\n({len(out['rows'])} of {out['total']}; more with --cursor {out['next']})" \
             if out["next"] is not None else ""
-        return "\n".join(rows) + more
+        skipped = f"\n({out['skipped']} rows too large to send were left out)" if out["skipped"] else ""
+        return "\n".join(rows) + more + skipped
     if command == "whereis":
         return f"{out['pid']}  token {out['token']}"
     return f"{out['node']}: {out['result']}"

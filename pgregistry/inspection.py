@@ -11,7 +11,9 @@ see `pgregistry.mesh`). Two halves, like the protocol they share:
 * `InspectionClient`, in the tool: connects, asks, closes.
 
 Requests ``["req", id, command, args]``, replies ``["rep", id, ["ok", result]]`` or
-``["rep", id, ["error", "TypeName: message"]]`` (version `INSPECTION_VERSION`):
+``["rep", id, ["error", "TypeName: message"]]`` (version `INSPECTION_VERSION`). A node
+answers one request per loop iteration, in order; a tool with more than
+`MAX_PENDING` requests waiting is disconnected.
 
 ``version []``
     ``{"inspection": 1, "pgregistry": version, "protocol": wire protocol version,
@@ -23,10 +25,12 @@ Requests ``["req", id, command, args]``, replies ``["rep", id, ["ok", result]]``
 ``lookup [scope, key]``
     ``[(pid, value), ...]``: the node's view of `key` in registry `scope`.
 ``select [scope, cursor, limit]``
-    ``{"rows": [(key, pid, value), ...], "next": cursor or None, "total": rows in the
-    view}``: rows from `cursor` (an offset, 0 first), at most `limit` (1..`MAX_PAGE`),
-    fewer if they would not fit in one frame to the tool. An offset is not a snapshot:
-    writes between pages may shift rows.
+    ``{"rows": [(key, pid, value), ...], "next": cursor or None, "total": rows,
+    "skipped": n}``: rows from `cursor` (0 first), at most `limit` (1..`MAX_PAGE`), fewer if
+    more would not fit in one frame to the tool. Cursor 0 takes a snapshot of the view
+    for this connection (the one cost proportional to the registry); later cursors page
+    through that snapshot, so pages neither shift nor cost more than themselves. A row
+    too large for a frame on its own is skipped and counted in ``skipped``.
 ``stat []``
     ``{"node": {...}, "scopes": {scope: stat}, "names": {...}, "workers": {...}}``.
 ``whereis [service, name]``
@@ -43,6 +47,7 @@ import logging
 import os
 import secrets
 import ssl as _ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -57,7 +62,7 @@ from .registry import Registry
 from .spec import V1, V2, V3
 from .terms import check_key, short_repr
 from .transport import Connection, Endpoint
-from .wire import encode
+from .wire import MAX_FRAME, encode
 from .workers import Workers
 
 __all__ = ["INSPECTION_VERSION", "MAX_PAGE", "Inspection", "InspectionClient", "InspectionError"]
@@ -69,6 +74,11 @@ INSPECTION_VERSION: Final = 1
 
 MAX_PAGE: Final = 10_000
 """Most rows one ``select`` request may ask for."""
+
+MAX_PENDING: Final = 64
+"""Most requests of one tool waiting for their answer; more closes its connection."""
+
+_TOOL_TICK: Final = 0.1  # seconds between a tool's ticks
 
 _ALL_ROWS: Final[list[Any]] = [((V1, V2, V3), [], [(V1, V2, V3)])]
 
@@ -88,6 +98,8 @@ class Inspection:
         self.workers = workers
         self.on_drain = on_drain
         self._log = LogBudget(log, f"inspection on {node.id}")
+        self._pending: dict[Connection, deque[list[Any]]] = {}  # requests not answered yet
+        self._snapshots: dict[Connection, tuple[str, list[Any]]] = {}  # a select's rows, per tool
         self._commands: dict[str, Callable[..., Any]] = {
             "version": self._version, "info": self._info, "peers": self._peers, "lookup": self._lookup,
             "select": self._select, "stat": self._stat, "whereis": self._whereis, "drain": self._drain,
@@ -112,7 +124,25 @@ class Inspection:
             self._log.warning("inspection: malformed request from %s: %s", conn.peer_id, short_repr(term, 200))
             conn.close("malformed tool request")
             return
-        _req, rid, command, args = term
+        queue = self._pending.get(conn)
+        if queue is None:
+            queue = self._pending[conn] = deque()
+            asyncio.get_running_loop().call_soon(self._answer_next, conn)
+        elif len(queue) >= MAX_PENDING:
+            self._log.warning("inspection: %s sent more than %d requests at once; closing it", conn.peer_id,
+                              MAX_PENDING)
+            conn.close("too many tool requests at once")
+            return
+        queue.append(term)
+
+    def _answer_next(self, conn: Connection) -> None:
+        """Answer one request of `conn`, then let the loop run before the next."""
+        queue = self._pending.get(conn)
+        if not queue or conn.closed:
+            self._pending.pop(conn, None)
+            self._snapshots.pop(conn, None)
+            return
+        _req, rid, command, args = queue.popleft()
         handler = self._commands.get(command)
         try:
             if handler is None:
@@ -123,7 +153,16 @@ class Inspection:
                       else f"TypeError: wrong arguments for {command}: {short_repr(args, 100)}"]
         except (ValueError, LookupError) as e:
             result = ["error", f"{type(e).__name__}: {e}"]
-        conn.send(["rep", rid, result])
+        try:
+            conn.send(["rep", rid, result])
+        except (TypeError, ValueError) as e:  # not a term, or over the tool's frame limit
+            conn.send(["rep", rid, ["error", f"ValueError: the reply cannot be sent: {e}"]])
+        if queue:
+            asyncio.get_running_loop().call_soon(self._answer_next, conn)
+        else:
+            del self._pending[conn]
+        for other in [c for c in self._snapshots if c.closed]:
+            del self._snapshots[other]
 
     def _registry(self, scope: Any) -> Registry:
         reg = self.registries.get(scope) if type(scope) is str else None
@@ -154,13 +193,25 @@ class Inspection:
             raise ValueError(f"cursor must be an int >= 0, got {short_repr(cursor)}")
         if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit must be an int in 1..{MAX_PAGE}, got {short_repr(limit)}")
-        rows = self._registry(scope).select(_ALL_ROWS)
-        page = rows[cursor:cursor + limit]
+        snapshot = self._snapshots.get(conn)
+        if cursor == 0 or snapshot is None or snapshot[0] != scope:
+            snapshot = self._snapshots[conn] = (scope, self._registry(scope).select(_ALL_ROWS))
+        rows = snapshot[1]
         budget = conn.peer_max_frame - 1024  # the reply's own wrapping
-        while page and len(encode(page)) > budget:
-            page = page[:len(page) // 2]  # halve until one frame holds it
-        end = cursor + len(page)
-        return {"rows": page, "next": end if end < len(rows) else None, "total": len(rows)}
+        page: list[Any] = []
+        size = skipped = 0
+        end = cursor
+        while end < len(rows) and len(page) < limit:
+            row_size = len(encode(rows[end]))
+            if row_size > budget:
+                skipped += 1  # too large for any frame to this tool
+            elif size + row_size > budget:
+                break
+            else:
+                page.append(rows[end])
+                size += row_size
+            end += 1
+        return {"rows": page, "next": end if end < len(rows) else None, "total": len(rows), "skipped": skipped}
 
     def _stat(self, conn: Connection) -> dict[str, Any]:
         node = self.node
@@ -202,14 +253,19 @@ class InspectionClient:
 
     @classmethod
     async def connect(cls, address: str, cookie: str, *, timeout: float = 5.0,
-                      ssl: _ssl.SSLContext | None = None) -> InspectionClient:
+                      ssl: _ssl.SSLContext | None = None, max_frame: int = MAX_FRAME) -> InspectionClient:
         """Connect to the node at `address` (``host:port`` or a node id) as a tool.
+
+        `max_frame` is the largest frame this tool accepts (the node sizes its replies
+        to fit, `select` pages included).
 
         `AuthenticationError` if the cookies differ; `OSError`, `ConnectionError` or
         `TimeoutError` if the node cannot be reached or does not open the exchange within
         `timeout`; `InspectionError` if it refuses tools.
         """
-        endpoint = Endpoint("pgregistry-tool", cookie, ssl=ssl, handshake_timeout=timeout,
+        # Ticks often, so that a node with a short down_after never takes an idle tool for dead.
+        endpoint = Endpoint("pgregistry-tool", cookie, ssl=ssl, handshake_timeout=timeout, max_frame=max_frame,
+                            tick_interval=_TOOL_TICK, down_after=max(2 * _TOOL_TICK, timeout),
                             on_message=lambda conn, term: self._on_message(term),
                             on_close=lambda conn, reason: self._on_close(reason))
         self = cls(endpoint)
@@ -258,8 +314,8 @@ class InspectionClient:
         rid = self._next
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
-        conn.send(["req", rid, command, list(args)])
         try:
+            conn.send(["req", rid, command, list(args)])
             reply = await asyncio.wait_for(fut, timeout)
         finally:
             self._replies.pop(rid, None)

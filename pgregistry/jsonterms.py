@@ -11,6 +11,8 @@ term                   JSON
 `Pid`                  ``{"$pid": [node, serial, creation]}``
 `Ref`                  ``{"$ref": [node, serial, creation]}``
 ``nan``, ``inf``        ``{"$float": "nan"}``, ``{"$float": "inf"}``, ``{"$float": "-inf"}``
+an int of more than    ``{"$int": "<hex>"}`` (JSON readers choke on such numbers)
+4 000 digits
 a dict whose keys are  ``{"$dict": [[key, value], ...]}``
 not all strings, or
 one of which starts
@@ -32,12 +34,16 @@ from .terms import Pid, Ref, short_repr
 
 __all__ = ["from_json", "to_json"]
 
+_MAX_PLAIN_INT_BITS = 13_000  # about 3 900 decimal digits: below Python's 4 300-digit str limit
+
 
 def to_json(term: Any) -> Any:
     """`term` as a JSON-ready value (tagged where JSON lacks the type)."""
     kind = type(term)
-    if term is None or kind is bool or kind is int or kind is str:
+    if term is None or kind is bool or kind is str:
         return term
+    if kind is int:
+        return term if term.bit_length() <= _MAX_PLAIN_INT_BITS else {"$int": hex(term)}
     if kind is float:
         return term if math.isfinite(term) else {"$float": repr(term)}
     if kind is Pid or kind is Ref:
@@ -70,11 +76,22 @@ def from_json(value: Any) -> Any:
         if tag == "$bytes" and type(inner) is str:
             return base64.b64decode(inner, validate=True)
         if tag in ("$pid", "$ref") and type(inner) is list and len(inner) == 3:
-            return (Pid if tag == "$pid" else Ref)(*inner)
+            try:
+                return (Pid if tag == "$pid" else Ref)(*inner)
+            except (TypeError, ValueError):
+                raise ValueError(f"malformed tagged term {short_repr(value, 80)}") from None
         if tag == "$float" and inner in ("nan", "inf", "-inf"):
             return float(inner)
+        if tag == "$int" and type(inner) is str:
+            try:
+                return int(inner, 16)
+            except ValueError:
+                raise ValueError(f"malformed tagged term {short_repr(value, 80)}") from None
         if tag == "$dict" and type(inner) is list and all(type(p) is list and len(p) == 2 for p in inner):
-            return {from_json(k): from_json(v) for k, v in inner}
+            try:
+                return {from_json(k): from_json(v) for k, v in inner}
+            except TypeError:  # an unhashable key
+                raise ValueError(f"malformed tagged term {short_repr(value, 80)}") from None
         if type(tag) is str and tag.startswith("$"):
             raise ValueError(f"malformed tagged term {short_repr(value, 80)}")
     return {k: from_json(v) for k, v in value.items()}

@@ -198,6 +198,8 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] | None,
             node.error(f"{' and '.join(alone)} need{'s' if len(alone) == 1 else ''} --names")
     if not 0 < args.connect_timeout < float("inf"):
         node.error(f"--connect-timeout must be a positive number of seconds, got {args.connect_timeout}")
+    if not 0 < args.shutdown_timeout < float("inf"):
+        node.error(f"--shutdown-timeout must be a positive number of seconds, got {args.shutdown_timeout}")
     if args.cookie is not None and args.cookie_file is not None:
         node.error("--cookie and --cookie-file: give one of them (prefer --cookie-file)")
     tls = [getattr(args, key) for key in TLS_KEYS]
