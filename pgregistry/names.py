@@ -193,7 +193,11 @@ class Names:
         """Stop the service on this node: release the names held here (within `timeout`,
         so that others may take them at once rather than after a lease), then close. The
         holders are killed (or notified) as for a lost lease; the other members see this
-        node as a member that stopped answering until it is removed (`leave`)."""
+        node as a member that stopped answering until it is removed (`leave`).
+
+        A release that takes longer than `timeout` raises nothing: the service closes
+        anyway. If `stop` is cancelled while the names are being released, the service
+        is left running (`stop` or `close` it again)."""
         self.node.require_loop_thread("Names.stop")
         check_timeout(timeout, "Names.stop")
         with contextlib.suppress(TimeoutError):

@@ -143,7 +143,11 @@ class Registry:
         return cls(node, name, scope)
 
     async def stop(self) -> None:
-        """Stop the scope on this node: its entries, subscriptions and metadata are gone."""
+        """Stop the scope on this node: its entries, subscriptions and metadata are gone.
+
+        Waits for nothing (peers drop this node's entries when they hear of it).
+        `RuntimeError` off the node's loop thread or if the registry is already stopped.
+        """
         self._check_thread("stop")
         self._scope.close()
 

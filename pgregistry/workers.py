@@ -158,7 +158,9 @@ class Workers:
 
     async def stop(self) -> None:
         """Stop the service on this node: its workers are exited with reason ``"shutdown"``
-        and the other nodes take this node off their rings at once."""
+        and the other nodes take this node off their rings at once.
+
+        Waits for nothing. `RuntimeError` off the node's loop thread or once stopped."""
         self._check_open("stop")
         for w in list(self.table.local()):
             self._runtime.exit(w.pid, "shutdown")
