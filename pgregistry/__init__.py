@@ -2,7 +2,7 @@
 
 Processes are asyncio tasks with a mailbox and a `Pid`; a `Registry` keeps
 ``(key, pid, value)`` entries in a compiled table and shares them with the same
-registry on connected nodes. Start with::
+registry on connected nodes. Start with:
 
     import pgregistry as pgr
 

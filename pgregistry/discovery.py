@@ -124,7 +124,7 @@ class Strategy:
         raise NotImplementedError
 
     def stat(self) -> dict[str, int]:
-        """The strategy's own counters (added to the discovery's `~Discovery.stat`)."""
+        """The strategy's own counters (added to the discovery's `Discovery.stat`)."""
         return {}
 
     def close(self) -> None:

@@ -27,6 +27,12 @@ __all__ = ["Join", "Leave", "Update", "Registered", "Unregistered", "Down", "Nod
 
 
 class Join(NamedTuple):
+    """``Join(ref, key, entries)``: entries ``[(pid, value), ...]`` were added under `key`.
+
+    Sent to a subscriber of `Registry.monitor_scope` or `Registry.monitor`; `ref` is
+    the subscription's reference.
+    """
+
     ref: Any
     key: Any
     entries: list
@@ -55,12 +61,22 @@ class Leave(_LeaveFields):
 
 
 class Update(NamedTuple):
+    """``Update(ref, key, changes)``: values under `key` changed.
+
+    `changes` is ``[(pid, old_value, new_value), ...]``, one per entry. Sent to a
+    subscriber of `Registry.monitor_scope` or `Registry.monitor`; `ref` is the
+    subscription's reference.
+    """
+
     ref: Any
     key: Any
     changes: list
 
 
 class Registered(NamedTuple):
+    """``Registered(scope, key, pid, value)``: to a registry's `listeners`, one per entry
+    added, whatever the cause (a local or a remote change, a resynchronisation)."""
+
     scope: str
     key: Any
     pid: Any
@@ -68,27 +84,43 @@ class Registered(NamedTuple):
 
 
 class Unregistered(NamedTuple):
+    """``Unregistered(scope, key, pid)``: to a registry's `listeners`, one per entry
+    removed, whatever the cause (an unregister, a process exit, a node lost)."""
+
     scope: str
     key: Any
     pid: Any
 
 
 class Down(NamedTuple):
+    """``Down(ref, pid, reason)``: the process `pid`, watched with `pgregistry.monitor`
+    (which returned `ref`), exited with `reason` (``"noconnection"`` when its node was
+    lost, ``"noproc"`` when it was not alive when the monitor was made)."""
+
     ref: Any
     pid: Any
     reason: Any
 
 
 class NodeUp(NamedTuple):
+    """``NodeUp(node)``: to a process that called `Node.monitor_nodes`, when the peer
+    `node` (a node id) comes up."""
+
     node: str
 
 
 class NodeDown(NamedTuple):
+    """``NodeDown(node, reason)``: to a process that called `Node.monitor_nodes`, when the
+    peer `node` (a node id) goes down; `reason` says why (e.g. ``"disconnect"``)."""
+
     node: str
     reason: Any
 
 
 class NameLost(NamedTuple):
+    """``NameLost(name, pid, token)``: to the holder `pid` of a `Names` name, with
+    ``on_lost="notify"``, when its hold (with fencing token `token`) stops being valid."""
+
     name: Any
     pid: Any
     token: int

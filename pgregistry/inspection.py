@@ -306,7 +306,9 @@ class InspectionClient:
 
     async def request(self, command: str, *args: Any, timeout: float = 5.0) -> Any:
         """Ask `command` with `args`; its result. `InspectionError` with the node's reason
-        for an error reply, `TimeoutError`, `ConnectionError` if the connection drops."""
+        for an error reply, `TimeoutError` after `timeout` seconds, `ConnectionError` if
+        the connection drops. A timeout or a cancellation abandons the wait: a late reply
+        is dropped."""
         conn = self._conn
         if conn is None or conn.closed:
             raise ConnectionError("not connected")
@@ -326,6 +328,7 @@ class InspectionClient:
         raise InspectionError(f"malformed reply {short_repr(reply, 200)}")
 
     async def close(self) -> None:
+        """Close the connection and the client's endpoint."""
         await self._endpoint.close()
 
     async def __aenter__(self) -> InspectionClient:

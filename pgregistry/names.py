@@ -118,6 +118,13 @@ class Names:
 
     It starts as a cluster of this node alone (a majority of one); `join` makes it a
     member of another node's cluster. See the module docstring for the guarantee.
+
+    Every method runs on the node's loop thread (`RuntimeError` off it, or once the
+    service is stopped). Every call that waits for the cluster takes a `timeout` in
+    seconds and raises `NoQuorum` (a `TimeoutError`) when no majority answers within
+    it. A timeout or a cancellation abandons the wait, not the operation: one that has
+    already left this node still completes (a name it gives to a process of this node
+    is then released again), one that has not is withdrawn.
     """
 
     def __init__(self, node: Node, service: str, lease: float, shard_count: int, on_lost: str,
@@ -186,7 +193,11 @@ class Names:
         """Stop the service on this node: release the names held here (within `timeout`,
         so that others may take them at once rather than after a lease), then close. The
         holders are killed (or notified) as for a lost lease; the other members see this
-        node as a member that stopped answering until it is removed (`leave`)."""
+        node as a member that stopped answering until it is removed (`leave`).
+
+        A release that takes longer than `timeout` raises nothing: the service closes
+        anyway. If `stop` is cancelled while the names are being released, the service
+        is left running (`stop` or `close` it again)."""
         self.node.require_loop_thread("Names.stop")
         check_timeout(timeout, "Names.stop")
         with contextlib.suppress(TimeoutError):
@@ -356,12 +367,15 @@ class Names:
     # -- peers ----------------------------------------------------------------------------
 
     def peer_up(self, peer: str) -> None:
+        """Service hook (called by the node): greet `peer`'s names service."""
         self.link.say_hello(peer)
 
     def peer_down(self, peer: str, reason: str) -> None:
+        """Service hook (called by the node): `peer` is disconnected; its lease runs out."""
         self.link.peer_down(peer)
 
     def peer_message(self, peer: str, payload: Any) -> None:
+        """Service hook (called by the node): a message of the names protocol from `peer`."""
         if not self.closed:
             self.link.on_payload(peer, payload)
 
@@ -467,6 +481,7 @@ class Names:
         members, or its ``lease`` or ``shard_count`` differ from the cluster's;
         `NoQuorum` if the change is not decided within `timeout` (it may still be: call
         `join` again to wait for it). A restarted node replaces its old incarnation.
+        Cancellation abandons the wait, as a timeout does.
         """
         self._check_open("join")
         check_timeout(timeout, "Names.join")
@@ -524,7 +539,8 @@ class Names:
         Returns once the change is decided. A removed node's holders step down; a node
         that left stays outside every cluster (its registers still answer the members
         copying them) until it `join`s one or `reset`s. `ValueError` if `node_id` is not
-        a member or is the last one; `NoQuorum` after `timeout`.
+        a member or is the last one; `NoQuorum` after `timeout`. Cancellation abandons
+        the wait, not the change.
         """
         self._check_open("leave")
         check_timeout(timeout, "Names.leave")
@@ -593,7 +609,8 @@ class Names:
         renewing, waits (within `timeout`) for its lease to end and takes the name over;
         False if it is still held at the timeout. `TypeError` for a name that is not
         a key term, `NotLocal`/`NoProcess` for a pid that is not a live local process,
-        `NoQuorum` after `timeout`.
+        `NoQuorum` after `timeout`. After a timeout or a cancellation the process does
+        not keep a name the operation gives it later: it is released again.
         """
         self._check_open("register_name")
         self._check_member("register_name")
@@ -640,7 +657,8 @@ class Names:
 
     async def unregister_name(self, name: Any, timeout: float = 5.0) -> bool:
         """Free `name` if a process of this node validly holds it: True once freed, False
-        if none does. `NoQuorum` after `timeout` (the release goes on until decided)."""
+        if none does. `NoQuorum` after `timeout` (the release goes on until decided);
+        a cancellation abandons the wait the same way."""
         self._check_open("unregister_name")
         check_key(name, "name")
         check_timeout(timeout, "Names.unregister_name")
@@ -699,7 +717,7 @@ class Names:
     async def lookup(self, name: Any, timeout: float = 5.0) -> tuple[Pid, int] | None:
         """The holder of `name` and its token as a majority has decided it (linearizable),
         or None if it is free. The holder's node may have died since; `NoQuorum` after
-        `timeout`."""
+        `timeout`. Cancellation abandons the wait (a read changes nothing)."""
         self._check_open("lookup")
         check_key(name, "name")
         check_timeout(timeout, "Names.lookup")
@@ -719,7 +737,8 @@ class Names:
         alive there and that node must hold a valid lease. True once `new_pid` holds the
         name with a larger token; False if the token changed, the name is free or held by
         a node this one cannot reach. `NoProcess` if `new_pid` is dead, `NoQuorum` after
-        `timeout`.
+        `timeout`. A timeout or a cancellation abandons the wait, not the hand-over: it
+        may still happen.
         """
         self._check_open("update")
         check_key(name, "name")
@@ -792,7 +811,8 @@ class Names:
 
         The new process starts here but waits for the name before it runs ``fn``: if
         another node's process wins the name, this one is killed without running any of
-        ``fn`` and the winner is returned. `NoQuorum` after `timeout`.
+        ``fn`` and the winner is returned. `NoQuorum` after `timeout`; after a timeout or a
+        cancellation a name the new process is given later is released again.
         """
         self._check_open("get_or_start")
         self._check_member("get_or_start")
@@ -907,7 +927,8 @@ class Names:
         """Before a graceful stop: release the names held here (so that other members may
         take them at once, not a lease later), then wait until no operation of this node is
         under way; `TimeoutError` after `timeout` seconds (a release still under way goes
-        on). The holders are let go as for a lost lease (killed, or sent `NameLost`)."""
+        on; so does it after a cancellation). The holders are let go as for a lost lease
+        (killed, or sent `NameLost`)."""
         deadline = self._loop.time() + timeout
         releases = [self.unregister_name(name, timeout) for name in list(self.core.grants)]
         if releases:

@@ -36,7 +36,7 @@ class NamingService(Protocol):
 class Via:
     """A name resolved by a `NamingService`: ``Via(service, key, value=None)``.
 
-    Accepted by `send`, `pgregistry.server.call` and `~pgregistry.server.cast`, and as
+    Accepted by `send`, `pgregistry.server.call` and `pgregistry.server.cast`, and as
     ``name=`` of `Server.start` (which registers the new process with ``value``).
     Immutable; equal and hashed by ``(id(service), key)``, so ``value`` does not count.
     """

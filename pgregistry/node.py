@@ -1,7 +1,7 @@
 """`Node`: one member of a cluster (layer 3): processes, names, peers, remote messaging.
 
 A node runs on one asyncio event loop. `Node.start` (or ``async with node``) binds the
-node's `~pgregistry.transport.Endpoint` first (so the id carries the real port:
+node's `pgregistry.transport.Endpoint` first (so the id carries the real port:
 ``name@host:port``), picks a new random *creation* (so pids of an earlier incarnation
 never match), installs its remote messaging as its process runtime's router, and makes
 the calling task a process of the node. Writes (`spawn`, names, `connect`, services)
@@ -531,7 +531,7 @@ class Node:
 
         Used for every later dial to that node: reconnects and ``members`` gossip (not
         an already open connection). For NAT, proxies, and tests that put a
-        `~pgregistry.testing.LinkProxy` in each direction of a link.
+        `pgregistry.testing.LinkProxy` in each direction of a link.
         """
         self.require_loop_thread("add_route")
         if type(peer) is not str or "@" not in peer:

@@ -143,7 +143,11 @@ class Registry:
         return cls(node, name, scope)
 
     async def stop(self) -> None:
-        """Stop the scope on this node: its entries, subscriptions and metadata are gone."""
+        """Stop the scope on this node: its entries, subscriptions and metadata are gone.
+
+        Waits for nothing (peers drop this node's entries when they hear of it).
+        `RuntimeError` off the node's loop thread or if the registry is already stopped.
+        """
         self._check_thread("stop")
         self._scope.close()
 
@@ -621,6 +625,9 @@ class Registry:
         node could not send since the last such report: a value mutated after it was
         registered into something that is not a term, or rows larger than a peer's
         frame limit. Peers do not hold those entries; the others were not held up.
+        Cancellation abandons the wait (peers still apply what was sent). `ValueError`
+        for a negative `timeout`; `RuntimeError` off the node's loop thread or once the
+        registry is stopped.
         """
         if type(timeout) not in (int, float) or timeout < 0:
             raise ValueError(f"timeout must be a non-negative number, got {short_repr(timeout, 60)}")

@@ -2,7 +2,7 @@
 
 A server is a process that loops on its mailbox: a `Call` message runs
 ``handle_call(request, caller)`` and its return value goes back to the caller as a
-`~pgregistry.process.Reply`; a `Cast` runs ``handle_cast(msg)``; anything else (plain
+`pgregistry.process.Reply`; a `Cast` runs ``handle_cast(msg)``; anything else (plain
 messages, ``Down`` of its monitors) runs ``handle_info(msg)``. Messages are handled one at
 a time, in arrival order.
 

@@ -158,7 +158,9 @@ class Workers:
 
     async def stop(self) -> None:
         """Stop the service on this node: its workers are exited with reason ``"shutdown"``
-        and the other nodes take this node off their rings at once."""
+        and the other nodes take this node off their rings at once.
+
+        Waits for nothing. `RuntimeError` off the node's loop thread or once stopped."""
         self._check_open("stop")
         for w in list(self.table.local()):
             self._runtime.exit(w.pid, "shutdown")
@@ -311,9 +313,12 @@ class Workers:
     # -- the node's calls -----------------------------------------------------------------
 
     def peer_up(self, peer: str) -> None:
+        """Service hook (called by the node): send `peer` this node's hello (its ring rules)."""
         self._say_hello(peer, True)
 
     def peer_down(self, peer: str, reason: str) -> None:
+        """Service hook (called by the node): fail the requests waiting on `peer` and take
+        it off the ring."""
         self.requests.peer_down(peer)
         self.refused.pop(peer, None)
         self._leave_ring(peer)
@@ -322,6 +327,7 @@ class Workers:
         """`peer` runs no workers service of this name: it is not on the ring (nothing to do)."""
 
     def peer_message(self, peer: str, payload: Any) -> None:
+        """Service hook (called by the node): a message of the workers protocol from `peer`."""
         if self.closed:
             return
         if type(payload) is not list or not payload:
@@ -645,7 +651,8 @@ class Workers:
 
     async def get_or_start(self, name: Any, fn: Callable[..., Awaitable[Any]], *args: Any,
                            timeout: float = 5.0) -> Pid:
-        """The worker `name` if this node answers for it, else `spawn` (same errors)."""
+        """The worker `name` if this node answers for it, else `spawn` (same errors, timeout
+        and cancellation)."""
         try:
             w = self.table.held.get(name)
         except TypeError:
@@ -660,7 +667,8 @@ class Workers:
 
     async def whereis(self, name: Any, timeout: float = 5.0) -> Pid | None:
         """The pid of the worker `name` (asking its owner unless this node answers for it);
-        None when the owner says it has none. Errors as for `spawn`."""
+        None when the owner says it has none. Errors as for `spawn`; a timeout
+        (`CallTimeout`) or a cancellation abandons the wait."""
         self._check_open("whereis")
         w = self.table.get(check_key(name, "name"))
         if w is not None:
@@ -676,7 +684,9 @@ class Workers:
 
         Must run in a process. `NoProcess` (``.reason`` ``"noproc"``) if the owner has
         no such worker; `CallTimeout` if the lookup or the call take longer than
-        `timeout` in all; a call that reached the worker is never sent twice.
+        `timeout` in all; a call that reached the worker is never sent twice. A timeout
+        or a cancellation abandons the wait: a late reply is dropped, and the worker may
+        still handle the request.
         """
         deadline = self._deadline(timeout, "call")
         current_process()
@@ -711,7 +721,9 @@ class Workers:
         The worker must run on this node and have been started by the service (a tracked
         process has no function to start again: `ValueError`). On any failure (the owner
         refuses, `CallTimeout`, `RingUnsettled`) the old instance keeps running. Called
-        from the worker itself, it does not return: the worker exits.
+        from the worker itself, it does not return: the worker exits. A timeout or a
+        cancellation abandons the wait and leaves the old instance running; the new one
+        may still have started on the owner.
         """
         self._check_open("handoff")
         w = self.table.get(check_key(name, "name"))
@@ -760,7 +772,8 @@ class Workers:
 
     async def unregister(self, name: Any, timeout: float = 5.0) -> bool:
         """Forget the worker `name` (the process keeps running); True if one was held.
-        Asks the owner unless this node runs it. Errors as for `whereis`."""
+        Asks the owner unless this node runs it. Errors, timeout and cancellation as for
+        `whereis`."""
         self._check_open("unregister")
         w = self.table.get(check_key(name, "name"))
         if self._exact is not None:
