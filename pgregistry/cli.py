@@ -223,6 +223,9 @@ async def run_node(args: argparse.Namespace) -> int:
             await metrics.stop()
     finally:
         await node.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal must not kill the exit
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -226,3 +226,25 @@ async def test_a_node_that_discovers_its_peer_serves_metrics_probes_and_json_log
         assert all({"time", "level", "logger", "node", "event", "peer", "message"} <= set(r) for r in lines)
         assert any(r["event"] == "peer_up" and r["peer"] == t.id and r["node"] == node_id for r in lines), lines
         assert COOKIE not in err
+
+
+async def test_after_a_drain_a_signal_is_still_the_first_and_a_bad_shutdown_timeout_is_refused() -> None:
+    async with watched_node("--shutdown-timeout", "5") as (_t, _reg, node_id, proc):
+        done = await run_tool("drain", node_id)
+        assert done.returncode == 0
+        proc.terminate()  # a process manager's routine SIGTERM during the drain: no sudden exit
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    bad = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "pgregistry", "node", "--name", "n",
+                                                   "--shutdown-timeout", "0"],
+                                  cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PGREGISTRY_COOKIE": COOKIE},
+                                  capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--shutdown-timeout must be a positive number" in bad.stderr
+
+
+async def test_operator_commands_refuse_a_non_key_literal_and_report_a_refusal_as_unreachable() -> None:
+    async with watched_node() as (_t, _reg, node_id, _proc):
+        bad = await run_tool("lookup", node_id, "jobs", "{1, 2}")
+        assert bad.returncode == 2 and "is not a key" in bad.stderr
+    async with Node("plain", cookie=COOKIE, **FAST) as plain:  # serves no tools
+        refused = await run_tool("status", plain.id)
+        assert refused.returncode == 3 and "serves no tools" in refused.stderr
