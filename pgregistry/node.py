@@ -60,6 +60,7 @@ logger = logging.getLogger("pgregistry.node")
 STOP_GRACE = 5.0
 
 _NEW, _STARTING, _RUNNING, _STOPPING, _STOPPED = "new", "starting", "running", "stopping", "stopped"
+_DRAINING = "draining"  # a graceful stop's first step: services still write (names release) but no new peer
 
 _FORBIDDEN_IN_NAME = frozenset("@:/ \t\r\n")
 
@@ -255,7 +256,7 @@ class Node:
             max_members_per_message=self.max_members_per_message,
             max_gossip_peers=self.max_gossip_peers,
             max_gossip_dials=self.max_gossip_dials,
-            running=lambda: self._state == _RUNNING,
+            running=lambda: self._state == _RUNNING or self._state == _DRAINING,
             on_peer_up=self._peer_up,
             on_peer_down=self._peer_down,
         )
@@ -285,8 +286,8 @@ class Node:
 
     @property
     def running(self) -> bool:
-        """True between `start` and `stop`."""
-        return self._state == _RUNNING
+        """True between `start` and `stop` (and while a graceful stop drains the services)."""
+        return self._state == _RUNNING or self._state == _DRAINING
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -374,18 +375,23 @@ class Node:
             await self._started.wait()
         if self._state == _STOPPED:
             return
-        if self._state == _STOPPING:
+        if self._state in (_STOPPING, _DRAINING):
             await self._stopped.wait()
             return
         if threading.get_ident() != self.runtime.loop_thread:
             raise RuntimeError(f"stop of node {self.id} must run on the node's event loop thread")
-        self._state = _STOPPING
         self._mesh.leaving = True
         try:
             if drain_timeout is not None:
-                await self._drain_services(check_seconds("drain_timeout", drain_timeout))
+                timeout = check_seconds("drain_timeout", drain_timeout)
+                self._state = _DRAINING  # the services may still write: a names release, a last flush
+                try:
+                    await self._drain_services(timeout)
+                finally:
+                    self._state = _STOPPING
                 await self._close_services()
                 await self._mesh.close()
+            self._state = _STOPPING
             tasks = self.runtime.close(exclude=asyncio.current_task())
             if tasks:
                 _, still_running = await asyncio.wait(tasks, timeout=STOP_GRACE)
@@ -718,7 +724,7 @@ class Node:
 
         The guard of every write, for the layers above too.
         """
-        if self._state != _RUNNING:
+        if self._state != _RUNNING and self._state != _DRAINING:
             raise RuntimeError(f"{what}: node {self.id} is not running")
         if threading.get_ident() != self.runtime.loop_thread:
             raise RuntimeError(f"{what} must be called on the node's event loop thread")

@@ -562,3 +562,15 @@ async def test_a_joined_node_renews_once_per_third_of_a_lease() -> None:
         await eventually(lambda: names_a.core._seq - seq_a >= 6, what="six renewals of a")  # about 1.2 s
         renewed_a, renewed_b = names_a.core._seq - seq_a, names_b.core._seq - seq_b
         assert renewed_b <= renewed_a + 2, (renewed_a, renewed_b)
+
+
+async def test_a_graceful_stop_releases_the_names_held_there_at_once() -> None:
+    lease = 2.0
+    async with names_cluster(3, lease=lease) as members:
+        (a, na), (b, nb), _c = members
+        holder = a.spawn(idle)
+        assert await na.register_name("leader", holder)
+        await eventually(lambda: nb.whereis_name("leader") == holder, what="b knows the holder")
+        await a.stop(drain_timeout=lease)
+        # Released by the drain: b takes it well within a lease (a lease-long wait would time out).
+        assert await nb.register_name("leader", b.spawn(idle), timeout=lease / 2)
