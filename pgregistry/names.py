@@ -928,10 +928,15 @@ class Names:
         take them at once, not a lease later), then wait until no operation of this node is
         under way; `TimeoutError` after `timeout` seconds (a release still under way goes
         on; so does it after a cancellation). The holders are let go as for a lost lease
-        (killed, or sent `NameLost`)."""
-        deadline = self._loop.time() + timeout
-        releases = [self.unregister_name(name, timeout) for name in list(self.core.grants)]
-        if releases:
+        (killed, or sent `NameLost`).
+
+        It waits a lease at most, whatever `timeout`: past a lease the names are free
+        anyway (the lease lapses). Without a connected majority it releases nothing: no
+        release could be decided."""
+        bound = min(timeout, self.lease)
+        deadline = self._loop.time() + bound
+        if self.core.grants and len(self.live_nodes()) >= self.core.majority:
+            releases = [self.unregister_name(name, bound) for name in list(self.core.grants)]
             await asyncio.gather(*releases, return_exceptions=True)
         while self.core.busy():
             if self._loop.time() >= deadline:
