@@ -180,6 +180,100 @@ cdef extern from "Python.h":
 # Small C helpers
 # ======================================================================================
 
+# Comparison of two scalars without a Python call: ints that fit one machine word,
+# floats, strs and bytes of the exact built-in types. `pgr_fast_compare` returns 1
+# (true), 0 (false) or -1 (not handled here: the caller uses rich comparison), with
+# exactly Python's result for every pair it handles: a small int converts to a double
+# exactly, so ``1 == 1.0`` and the ordering of an int against a float (NaN included)
+# come out as Python's; NaN compares false to everything but ``!=``.
+cdef extern from *:
+    """
+    static inline int pgr_small_long(PyObject* x, long long* out) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (PyUnstable_Long_IsCompact((PyLongObject*)x)) {
+            *out = (long long)PyUnstable_Long_CompactValue((PyLongObject*)x);
+            return 1;
+        }
+        return 0;
+    #else
+        Py_ssize_t size = Py_SIZE(x);
+        if (size == 0) { *out = 0; return 1; }
+        if (size == 1) { *out = (long long)((PyLongObject*)x)->ob_digit[0]; return 1; }
+        if (size == -1) { *out = -(long long)((PyLongObject*)x)->ob_digit[0]; return 1; }
+        return 0;
+    #endif
+    }
+
+    #define PGR_CMP(a, b, op) ( \
+        (op) == Py_LT ? (a) < (b) : (op) == Py_LE ? (a) <= (b) : \
+        (op) == Py_EQ ? (a) == (b) : (op) == Py_NE ? (a) != (b) : \
+        (op) == Py_GT ? (a) > (b) : (a) >= (b))
+
+    static inline int pgr_ord(int c, int op) {
+        /* a three-way result c (<0, 0, >0) against the operator */
+        return PGR_CMP(c, 0, op);
+    }
+
+    static int pgr_fast_compare(PyObject* a, PyObject* b, int op) {
+        PyTypeObject* ta = Py_TYPE(a);
+        PyTypeObject* tb = Py_TYPE(b);
+        long long x, y;
+        double dx, dy;
+        if (ta == &PyLong_Type) {
+            if (!pgr_small_long(a, &x)) return -1;
+            if (tb == &PyLong_Type) {
+                if (!pgr_small_long(b, &y)) return -1;
+                return PGR_CMP(x, y, op);
+            }
+            if (tb == &PyFloat_Type) {
+                dx = (double)x;
+                dy = PyFloat_AS_DOUBLE(b);
+                return PGR_CMP(dx, dy, op);
+            }
+            return -1;
+        }
+        if (ta == &PyFloat_Type) {
+            dx = PyFloat_AS_DOUBLE(a);
+            if (tb == &PyFloat_Type) {
+                dy = PyFloat_AS_DOUBLE(b);
+                return PGR_CMP(dx, dy, op);
+            }
+            if (tb == &PyLong_Type) {
+                if (!pgr_small_long(b, &y)) return -1;
+                dy = (double)y;
+                return PGR_CMP(dx, dy, op);
+            }
+            return -1;
+        }
+        if (ta != tb) return -1;
+        if (ta == &PyUnicode_Type) {
+            Py_ssize_t n;
+            int kind;
+            if (op == Py_EQ || op == Py_NE) {
+                int eq;
+                if (a == b) eq = 1;
+                else {
+                    n = PyUnicode_GET_LENGTH(a);
+                    kind = PyUnicode_KIND(a);
+                    eq = n == PyUnicode_GET_LENGTH(b) && kind == PyUnicode_KIND(b)
+                         && memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * kind) == 0;
+                }
+                return op == Py_EQ ? eq : !eq;
+            }
+            /* PyUnicode_Compare orders by code point, as Python does; it cannot fail on two strs */
+            return pgr_ord(PyUnicode_Compare(a, b), op);
+        }
+        if (ta == &PyBytes_Type) {
+            Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b);
+            int c = memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)(na < nb ? na : nb));
+            if (c == 0) c = na < nb ? -1 : (na > nb ? 1 : 0);
+            return pgr_ord(c, op);
+        }
+        return -1;
+    }
+    """
+    int pgr_fast_compare(PyObject* a, PyObject* b, int op) noexcept
+
 cdef PyTypeObject* _PID_TYPE = <PyTypeObject*>_Pid
 
 
@@ -989,20 +1083,35 @@ cdef class _ECompare(_EBinary):
         cdef PyObject* a
         cdef PyObject* b
         cdef PyObject* r
+        cdef int c
         if _operands(self, f, &a, &b) < 0:
             return NULL
-        r = PyObject_RichCompare(a, b, self.op)
+        c = pgr_fast_compare(a, b, self.op)
+        if c < 0:
+            r = PyObject_RichCompare(a, b, self.op)
+        else:
+            r = Py_True if c else Py_False
+            Py_INCREF(r)
         _release_operands(self, a, b)
         return r
 
     cdef int tri(self, Frame* f) noexcept:
-        # the base class's tri, with `eval` bound statically (this class is final)
-        cdef PyObject* r = self.eval(f)
+        # the base class's tri, with C values compared in place when both are scalars
+        cdef PyObject* a
+        cdef PyObject* b
+        cdef PyObject* r
         cdef int t
-        if r == NULL:
+        if _operands(self, f, &a, &b) < 0:
             return _caught()
-        t = 1 if r == Py_True else (0 if r == Py_False else 2)
-        Py_DECREF(r)
+        t = pgr_fast_compare(a, b, self.op)
+        if t < 0:
+            r = PyObject_RichCompare(a, b, self.op)
+            if r == NULL:
+                t = _caught()
+            else:
+                t = 1 if r == Py_True else (0 if r == Py_False else 2)
+                Py_DECREF(r)
+        _release_operands(self, a, b)
         return t
 
 

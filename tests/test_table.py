@@ -1285,3 +1285,52 @@ def test_index_order_survives_compaction_identically() -> None:
         assert sorted(py.at(key, i)[1] for i in range(n)) == sorted(v for _p, v in py.lookup(key))
         assert py.first(key) == c.first(key) == py.lookup(key)[0]
         assert py.last(key) == c.last(key) == py.lookup(key)[-1]
+
+
+# Scalars on both sides of every comparison the Cython table decides in C (exact ints of
+# one machine word or more, floats with NaN, infinities and signed zeros, strs of every
+# width, bytes) and some it leaves to rich comparison (bool, None, big ints, tuples).
+COMPARED = [0, 1, -1, 2, -2, 2**30 - 1, 2**30, -(2**30), 2**62, 2**63, -(2**64), 10**30,
+            0.0, -0.0, 1.0, 0.5, -2.5, 2.0**53, 2.0**53 + 2, float("inf"), float("-inf"), float("nan"),
+            "", "a", "b", "ab", "é", "€", "\U0001d11e", "a\U0001d11e", b"", b"x", b"xy", b"y",
+            True, False, None, (1,), A]
+COMPARE_OPS = [("<", lambda a, b: a < b), ("<=", lambda a, b: a <= b), ("==", lambda a, b: a == b),
+               ("!=", lambda a, b: a != b), (">", lambda a, b: a > b), (">=", lambda a, b: a >= b)]
+
+
+def _python_guard(op: Any, a: Any, b: Any) -> bool:
+    """What a guard ``a <op> b`` decides in Python: exactly True passes; raising fails."""
+    try:
+        return op(a, b) is True
+    except Exception:
+        return False
+
+
+def _compare(name: str, a: Any, b: Any) -> Any:
+    """The spec expression ``a <name> b``."""
+    return {"<": lambda: a < b, "<=": lambda: a <= b, "==": lambda: a == b, "!=": lambda: a != b,
+            ">": lambda: a > b, ">=": lambda: a >= b}[name]()
+
+
+@pytest.mark.parametrize("name, op", COMPARE_OPS)
+def test_comparison_guards_decide_as_python(core: ModuleType, table: Any, name: str, op: Any) -> None:
+    """Every ordered pair of `COMPARED`: as a guard (variable against variable, and
+    against a constant) it passes exactly when Python's comparison returns True; as a
+    body it gives Python's result, and a comparison that raises skips the row."""
+    rows = [(i, A, (a, b)) for i, (a, b) in enumerate((a, b) for a in COMPARED for b in COMPARED)]
+    fill(table, rows)
+    want = [i for i, _p, (a, b) in rows if _python_guard(op, a, b)]
+    assert table.select(spec(core, [((V3, _, (V1, V2)), [_compare(name, V1, V2)], [V3])])) == want
+    want_body = []
+    for _i, _p, (a, b) in rows:
+        try:
+            want_body.append(op(a, b))
+        except Exception:
+            pass
+    assert_same(table.select(spec(core, [((_, _, (V1, V2)), [], [_compare(name, V1, V2)])])), want_body)
+    for b in COMPARED:
+        if b != b:
+            continue  # a spec constant may not be NaN
+        got = table.select(spec(core, [((V3, _, (V1, V2)), [V2 == const(b), _compare(name, V1, b)], [V3])]))
+        assert [i for i in got if rows[i][2][1] is b] == [
+            i for i, _p, (a, b2) in rows if b2 is b and _python_guard(op, a, b)], (name, b)

@@ -401,7 +401,8 @@ P2 = Pid("n@h:1", 2)
 P3 = Pid("m@h:2", 1)
 KEYS: list[Any] = ["a", "b", 1, 1.0, True, 0, None, (1, "a"), (1.0, "a")]
 PIDS: list[Any] = [P1, P2, P3, ("n@h:1", 1, 0), 7, 7.0]  # the plain tuple is not P1
-SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2, -1, 2.5, "a", "b", "", b"x"]
+SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2, -1, 2.5, "a", "b", "", b"x",
+                      2**40, -0.0, float("inf"), "é", "\U0001d11e", b"xy"]  # C-compared shapes too
 DICT_KEYS = ["n", "r", 1]
 NAN = float("nan")
 
