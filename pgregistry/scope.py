@@ -178,6 +178,11 @@ class ScopeServer:
         self._counts: dict[str, float] = dict.fromkeys(
             ("rounds_sent", "rounds_sent_seconds", "rounds_received", "rounds_received_seconds",
              "peers_added", "peers_lost", "malformed_dropped", "left_out"), 0)
+        # What makes a local write more than a table insert: subscribers, peers, rounds
+        # being sent (these dicts are never replaced, so `Registry.register` reads them
+        # through this tuple and does the insert itself when all are empty).
+        self.write_watchers = (self._scope_subs, self._key_subs, self._peers, self._sending)
+        self.next_tag = self._next_tag
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -285,6 +290,8 @@ class ScopeServer:
     def _watch(self, process: Process) -> None:
         process.add_exit_hook(self, self._on_exit)
 
+    watch = _watch
+
     def _on_exit(self, pid: Pid, reason: Any) -> None:
         rows = self.table.pop_pid(pid)
         if rows:
@@ -307,7 +314,7 @@ class ScopeServer:
         tag = self._next_tag()
         if self.table.insert(key, pid, value, tag):
             self._watch(process)
-        if not self._quiet():
+        if self._scope_subs or self._key_subs or self.listeners:  # `not self._quiet()`, inlined
             self._publish_join(key, [(pid, value)])
         if self._sending:
             for round_ in self._sending.values():

@@ -238,6 +238,10 @@ SCALAR_TYPES: Final = _SCALARS
 """The types of the terms that hold no other term (nothing in them can be mutated)."""
 # The key scalars that need no further look: a float may be a NaN.
 _KEY_SCALARS: Final = _SCALARS - {float}
+#: The exact types `check_value` / `check_key` accept without looking further: a caller on
+#: a hot path may skip the call when ``type(x) in VALUE_SCALARS`` (or ``KEY_SCALARS``).
+VALUE_SCALARS: Final = _SCALARS
+KEY_SCALARS: Final = _KEY_SCALARS
 
 # One depth budget for everything that travels. A decoded message may nest `MAX_DEPTH`
 # containers (the decoder refuses deeper input, so hostile nesting cannot exhaust the
