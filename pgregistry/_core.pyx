@@ -2286,19 +2286,48 @@ cdef class Table:
 
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
-        cdef Py_hash_t kh = PyObject_Hash(<PyObject*>key)
+        cdef int64_t tag = _as_tag(tag_)
+        cdef Py_hash_t ph = PyObject_Hash(<PyObject*>pid)
+        if ph == -1 and PyErr_Occurred() != NULL:
+            _propagate()
+        return self._insert(key, pid, ph, value, tag) == 1
+
+    def insert_flat(self, pid, list flat not None):
+        """`insert` of each ``key, value, tag`` triple of `flat` for `pid`, in order (a sync
+        part's rows, without a Python call or tuple per row); True if the first was the
+        first row of `pid`. A failing row raises and leaves the rows before it inserted,
+        as the same `insert` calls would."""
+        cdef Py_ssize_t i = 0
         cdef Py_hash_t ph
+        cdef int64_t tag
+        cdef int r
+        cdef bint first = False
+        cdef object key, value
+        if PyList_GET_SIZE(<PyObject*>flat) % 3:
+            raise ValueError("insert_flat takes key, value, tag triples")
+        ph = PyObject_Hash(<PyObject*>pid)
+        if ph == -1 and PyErr_Occurred() != NULL:
+            _propagate()
+        while i + 2 < PyList_GET_SIZE(<PyObject*>flat):
+            key = <object>PyList_GET_ITEM(<PyObject*>flat, i)
+            value = <object>PyList_GET_ITEM(<PyObject*>flat, i + 1)
+            tag = _as_tag(<object>PyList_GET_ITEM(<PyObject*>flat, i + 2))
+            r = self._insert(key, pid, ph, value, tag)
+            if i == 0:
+                first = r == 1
+            i += 3
+        return first
+
+    cdef int _insert(self, object key, object pid, Py_hash_t ph, object value, int64_t tag) except -1:
+        """`insert` with the pid's hash known: 1 if it made the pid's first row, else 0."""
+        cdef Py_hash_t kh = PyObject_Hash(<PyObject*>key)
         cdef int32_t kgi, pgi, ri
         cdef uint64_t v
         cdef Row* r
         cdef Group* g
         cdef bint first
         cdef int32_t* arr = NULL
-        cdef int64_t tag = _as_tag(tag_)
         if kh == -1 and PyErr_Occurred() != NULL:
-            _propagate()
-        ph = PyObject_Hash(<PyObject*>pid)
-        if ph == -1 and PyErr_Occurred() != NULL:
             _propagate()
         while True:
             v = self._version
@@ -2353,7 +2382,7 @@ cdef class Table:
         self._pid_append(ri, pgi)
         self._n += 1
         self._version += 1
-        return first
+        return 1 if first else 0
 
     def pop(self, key, pid, tag_, default=None):
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""

@@ -762,11 +762,11 @@ class ScopeServer:
             raise BadPeerMessage(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
-        """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
-        insert = self.table.insert
-        for i in range(0, len(flat), 3):
-            insert(flat[i], pid, flat[i + 1], flat[i + 2])
-            if joins is not None:
+        """Insert flat ``key, value, tag`` rows of `pid` (in the table's compiled code, no
+        tuple per row); collect them by key in `joins` only when someone listens."""
+        self.table.insert_flat(pid, flat)
+        if joins is not None:
+            for i in range(0, len(flat), 3):
                 joins.setdefault(flat[i], []).append((pid, flat[i + 1]))
 
     def _remote_joins(self, peer: str, pid: Pid, flat: list[Any]) -> None:

@@ -1334,3 +1334,22 @@ def test_comparison_guards_decide_as_python(core: ModuleType, table: Any, name: 
         got = table.select(spec(core, [((V3, _, (V1, V2)), [V2 == const(b), _compare(name, V1, b)], [V3])]))
         assert [i for i in got if rows[i][2][1] is b] == [
             i for i, _p, (a, b2) in rows if b2 is b and _python_guard(op, a, b)], (name, b)
+
+
+def test_insert_flat_is_insert_row_by_row(core: ModuleType, table: Any) -> None:
+    """A sync part's rows of one pid in one call: the same rows, order and answer as
+    `insert` of each triple; a bad row raises and keeps the rows before it."""
+    other = core.Table()
+    flat = ["a", 1, 10, "b", {"n": 2}, 11, "a", None, 12]
+    assert table.insert_flat(A, flat) is True
+    firsts = [other.insert(flat[i], A, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    assert firsts == [True, False, False]
+    assert table.rows() == other.rows() and table.snapshot() == other.snapshot()
+    assert table.insert_flat(A, ["c", 3, 13]) is False
+    assert table.insert_flat(B, []) is False and table.count_pid(B) == 0
+    with pytest.raises(ValueError):
+        table.insert_flat(B, ["c", 3])
+    assert table.count_pid(B) == 0
+    with pytest.raises(TypeError):
+        table.insert_flat(B, ["d", 4, 20, ["unhashable"], 5, 21, "e", 6, 22])
+    assert table.entries("d") == [(B, 4, 20)] and table.count_pid(B) == 1 and "e" not in table

@@ -690,6 +690,19 @@ class TableMachine(RuleBasedStateMachine):
         for key, pid, value, tag in rows:
             self.insert(key, pid, value, tag)
 
+    @rule(pid=pids, rows=st.lists(st.tuples(keys, values), max_size=6))
+    def insert_flat(self, pid: Any, rows: list[tuple[Any, Any]]) -> None:
+        """A sync part's rows of one pid: the subject's `insert_flat` is the reference's
+        `insert` row by row."""
+        flat: list[Any] = []
+        for key, value in rows:
+            tag = max(self.used_tags, default=0) + 1
+            self.used_tags.add(tag)
+            flat += [key, value, tag]
+        got = self.sub.insert_flat(pid, flat)
+        firsts = [self.ref.insert(flat[i], pid, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        agree(got, bool(firsts and firsts[0]), f"insert_flat({pid!r}, {flat!r})")
+
     @rule(pick=st.integers(0, 10**6), existing=st.booleans(), key=keys, pid=pids, tag=st.integers(0, 45))
     def pop(self, pick: int, existing: bool, key: Any, pid: Any, tag: int) -> None:
         row = self.pick_row(pick)
