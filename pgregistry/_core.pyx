@@ -1546,6 +1546,11 @@ cdef class _Clause:
     cdef tuple body
     cdef Py_ssize_t nbody
     cdef Py_ssize_t nslots
+    # head binds that lend the row's own reference to their slot (no INCREF/DECREF per
+    # row): the slot is bound nowhere else in the clause (see `_borrowable`)
+    cdef bint kborrow
+    cdef bint pborrow
+    cdef bint vborrow
 
 
 cdef int _head_mode(object node, bint literal_ok) except -1:
@@ -1597,7 +1602,35 @@ cdef _Clause _compile_clause(object clause):
     c.nguards = len(c.guards)
     c.body = tuple([_compile_expr(b, nslots) for b in clause.body])
     c.nbody = len(c.body)
+    binds = []
+    for pat in (c.kpat, c.ppat, c.vpat):
+        _pattern_binds(pat, binds)
+    if c.kmode == HEAD_BIND:
+        binds.append(c.kslot)
+    if c.pmode == HEAD_BIND:
+        binds.append(c.pslot)
+    if c.vmode == HEAD_BIND:
+        binds.append(c.vslot)
+    c.kborrow = c.kmode == HEAD_BIND and binds.count(c.kslot) == 1
+    c.pborrow = c.pmode == HEAD_BIND and binds.count(c.pslot) == 1
+    c.vborrow = c.vmode == HEAD_BIND and binds.count(c.vslot) == 1
     return c
+
+
+cdef void _pattern_binds(object pat, list out) except *:
+    """Append the slot of every `_PBind` in compiled pattern `pat` (None: none) to `out`."""
+    cdef object t = type(pat)
+    if t is _PBind:
+        out.append((<_PBind>pat).slot)
+    elif t is _PTuple:
+        for item in (<_PTuple>pat).items:
+            _pattern_binds(item, out)
+    elif t is _PList:
+        for item in (<_PList>pat).items:
+            _pattern_binds(item, out)
+    elif t is _PDict:
+        for item in (<_PDict>pat).pats:
+            _pattern_binds(item, out)
 
 
 # Which rows `select` visits (see the contract).
@@ -1664,6 +1697,8 @@ cdef class Matcher:
         if c.kmode == HEAD_LIT:
             if f.kg != f.lit_kg[ci]:
                 return 0
+        elif c.kborrow:
+            f.slots[c.kslot] = f.key    # lent: the frame's row outlives the visit
         elif c.kmode == HEAD_BIND:
             _bind(f, c.kslot, f.key)
         elif c.kmode == HEAD_PAT:
@@ -1673,13 +1708,17 @@ cdef class Matcher:
         if c.pmode == HEAD_LIT:
             if f.pg != f.lit_pg[ci]:
                 return 0
+        elif c.pborrow:
+            f.slots[c.pslot] = f.pid
         elif c.pmode == HEAD_BIND:
             _bind(f, c.pslot, f.pid)
         elif c.pmode == HEAD_PAT:
             r = c.ppat.match(f.pid, f)
             if r != 1:
                 return r
-        if c.vmode == HEAD_BIND:
+        if c.vborrow:
+            f.slots[c.vslot] = f.value
+        elif c.vmode == HEAD_BIND:
             _bind(f, c.vslot, f.value)
         elif c.vmode == HEAD_PAT:
             r = c.vpat.match(f.value, f)
@@ -1705,6 +1744,7 @@ cdef class Matcher:
             r = self._passes(c, ci, f)
             if r == 1:
                 break
+            _unlend(c, f)
             _clear_slots(f.slots, c.nslots)
             if r < 0:
                 return -1
@@ -1737,8 +1777,19 @@ cdef class Matcher:
                     count[0] += 1
                 Py_DECREF(res)
                 r = 0
+        _unlend(c, f)
         _clear_slots(f.slots, c.nslots)
         return -1 if r < 0 else 0
+
+
+cdef inline void _unlend(_Clause c, Frame* f) noexcept:
+    """Take back the slots a clause's head binds borrowed (before `_clear_slots`)."""
+    if c.kborrow:
+        f.slots[c.kslot] = NULL
+    if c.pborrow:
+        f.slots[c.pslot] = NULL
+    if c.vborrow:
+        f.slots[c.vslot] = NULL
 
 
 cdef int _need_bodies(Matcher m, str what) except -1:
@@ -1817,6 +1868,10 @@ cdef class Table:
     cdef GroupTable _keys
     cdef GroupTable _pids
     cdef uint64_t _version      # bumped by every change, including a reallocation
+    # Walks in progress (any thread) read rows' key, pid and value without holding
+    # references; a change meanwhile keeps what it releases here until the last ends.
+    cdef int _scans
+    cdef PtrBuf _grave
     cdef int64_t _stamp
     cdef uint32_t _epoch
 
@@ -1825,9 +1880,28 @@ cdef class Table:
         _slab_init(&self._rs, sizeof(Row))
         _gt_init(&self._keys)
         _gt_init(&self._pids)
+        _pb_init(&self._grave)
 
     def __dealloc__(self):
         _release(&self._rs, &self._keys, &self._pids)
+        _pb_free(&self._grave)
+
+    cdef int _grave_room(self, Py_ssize_t n) except -1:
+        """Room to keep `n` references alive for the walks in progress (none: nothing)."""
+        if self._scans > 0:
+            _pb_reserve(&self._grave, n)
+        return 0
+
+    cdef inline void _grave_keep(self, PyObject* o) noexcept:
+        """While a walk is in progress, a reference to `o` until it ends (room reserved)."""
+        if self._scans > 0:
+            Py_INCREF(o)
+            _pb_push(&self._grave, o)
+
+    cdef void _scan_end(self) noexcept:
+        self._scans -= 1
+        if self._scans == 0 and self._grave.n > 0:
+            _pb_free(&self._grave)
 
     def __len__(self):
         """Number of rows."""
@@ -2104,6 +2178,9 @@ cdef class Table:
         cdef Row* r = _R(&self._rs, ri)
         cdef int32_t kg = r.kg
         cdef int32_t pg = r.pg
+        self._grave_keep(r.key)
+        self._grave_keep(r.pid)
+        self._grave_keep(r.value)
         if key_out != NULL:
             key_out[0] = r.key
         else:
@@ -2396,6 +2473,7 @@ cdef class Table:
         ri = self._find_row(kgi, pgi, tag)
         if ri < 0:
             return default
+        self._grave_room(3)
         _pb_init(&dead)
         self._take_row(ri, &dead, NULL, &value)
         self._shrink()
@@ -2429,6 +2507,7 @@ cdef class Table:
         if best < 0:
             return None
         tag = _R(&self._rs, best).tag
+        self._grave_room(3)
         _pb_init(&dead)
         self._take_row(best, &dead, NULL, &value)
         self._shrink()
@@ -2454,6 +2533,7 @@ cdef class Table:
         try:
             _rb_reserve(&out, n)
             _pb_reserve(&dead, 2 * n + 2)
+            self._grave_room(3 * n)
             ri = _G(&self._pids, pgi).head
             while ri >= 0:
                 nxt = _R(&self._rs, ri).pnext
@@ -2524,6 +2604,7 @@ cdef class Table:
             if hits == 0:
                 return []
             _pb_reserve(&dead, 5 * hits)
+            self._grave_room(3 * hits)
             for i in range(cand.n):
                 rec = &cand.r[i]
                 if not rec.flag:
@@ -2572,9 +2653,11 @@ cdef class Table:
             self._rows_of(kgi, pgi, &out)
             if out.n == 0:
                 return []
+            self._grave_room(out.n)
             for i in range(out.n):
                 rec = &out.r[i]
                 r = _R(&self._rs, rec.ri)
+                self._grave_keep(r.value)
                 rec.a = r.value         # the old value's reference moves to the result
                 Py_INCREF(<PyObject*>value)
                 r.value = <PyObject*>value
@@ -2598,7 +2681,9 @@ cdef class Table:
         ri = self._find_row(kgi, pgi, tag)
         if ri < 0:
             return default
+        self._grave_room(1)
         old = _R(&self._rs, ri).value
+        self._grave_keep(old)
         Py_INCREF(<PyObject*>value)
         _R(&self._rs, ri).value = <PyObject*>value
         self._move_to_key_end(ri)
@@ -2610,6 +2695,16 @@ cdef class Table:
         cdef Slab rows = self._rs
         cdef GroupTable keys = self._keys
         cdef GroupTable pids = self._pids
+        cdef int32_t i
+        cdef Row* r
+        if self._scans > 0:
+            self._grave_room(3 * self._n)
+            for i in range(rows.cap):
+                r = _R(&rows, i)
+                if r.key != NULL:
+                    self._grave_keep(r.key)
+                    self._grave_keep(r.pid)
+                    self._grave_keep(r.value)
         # the table is empty and consistent before the first reference is released
         _slab_init(&self._rs, sizeof(Row))
         self._rfree = -1
@@ -2959,17 +3054,9 @@ cdef class Table:
             while ri >= 0:
                 r = _R(&self._rs, ri)
                 nxt = r.pnext if by == PLAN_PIDS else r.knext
-                key = r.key
-                pid = r.pid
-                value = r.value
-                Py_INCREF(key)
-                Py_INCREF(pid)
-                Py_INCREF(value)
-                _frame_row(f, key, pid, value, r.kg, r.pg)
+                # borrowed: a change during the visit keeps them (`_grave_keep`)
+                _frame_row(f, r.key, r.pid, r.value, r.kg, r.pg)
                 res = m._visit(f, mode, out, count)
-                Py_DECREF(key)
-                Py_DECREF(pid)
-                Py_DECREF(value)
                 if res < 0:
                     return -1
                 if self._version != v0:
@@ -3051,7 +3138,9 @@ cdef class Table:
                     continue
                 _frame_init(&f, &s)
                 if attempt < 2:
+                    self._scans += 1
                     res = self._walk(m, &f, mode, outp, &count, s.plan, nplan, by, v0)
+                    self._scan_end()
                     if res < 0:
                         _propagate()
                     if res == 0:

@@ -14,6 +14,7 @@ ours and the test says so.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -1353,3 +1354,46 @@ def test_insert_flat_is_insert_row_by_row(core: ModuleType, table: Any) -> None:
     with pytest.raises(TypeError):
         table.insert_flat(B, ["d", 4, 20, ["unhashable"], 5, 21, "e", 6, 22])
     assert table.entries("d") == [(B, 4, 20)] and table.count_pid(B) == 1 and "e" not in table
+
+
+class _Token:
+    """A hashable object a weak reference can watch (table rows hold the only strong one)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def test_a_change_during_a_scan_keeps_the_visited_row_alive(core: ModuleType, table: Any) -> None:
+    """Python code run by a guard (here a value's ``__eq__``; in real use another thread
+    or a finalizer) may change the table mid-visit: the row being visited keeps its key,
+    pid and value alive until the scan ends, and the scan starts again on the new table."""
+    import weakref
+
+    if core.__name__ == "pgregistry._core_py":
+        pytest.skip("the pure twin holds its lock through a scan: a change waits for the scan to end")
+    seen: list[bool] = []
+    refs: list[Any] = []
+
+    class Meddler:
+        """A value whose comparison clears the table once, then checks the row's objects."""
+
+        def __eq__(self, other: object) -> bool:
+            if not seen:
+                table.clear()
+                gc.collect()
+                seen.append(all(ref() is not None for ref in refs))
+            return True
+
+        __hash__ = None  # type: ignore[assignment]
+
+    for scan in (lambda: table.select(spec(core, [((V1, V2, V3), [V3 == 1], [V1])])),
+                 lambda: table.match("k", pattern(core, V1, [V1 == 1]))):
+        key, pid, value = (_Token(), _Token(), Meddler())
+        refs[:] = [weakref.ref(key), weakref.ref(pid), weakref.ref(value)]
+        table.insert("k", pid, value, 1)
+        table.insert(key, pid, 5, 2)
+        table.insert("k", A, 7, 3)
+        del key, pid, value
+        seen.clear()
+        assert scan() == [] and seen == [True] and len(table) == 0
+        gc.collect()
+        assert all(ref() is None for ref in refs)  # released once the scan ended
