@@ -1899,9 +1899,16 @@ cdef class Table:
             _pb_push(&self._grave, o)
 
     cdef void _scan_end(self) noexcept:
+        cdef PtrBuf kept
         self._scans -= 1
         if self._scans == 0 and self._grave.n > 0:
-            _pb_free(&self._grave)
+            # releasing may run code that scans and changes this table again: the grave
+            # is emptied first, then its former contents are released
+            kept = self._grave
+            if self._grave.p == self._grave.small:
+                kept.p = kept.small
+            _pb_init(&self._grave)
+            _pb_free(&kept)
 
     def __len__(self):
         """Number of rows."""
