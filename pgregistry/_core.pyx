@@ -273,6 +273,10 @@ cdef extern from *:
     }
     """
     int pgr_fast_compare(PyObject* a, PyObject* b, int op) noexcept
+    int pgr_small_long(PyObject* x, long long* out) noexcept
+    bint PGR_CMP(long long a, long long b, int op) noexcept
+    bint PGR_CMP_D "PGR_CMP"(double a, double b, int op) noexcept
+    double PyFloat_AS_DOUBLE(PyObject*) noexcept
 
 cdef PyTypeObject* _PID_TYPE = <PyTypeObject*>_Pid
 
@@ -1078,6 +1082,11 @@ cdef inline void _release_operands(_EBinary e, PyObject* a, PyObject* b) noexcep
 @cython.no_gc
 cdef class _ECompare(_EBinary):
     """``== != < <= > >=``: Python's rich comparison (no identity shortcut, like ``a == b``)."""
+    # ``variable <op> int constant`` (the commonest guard): the constant as a C integer,
+    # compared in place with an int variable, or with a float one when exact (|c| <= 2**53)
+    cdef bint var_int
+    cdef bint int_exact_double
+    cdef long long ival
 
     cdef PyObject* eval(self, Frame* f) noexcept:
         cdef PyObject* a
@@ -1101,6 +1110,14 @@ cdef class _ECompare(_EBinary):
         cdef PyObject* b
         cdef PyObject* r
         cdef int t
+        cdef long long x
+        if self.var_int:
+            a = _slot(f, self.lslot)
+            if PyLong_CheckExact(a):
+                if pgr_small_long(a, &x):
+                    return PGR_CMP(x, self.ival, self.op)
+            elif PyFloat_CheckExact(a) and self.int_exact_double:
+                return PGR_CMP_D(PyFloat_AS_DOUBLE(a), <double>self.ival, self.op)
         if _operands(self, f, &a, &b) < 0:
             return _caught()
         t = pgr_fast_compare(a, b, self.op)
@@ -1493,6 +1510,11 @@ cdef _Expr _compile_op(object op, tuple args, Py_ssize_t nslots):
             bin.op = _ARITH_OPS[op]
         _set_operand(bin, True, args[0], nslots)
         _set_operand(bin, False, args[1], nslots)
+        if (type(bin) is _ECompare and bin.lkind == OPND_SLOT and bin.rkind == OPND_CONST
+                and type(bin.rconst) is int and -(2**62) <= bin.rconst <= 2**62):
+            (<_ECompare>bin).var_int = True
+            (<_ECompare>bin).ival = bin.rconst
+            (<_ECompare>bin).int_exact_double = -(2**53) <= bin.rconst <= 2**53
         return bin
     if n == 1 and op in _UNARY_OPS:
         un = _EUnary.__new__(_EUnary)
