@@ -1894,6 +1894,7 @@ cdef class Table:
     # references; a change meanwhile keeps what it releases here until the last ends.
     cdef int _scans
     cdef PtrBuf _grave
+    cdef int32_t _last_pg       # the pid group of the last insert (see `_last_pid_group`)
     cdef int64_t _stamp
     cdef uint32_t _epoch
 
@@ -1903,6 +1904,7 @@ cdef class Table:
         _gt_init(&self._keys)
         _gt_init(&self._pids)
         _pb_init(&self._grave)
+        self._last_pg = -1
 
     def __dealloc__(self):
         _release(&self._rs, &self._keys, &self._pids)
@@ -2340,6 +2342,7 @@ cdef class Table:
         cdef int32_t* renum = <int32_t*>PyMem_Malloc(<size_t>gt.slab.cap * sizeof(int32_t))
         cdef int32_t i, j = 0
         cdef Group* g
+        self._last_pg = -1
         cdef Index idx
         cdef Row* r
         if renum == NULL:
@@ -2393,10 +2396,7 @@ cdef class Table:
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
         cdef int64_t tag = _as_tag(tag_)
-        cdef Py_hash_t ph = PyObject_Hash(<PyObject*>pid)
-        if ph == -1 and PyErr_Occurred() != NULL:
-            _propagate()
-        return self._insert(key, pid, ph, value, tag) == 1
+        return self._insert(key, pid, -1, value, tag) == 1
 
     def insert_flat(self, pid, list flat not None):
         """`insert` of each ``key, value, tag`` triple of `flat` for `pid`, in order (a sync
@@ -2424,8 +2424,20 @@ cdef class Table:
             i += 3
         return first
 
+    cdef inline int32_t _last_pid_group(self, object pid) noexcept:
+        """The group of the pid of the last insert if `pid` is that very object, else -1.
+
+        A group holds the object it was made with, so identity proves it is `pid`'s group
+        (a process's writes pass the same pid object each time: no hash, no lookup).
+        """
+        cdef int32_t pg = self._last_pg
+        if pg >= 0 and pg < self._pids.slab.cap and _G(&self._pids, pg).obj == <PyObject*>pid:
+            return pg
+        return -1
+
     cdef int _insert(self, object key, object pid, Py_hash_t ph, object value, int64_t tag) except -1:
-        """`insert` with the pid's hash known: 1 if it made the pid's first row, else 0."""
+        """`insert`, given the pid's hash or -1 (not computed yet): 1 if it made the pid's
+        first row, else 0."""
         cdef Py_hash_t kh = PyObject_Hash(<PyObject*>key)
         cdef int32_t kgi, pgi, ri
         cdef uint64_t v
@@ -2438,7 +2450,13 @@ cdef class Table:
         while True:
             v = self._version
             kgi = self._find(&self._keys, <PyObject*>key, kh)
-            pgi = self._find(&self._pids, <PyObject*>pid, ph)
+            pgi = self._last_pid_group(pid)
+            if pgi < 0:
+                if ph == -1:
+                    ph = PyObject_Hash(<PyObject*>pid)
+                    if ph == -1 and PyErr_Occurred() != NULL:
+                        _propagate()
+                pgi = self._find(&self._pids, <PyObject*>pid, ph)
             if self._version == v:
                 break
         # everything that can fail happens before the first change
@@ -2488,6 +2506,7 @@ cdef class Table:
         self._pid_append(ri, pgi)
         self._n += 1
         self._version += 1
+        self._last_pg = pgi
         return 1 if first else 0
 
     def pop(self, key, pid, tag_, default=None):
@@ -2740,6 +2759,7 @@ cdef class Table:
         self._n = 0
         _gt_init(&self._keys)
         _gt_init(&self._pids)
+        self._last_pg = -1
         self._version += 1
         _release(&rows, &keys, &pids)
 

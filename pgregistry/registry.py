@@ -51,8 +51,9 @@ _NO_DEFAULT: Final = object()
 # a getpid system call on every call. Where the map is absent or not kept up to date,
 # `current_process` (the public path) decides.
 _CURRENT_TASKS: Final = getattr(asyncio.tasks, "_current_tasks", None)
-#: The same map when it is a plain dict (read directly by `Registry.register`), else None.
-_TASK_OF_LOOP: Final[dict[Any, Any] | None] = _CURRENT_TASKS if type(_CURRENT_TASKS) is dict else None
+#: The same map when it is a plain dict (read directly by `Registry.register`), else an
+#: empty one (then `register` finds no task and asks `_caller`).
+_TASK_OF_LOOP: Final[dict[Any, Any]] = _CURRENT_TASKS if type(_CURRENT_TASKS) is dict else {}
 _get_ident: Final = threading.get_ident
 _MATCHER_CACHE_SIZE: Final = 256
 
@@ -239,15 +240,15 @@ class Registry:
         # The write path of every registration: its checks are inlined (each Python call
         # here costs as much as the table insert); anything unusual takes `_caller`.
         process = None
-        if _get_ident() == self._loop_thread and _TASK_OF_LOOP is not None:
+        if _get_ident() == self._loop_thread:
             task = _TASK_OF_LOOP.get(self._loop)
             if task is not None:
                 process = _PROCESS_OF_TASK.get(task)
         if process is None or process.runtime is not self._runtime or self._scope.closed:
             process = self._caller("register")
-        if type(key) not in KEY_SCALARS:
+        if type(key) is not str and type(key) not in KEY_SCALARS:
             check_key(key)
-        if type(value) not in VALUE_SCALARS:
+        if type(value) is not int and type(value) not in VALUE_SCALARS:
             check_value(value)
         subs, key_subs, peers, sending = self._watchers
         if subs or key_subs or peers or sending or not self._plain:
