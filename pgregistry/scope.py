@@ -178,9 +178,8 @@ class ScopeServer:
         self._counts: dict[str, float] = dict.fromkeys(
             ("rounds_sent", "rounds_sent_seconds", "rounds_received", "rounds_received_seconds",
              "peers_added", "peers_lost", "malformed_dropped", "left_out"), 0)
-        # What makes a local write more than a table insert: subscribers, peers, rounds
-        # being sent (these dicts are never replaced, so `Registry.register` reads them
-        # through this tuple and does the insert itself when all are empty).
+        # While these (never replaced) dicts are empty a local write is a bare insert, which
+        # `Registry.register` then does itself with `next_tag` and `watch`.
         self.write_watchers = (self._scope_subs, self._key_subs, self._peers, self._sending)
         self.next_tag = self._next_tag
 
@@ -289,7 +288,6 @@ class ScopeServer:
 
     def _watch(self, process: Process) -> None:
         process.add_exit_hook(self, self._on_exit)
-
     watch = _watch
 
     def _on_exit(self, pid: Pid, reason: Any) -> None:
@@ -762,8 +760,7 @@ class ScopeServer:
             raise BadPeerMessage(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
-        """Insert flat ``key, value, tag`` rows of `pid` (in the table's compiled code, no
-        tuple per row); collect them by key in `joins` only when someone listens."""
+        """Insert flat ``key, value, tag`` rows of `pid` (compiled); collect them by key in `joins`."""
         self.table.insert_flat(pid, flat)
         if joins is not None:
             for i in range(0, len(flat), 3):
