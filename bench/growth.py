@@ -13,7 +13,8 @@ plain-dict baseline of ``_support.DictRegistry`` in the same process):
   int values, 10 % hits), N = 10^3 .. 10^6, against the dict comprehension.
 * ``catchup``: what a new node does with a holder's sync round of N rows (100 rows per
   pid, parts of ``SYNC_PART_ROWS`` rows as the holder sends them): decode every part,
-  check it (``parse_sync``) and apply it (``insert_flat``, the scope's quiet catch-up),
+  check it (``parse_sync``) and apply it (``insert_flat``, the scope's quiet catch-up;
+  ``insert`` row by row on a table without it, for a before/after comparison),
   N = 10^4 .. 10^6; "longest part" is the longest single part (decode + check + apply),
   which bounds how long the receiving loop is blocked at a time. The end-to-end figure
   over real sockets is ``bench/cluster.py --phases catchup``.
@@ -156,7 +157,11 @@ def catchup_rows(sizes: list[int]) -> list[list[str]]:
                 _n, groups, _last = parse_sync(HOLDER, payload)
                 t2 = time.perf_counter()
                 for pid, flat in groups:
-                    table.insert_flat(pid, flat)
+                    if hasattr(table, "insert_flat"):
+                        table.insert_flat(pid, flat)
+                    else:  # a table from before insert_flat: what the scope did then
+                        for i in range(0, len(flat), 3):
+                            table.insert(flat[i], pid, flat[i + 1], flat[i + 2])
                 t3 = time.perf_counter()
                 decode, check, apply = decode + t1 - t0, check + t2 - t1, apply + t3 - t2
                 longest = max(longest, t3 - t0)
