@@ -1397,3 +1397,25 @@ def test_a_change_during_a_scan_keeps_the_visited_row_alive(core: ModuleType, ta
         assert scan() == [] and seen == [True] and len(table) == 0
         gc.collect()
         assert all(ref() is None for ref in refs)  # released once the scan ended
+
+
+def test_insert_flat_into_a_large_table(core: ModuleType) -> None:
+    """Past a few thousand keys `insert_flat` fetches index slots ahead (str and int keys
+    only): the rows, their order and a failing row's effect are still `insert`'s."""
+    one, other = core.Table(), core.Table()
+    for i in range(6000):
+        one.insert(("old", i), A, i, i + 1)
+        other.insert(("old", i), A, i, i + 1)
+    keys: list[Any] = [f"k{i}" if i % 4 == 0 else i if i % 4 == 1 else (i, "t") if i % 4 == 2 else float(i)
+                       for i in range(100)]
+    keys[50] = "k0"  # an existing key of this batch
+    flat: list[Any] = []
+    for i, key in enumerate(keys):
+        flat += [key, i, 10_000 + i]
+    assert one.insert_flat(B, flat) is True
+    for i in range(0, len(flat), 3):
+        other.insert(flat[i], B, flat[i + 1], flat[i + 2])
+    assert one.rows() == other.rows()
+    with pytest.raises(TypeError):
+        one.insert_flat(C, ["x", 1, 20_000, ["unhashable"], 2, 20_001])
+    assert one.entries("x") == [(C, 1, 20_000)] and one.count_pid(C) == 1
