@@ -84,6 +84,10 @@ class Table:
 
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
+    def insert_flat(self, pid: Any, flat: list[Any]) -> bool:
+        """`insert` of each ``key, value, tag`` triple of `flat` for `pid`, in order; True
+        if the first was the first row of `pid`. A failing row raises and leaves the rows
+        before it inserted."""
     def pop(self, key: Any, pid: Any, tag: int, default: Any = None) -> Any:
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
     def pop_latest(self, key: Any, pid: Any) -> tuple[int, Any] | None:

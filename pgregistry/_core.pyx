@@ -180,6 +180,111 @@ cdef extern from "Python.h":
 # Small C helpers
 # ======================================================================================
 
+# Comparison of two scalars without a Python call: ints that fit one machine word,
+# floats, strs and bytes of the exact built-in types. `pgr_fast_compare` returns 1
+# (true), 0 (false) or -1 (not handled here: the caller uses rich comparison), with
+# exactly Python's result for every pair it handles: a small int converts to a double
+# exactly, so ``1 == 1.0`` and the ordering of an int against a float (NaN included)
+# come out as Python's; NaN compares false to everything but ``!=``.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define pgr_prefetch(p) __builtin_prefetch((p))
+    #else
+    #define pgr_prefetch(p) ((void)(p))
+    #endif
+
+    static inline int pgr_small_long(PyObject* x, long long* out) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (PyUnstable_Long_IsCompact((PyLongObject*)x)) {
+            *out = (long long)PyUnstable_Long_CompactValue((PyLongObject*)x);
+            return 1;
+        }
+        return 0;
+    #else
+        Py_ssize_t size = Py_SIZE(x);
+        if (size == 0) { *out = 0; return 1; }
+        if (size == 1) { *out = (long long)((PyLongObject*)x)->ob_digit[0]; return 1; }
+        if (size == -1) { *out = -(long long)((PyLongObject*)x)->ob_digit[0]; return 1; }
+        return 0;
+    #endif
+    }
+
+    #define PGR_CMP(a, b, op) ( \
+        (op) == Py_LT ? (a) < (b) : (op) == Py_LE ? (a) <= (b) : \
+        (op) == Py_EQ ? (a) == (b) : (op) == Py_NE ? (a) != (b) : \
+        (op) == Py_GT ? (a) > (b) : (a) >= (b))
+
+    static inline int pgr_ord(int c, int op) {
+        /* a three-way result c (<0, 0, >0) against the operator */
+        return PGR_CMP(c, 0, op);
+    }
+
+    static int pgr_fast_compare(PyObject* a, PyObject* b, int op) {
+        PyTypeObject* ta = Py_TYPE(a);
+        PyTypeObject* tb = Py_TYPE(b);
+        long long x, y;
+        double dx, dy;
+        if (ta == &PyLong_Type) {
+            if (!pgr_small_long(a, &x)) return -1;
+            if (tb == &PyLong_Type) {
+                if (!pgr_small_long(b, &y)) return -1;
+                return PGR_CMP(x, y, op);
+            }
+            if (tb == &PyFloat_Type) {
+                dx = (double)x;
+                dy = PyFloat_AS_DOUBLE(b);
+                return PGR_CMP(dx, dy, op);
+            }
+            return -1;
+        }
+        if (ta == &PyFloat_Type) {
+            dx = PyFloat_AS_DOUBLE(a);
+            if (tb == &PyFloat_Type) {
+                dy = PyFloat_AS_DOUBLE(b);
+                return PGR_CMP(dx, dy, op);
+            }
+            if (tb == &PyLong_Type) {
+                if (!pgr_small_long(b, &y)) return -1;
+                dy = (double)y;
+                return PGR_CMP(dx, dy, op);
+            }
+            return -1;
+        }
+        if (ta != tb) return -1;
+        if (ta == &PyUnicode_Type) {
+            Py_ssize_t n;
+            int kind;
+            if (op == Py_EQ || op == Py_NE) {
+                int eq;
+                if (a == b) eq = 1;
+                else {
+                    n = PyUnicode_GET_LENGTH(a);
+                    kind = PyUnicode_KIND(a);
+                    eq = n == PyUnicode_GET_LENGTH(b) && kind == PyUnicode_KIND(b)
+                         && memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * kind) == 0;
+                }
+                return op == Py_EQ ? eq : !eq;
+            }
+            /* PyUnicode_Compare orders by code point, as Python does; it cannot fail on two strs */
+            return pgr_ord(PyUnicode_Compare(a, b), op);
+        }
+        if (ta == &PyBytes_Type) {
+            Py_ssize_t na = PyBytes_GET_SIZE(a), nb = PyBytes_GET_SIZE(b);
+            int c = memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)(na < nb ? na : nb));
+            if (c == 0) c = na < nb ? -1 : (na > nb ? 1 : 0);
+            return pgr_ord(c, op);
+        }
+        return -1;
+    }
+    """
+    int pgr_fast_compare(PyObject* a, PyObject* b, int op) noexcept
+    int pgr_small_long(PyObject* x, long long* out) noexcept
+    void pgr_prefetch(const void* p) noexcept
+    bint PGR_CMP(long long a, long long b, int op) noexcept
+    bint PGR_CMP_D "PGR_CMP"(double a, double b, int op) noexcept
+    double PyFloat_AS_DOUBLE(PyObject*) noexcept
+
 cdef PyTypeObject* _PID_TYPE = <PyTypeObject*>_Pid
 
 
@@ -984,25 +1089,53 @@ cdef inline void _release_operands(_EBinary e, PyObject* a, PyObject* b) noexcep
 @cython.no_gc
 cdef class _ECompare(_EBinary):
     """``== != < <= > >=``: Python's rich comparison (no identity shortcut, like ``a == b``)."""
+    # ``variable <op> int constant`` (the commonest guard): the constant as a C integer,
+    # compared in place with an int variable, or with a float one when exact (|c| <= 2**53)
+    cdef bint var_int
+    cdef bint int_exact_double
+    cdef long long ival
 
     cdef PyObject* eval(self, Frame* f) noexcept:
         cdef PyObject* a
         cdef PyObject* b
         cdef PyObject* r
+        cdef int c
         if _operands(self, f, &a, &b) < 0:
             return NULL
-        r = PyObject_RichCompare(a, b, self.op)
+        c = pgr_fast_compare(a, b, self.op)
+        if c < 0:
+            r = PyObject_RichCompare(a, b, self.op)
+        else:
+            r = Py_True if c else Py_False
+            Py_INCREF(r)
         _release_operands(self, a, b)
         return r
 
     cdef int tri(self, Frame* f) noexcept:
-        # the base class's tri, with `eval` bound statically (this class is final)
-        cdef PyObject* r = self.eval(f)
+        # the base class's tri, with C values compared in place when both are scalars
+        cdef PyObject* a
+        cdef PyObject* b
+        cdef PyObject* r
         cdef int t
-        if r == NULL:
+        cdef long long x
+        if self.var_int:
+            a = _slot(f, self.lslot)
+            if PyLong_CheckExact(a):
+                if pgr_small_long(a, &x):
+                    return PGR_CMP(x, self.ival, self.op)
+            elif PyFloat_CheckExact(a) and self.int_exact_double:
+                return PGR_CMP_D(PyFloat_AS_DOUBLE(a), <double>self.ival, self.op)
+        if _operands(self, f, &a, &b) < 0:
             return _caught()
-        t = 1 if r == Py_True else (0 if r == Py_False else 2)
-        Py_DECREF(r)
+        t = pgr_fast_compare(a, b, self.op)
+        if t < 0:
+            r = PyObject_RichCompare(a, b, self.op)
+            if r == NULL:
+                t = _caught()
+            else:
+                t = 1 if r == Py_True else (0 if r == Py_False else 2)
+                Py_DECREF(r)
+        _release_operands(self, a, b)
         return t
 
 
@@ -1384,6 +1517,11 @@ cdef _Expr _compile_op(object op, tuple args, Py_ssize_t nslots):
             bin.op = _ARITH_OPS[op]
         _set_operand(bin, True, args[0], nslots)
         _set_operand(bin, False, args[1], nslots)
+        if (type(bin) is _ECompare and bin.lkind == OPND_SLOT and bin.rkind == OPND_CONST
+                and type(bin.rconst) is int and -(2**62) <= bin.rconst <= 2**62):
+            (<_ECompare>bin).var_int = True
+            (<_ECompare>bin).ival = bin.rconst
+            (<_ECompare>bin).int_exact_double = -(2**53) <= bin.rconst <= 2**53
         return bin
     if n == 1 and op in _UNARY_OPS:
         un = _EUnary.__new__(_EUnary)
@@ -1437,6 +1575,11 @@ cdef class _Clause:
     cdef tuple body
     cdef Py_ssize_t nbody
     cdef Py_ssize_t nslots
+    # head binds that lend the row's own reference to their slot (no INCREF/DECREF per
+    # row): the slot is bound nowhere else in the clause (see `_borrowable`)
+    cdef bint kborrow
+    cdef bint pborrow
+    cdef bint vborrow
 
 
 cdef int _head_mode(object node, bint literal_ok) except -1:
@@ -1488,7 +1631,35 @@ cdef _Clause _compile_clause(object clause):
     c.nguards = len(c.guards)
     c.body = tuple([_compile_expr(b, nslots) for b in clause.body])
     c.nbody = len(c.body)
+    binds = []
+    for pat in (c.kpat, c.ppat, c.vpat):
+        _pattern_binds(pat, binds)
+    if c.kmode == HEAD_BIND:
+        binds.append(c.kslot)
+    if c.pmode == HEAD_BIND:
+        binds.append(c.pslot)
+    if c.vmode == HEAD_BIND:
+        binds.append(c.vslot)
+    c.kborrow = c.kmode == HEAD_BIND and binds.count(c.kslot) == 1
+    c.pborrow = c.pmode == HEAD_BIND and binds.count(c.pslot) == 1
+    c.vborrow = c.vmode == HEAD_BIND and binds.count(c.vslot) == 1
     return c
+
+
+cdef void _pattern_binds(object pat, list out) except *:
+    """Append the slot of every `_PBind` in compiled pattern `pat` (None: none) to `out`."""
+    cdef object t = type(pat)
+    if t is _PBind:
+        out.append((<_PBind>pat).slot)
+    elif t is _PTuple:
+        for item in (<_PTuple>pat).items:
+            _pattern_binds(item, out)
+    elif t is _PList:
+        for item in (<_PList>pat).items:
+            _pattern_binds(item, out)
+    elif t is _PDict:
+        for item in (<_PDict>pat).pats:
+            _pattern_binds(item, out)
 
 
 # Which rows `select` visits (see the contract).
@@ -1555,6 +1726,8 @@ cdef class Matcher:
         if c.kmode == HEAD_LIT:
             if f.kg != f.lit_kg[ci]:
                 return 0
+        elif c.kborrow:
+            f.slots[c.kslot] = f.key    # lent: the frame's row outlives the visit
         elif c.kmode == HEAD_BIND:
             _bind(f, c.kslot, f.key)
         elif c.kmode == HEAD_PAT:
@@ -1564,13 +1737,17 @@ cdef class Matcher:
         if c.pmode == HEAD_LIT:
             if f.pg != f.lit_pg[ci]:
                 return 0
+        elif c.pborrow:
+            f.slots[c.pslot] = f.pid
         elif c.pmode == HEAD_BIND:
             _bind(f, c.pslot, f.pid)
         elif c.pmode == HEAD_PAT:
             r = c.ppat.match(f.pid, f)
             if r != 1:
                 return r
-        if c.vmode == HEAD_BIND:
+        if c.vborrow:
+            f.slots[c.vslot] = f.value
+        elif c.vmode == HEAD_BIND:
             _bind(f, c.vslot, f.value)
         elif c.vmode == HEAD_PAT:
             r = c.vpat.match(f.value, f)
@@ -1596,6 +1773,7 @@ cdef class Matcher:
             r = self._passes(c, ci, f)
             if r == 1:
                 break
+            _unlend(c, f)
             _clear_slots(f.slots, c.nslots)
             if r < 0:
                 return -1
@@ -1628,8 +1806,19 @@ cdef class Matcher:
                     count[0] += 1
                 Py_DECREF(res)
                 r = 0
+        _unlend(c, f)
         _clear_slots(f.slots, c.nslots)
         return -1 if r < 0 else 0
+
+
+cdef inline void _unlend(_Clause c, Frame* f) noexcept:
+    """Take back the slots a clause's head binds borrowed (before `_clear_slots`)."""
+    if c.kborrow:
+        f.slots[c.kslot] = NULL
+    if c.pborrow:
+        f.slots[c.pslot] = NULL
+    if c.vborrow:
+        f.slots[c.vslot] = NULL
 
 
 cdef int _need_bodies(Matcher m, str what) except -1:
@@ -1698,6 +1887,9 @@ cdef list _group_objects(GroupTable* gt):
 # The table
 # ======================================================================================
 
+# Rows of a sync part whose key-index slots `insert_flat` fetches ahead, together.
+DEF _PREFETCH_ROWS = 16
+
 @cython.final
 cdef class Table:
     """Rows ``(key, pid, value, tag)`` indexed by key and by pid; see ``_core.pyi``."""
@@ -1708,6 +1900,11 @@ cdef class Table:
     cdef GroupTable _keys
     cdef GroupTable _pids
     cdef uint64_t _version      # bumped by every change, including a reallocation
+    # Walks in progress (any thread) read rows' key, pid and value without holding
+    # references; a change meanwhile keeps what it releases here until the last ends.
+    cdef int _scans
+    cdef PtrBuf _grave
+    cdef int32_t _last_pg       # the pid group of the last insert (see `_last_pid_group`)
     cdef int64_t _stamp
     cdef uint32_t _epoch
 
@@ -1716,9 +1913,36 @@ cdef class Table:
         _slab_init(&self._rs, sizeof(Row))
         _gt_init(&self._keys)
         _gt_init(&self._pids)
+        _pb_init(&self._grave)
+        self._last_pg = -1
 
     def __dealloc__(self):
         _release(&self._rs, &self._keys, &self._pids)
+        _pb_free(&self._grave)
+
+    cdef int _grave_room(self, Py_ssize_t n) except -1:
+        """Room to keep `n` references alive for the walks in progress (none: nothing)."""
+        if self._scans > 0:
+            _pb_reserve(&self._grave, n)
+        return 0
+
+    cdef inline void _grave_keep(self, PyObject* o) noexcept:
+        """While a walk is in progress, a reference to `o` until it ends (room reserved)."""
+        if self._scans > 0:
+            Py_INCREF(o)
+            _pb_push(&self._grave, o)
+
+    cdef void _scan_end(self) noexcept:
+        cdef PtrBuf kept
+        self._scans -= 1
+        if self._scans == 0 and self._grave.n > 0:
+            # releasing may run code that scans and changes this table again: the grave
+            # is emptied first, then its former contents are released
+            kept = self._grave
+            if self._grave.p == self._grave.small:
+                kept.p = kept.small
+            _pb_init(&self._grave)
+            _pb_free(&kept)
 
     def __len__(self):
         """Number of rows."""
@@ -1995,6 +2219,9 @@ cdef class Table:
         cdef Row* r = _R(&self._rs, ri)
         cdef int32_t kg = r.kg
         cdef int32_t pg = r.pg
+        self._grave_keep(r.key)
+        self._grave_keep(r.pid)
+        self._grave_keep(r.value)
         if key_out != NULL:
             key_out[0] = r.key
         else:
@@ -2125,6 +2352,7 @@ cdef class Table:
         cdef int32_t* renum = <int32_t*>PyMem_Malloc(<size_t>gt.slab.cap * sizeof(int32_t))
         cdef int32_t i, j = 0
         cdef Group* g
+        self._last_pg = -1
         cdef Index idx
         cdef Row* r
         if renum == NULL:
@@ -2177,24 +2405,90 @@ cdef class Table:
 
         Returns True if it is the first row of `pid` (the caller then watches the pid).
         """
-        cdef Py_hash_t kh = PyObject_Hash(<PyObject*>key)
+        cdef int64_t tag = _as_tag(tag_)
+        return self._insert(key, pid, -1, value, tag) == 1
+
+    def insert_flat(self, pid, list flat not None):
+        """`insert` of each ``key, value, tag`` triple of `flat` for `pid`, in order (a sync
+        part's rows, without a Python call or tuple per row); True if the first was the
+        first row of `pid`. A failing row raises and leaves the rows before it inserted,
+        as the same `insert` calls would."""
+        cdef Py_ssize_t i = 0
         cdef Py_hash_t ph
+        cdef int64_t tag
+        cdef int r
+        cdef bint first = False
+        cdef object key, value
+        if PyList_GET_SIZE(<PyObject*>flat) % 3:
+            raise ValueError("insert_flat takes key, value, tag triples")
+        ph = PyObject_Hash(<PyObject*>pid)
+        if ph == -1 and PyErr_Occurred() != NULL:
+            _propagate()
+        while i + 2 < PyList_GET_SIZE(<PyObject*>flat):
+            if i % (3 * _PREFETCH_ROWS) == 0:
+                self._prefetch_keys(flat, i)
+            key = <object>PyList_GET_ITEM(<PyObject*>flat, i)
+            value = <object>PyList_GET_ITEM(<PyObject*>flat, i + 1)
+            tag = _as_tag(<object>PyList_GET_ITEM(<PyObject*>flat, i + 2))
+            r = self._insert(key, pid, ph, value, tag)
+            if i == 0:
+                first = r == 1
+            i += 3
+        return first
+
+    cdef void _prefetch_keys(self, list flat, Py_ssize_t i) noexcept:
+        """Start fetching the key-index slots of the next `_PREFETCH_ROWS` rows of `flat`
+        from row `i` on: in a large table each is a cache (and TLB) miss, and fetched
+        together they overlap instead of queueing. Only str and int keys (their hash
+        runs no Python code and cannot fail; a str keeps it for the insert)."""
+        cdef Py_ssize_t j, end = PyList_GET_SIZE(<PyObject*>flat)
+        cdef PyObject* k
+        cdef Py_hash_t h
+        if self._keys.index == NULL or self._keys.size < 4096:
+            return
+        if end > i + 3 * _PREFETCH_ROWS:
+            end = i + 3 * _PREFETCH_ROWS
+        j = i
+        while j + 2 < end:
+            k = PyList_GET_ITEM(<PyObject*>flat, j)
+            if PyUnicode_CheckExact(k) or PyLong_CheckExact(k):
+                h = PyObject_Hash(k)
+                pgr_prefetch(&self._keys.index[_home(_fingerprint(h), self._keys.bits)])
+            j += 3
+
+    cdef inline int32_t _last_pid_group(self, object pid) noexcept:
+        """The group of the pid of the last insert if `pid` is that very object, else -1.
+
+        A group holds the object it was made with, so identity proves it is `pid`'s group
+        (a process's writes pass the same pid object each time: no hash, no lookup).
+        """
+        cdef int32_t pg = self._last_pg
+        if pg >= 0 and pg < self._pids.slab.cap and _G(&self._pids, pg).obj == <PyObject*>pid:
+            return pg
+        return -1
+
+    cdef int _insert(self, object key, object pid, Py_hash_t ph, object value, int64_t tag) except -1:
+        """`insert`, given the pid's hash or -1 (not computed yet): 1 if it made the pid's
+        first row, else 0."""
+        cdef Py_hash_t kh = PyObject_Hash(<PyObject*>key)
         cdef int32_t kgi, pgi, ri
         cdef uint64_t v
         cdef Row* r
         cdef Group* g
         cdef bint first
         cdef int32_t* arr = NULL
-        cdef int64_t tag = _as_tag(tag_)
         if kh == -1 and PyErr_Occurred() != NULL:
-            _propagate()
-        ph = PyObject_Hash(<PyObject*>pid)
-        if ph == -1 and PyErr_Occurred() != NULL:
             _propagate()
         while True:
             v = self._version
             kgi = self._find(&self._keys, <PyObject*>key, kh)
-            pgi = self._find(&self._pids, <PyObject*>pid, ph)
+            pgi = self._last_pid_group(pid)
+            if pgi < 0:
+                if ph == -1:
+                    ph = PyObject_Hash(<PyObject*>pid)
+                    if ph == -1 and PyErr_Occurred() != NULL:
+                        _propagate()
+                pgi = self._find(&self._pids, <PyObject*>pid, ph)
             if self._version == v:
                 break
         # everything that can fail happens before the first change
@@ -2244,7 +2538,8 @@ cdef class Table:
         self._pid_append(ri, pgi)
         self._n += 1
         self._version += 1
-        return first
+        self._last_pg = pgi
+        return 1 if first else 0
 
     def pop(self, key, pid, tag_, default=None):
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
@@ -2258,6 +2553,7 @@ cdef class Table:
         ri = self._find_row(kgi, pgi, tag)
         if ri < 0:
             return default
+        self._grave_room(3)
         _pb_init(&dead)
         self._take_row(ri, &dead, NULL, &value)
         self._shrink()
@@ -2291,6 +2587,7 @@ cdef class Table:
         if best < 0:
             return None
         tag = _R(&self._rs, best).tag
+        self._grave_room(3)
         _pb_init(&dead)
         self._take_row(best, &dead, NULL, &value)
         self._shrink()
@@ -2316,6 +2613,7 @@ cdef class Table:
         try:
             _rb_reserve(&out, n)
             _pb_reserve(&dead, 2 * n + 2)
+            self._grave_room(3 * n)
             ri = _G(&self._pids, pgi).head
             while ri >= 0:
                 nxt = _R(&self._rs, ri).pnext
@@ -2386,6 +2684,7 @@ cdef class Table:
             if hits == 0:
                 return []
             _pb_reserve(&dead, 5 * hits)
+            self._grave_room(3 * hits)
             for i in range(cand.n):
                 rec = &cand.r[i]
                 if not rec.flag:
@@ -2434,9 +2733,11 @@ cdef class Table:
             self._rows_of(kgi, pgi, &out)
             if out.n == 0:
                 return []
+            self._grave_room(out.n)
             for i in range(out.n):
                 rec = &out.r[i]
                 r = _R(&self._rs, rec.ri)
+                self._grave_keep(r.value)
                 rec.a = r.value         # the old value's reference moves to the result
                 Py_INCREF(<PyObject*>value)
                 r.value = <PyObject*>value
@@ -2460,7 +2761,9 @@ cdef class Table:
         ri = self._find_row(kgi, pgi, tag)
         if ri < 0:
             return default
+        self._grave_room(1)
         old = _R(&self._rs, ri).value
+        self._grave_keep(old)
         Py_INCREF(<PyObject*>value)
         _R(&self._rs, ri).value = <PyObject*>value
         self._move_to_key_end(ri)
@@ -2472,12 +2775,23 @@ cdef class Table:
         cdef Slab rows = self._rs
         cdef GroupTable keys = self._keys
         cdef GroupTable pids = self._pids
+        cdef int32_t i
+        cdef Row* r
+        if self._scans > 0:
+            self._grave_room(3 * self._n)
+            for i in range(rows.cap):
+                r = _R(&rows, i)
+                if r.key != NULL:
+                    self._grave_keep(r.key)
+                    self._grave_keep(r.pid)
+                    self._grave_keep(r.value)
         # the table is empty and consistent before the first reference is released
         _slab_init(&self._rs, sizeof(Row))
         self._rfree = -1
         self._n = 0
         _gt_init(&self._keys)
         _gt_init(&self._pids)
+        self._last_pg = -1
         self._version += 1
         _release(&rows, &keys, &pids)
 
@@ -2821,17 +3135,9 @@ cdef class Table:
             while ri >= 0:
                 r = _R(&self._rs, ri)
                 nxt = r.pnext if by == PLAN_PIDS else r.knext
-                key = r.key
-                pid = r.pid
-                value = r.value
-                Py_INCREF(key)
-                Py_INCREF(pid)
-                Py_INCREF(value)
-                _frame_row(f, key, pid, value, r.kg, r.pg)
+                # borrowed: a change during the visit keeps them (`_grave_keep`)
+                _frame_row(f, r.key, r.pid, r.value, r.kg, r.pg)
                 res = m._visit(f, mode, out, count)
-                Py_DECREF(key)
-                Py_DECREF(pid)
-                Py_DECREF(value)
                 if res < 0:
                     return -1
                 if self._version != v0:
@@ -2913,7 +3219,9 @@ cdef class Table:
                     continue
                 _frame_init(&f, &s)
                 if attempt < 2:
+                    self._scans += 1
                     res = self._walk(m, &f, mode, outp, &count, s.plan, nplan, by, v0)
+                    self._scan_end()
                     if res < 0:
                         _propagate()
                     if res == 0:

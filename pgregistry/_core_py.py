@@ -378,6 +378,19 @@ class Table:
             self._n += 1
             return first
 
+    def insert_flat(self, pid: Any, flat: list[Any]) -> bool:
+        """`insert` of each ``key, value, tag`` triple of `flat` for `pid`, in order; True
+        if the first was the first row of `pid`. A failing row raises and leaves the rows
+        before it inserted."""
+        if len(flat) % 3:
+            raise ValueError("insert_flat takes key, value, tag triples")
+        first = False
+        for i in range(0, len(flat), 3):
+            made = self.insert(flat[i], pid, flat[i + 1], flat[i + 2])
+            if i == 0:
+                first = made
+        return first
+
     def pop(self, key: Any, pid: Any, tag: int, default: Any = None) -> Any:
         """Remove the row ``(key, pid, tag)``; return its value, or `default` if absent."""
         tag = _tag(tag)

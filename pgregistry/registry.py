@@ -36,9 +36,10 @@ from ._table import Matcher
 from .errors import AlreadyRegistered, AlreadyStarted, NoProcess, NotLocal
 from .node import Node
 from .process import Process, Via, current_process, task_process
+from .process import _tasks as _PROCESS_OF_TASK
 from .scope import ScopeServer
 from .spec import canonical, check_match, check_spec
-from .terms import Pid, Ref, check_key, check_value, short_repr
+from .terms import KEY_SCALARS, VALUE_SCALARS, Pid, Ref, check_key, check_value, short_repr
 
 __all__ = ["Registry"]
 
@@ -50,6 +51,10 @@ _NO_DEFAULT: Final = object()
 # a getpid system call on every call. Where the map is absent or not kept up to date,
 # `current_process` (the public path) decides.
 _CURRENT_TASKS: Final = getattr(asyncio.tasks, "_current_tasks", None)
+#: The same map when it is a plain dict (read directly by `Registry.register`), else an
+#: empty one (then `register` finds no task and asks `_caller`).
+_TASK_OF_LOOP: Final[dict[Any, Any]] = _CURRENT_TASKS if type(_CURRENT_TASKS) is dict else {}
+_get_ident: Final = threading.get_ident
 _MATCHER_CACHE_SIZE: Final = 256
 
 PICK_MODES: Final = ("random", "local", "remote", "closest", "furthest", "oldest", "newest", "round_robin")
@@ -92,7 +97,8 @@ class Registry:
     """
 
     __slots__ = ("name", "keys_mode", "listeners", "node", "_runtime", "_scope", "_table",
-                 "_matchers", "_loop_thread", "_cursors", "_cursors_limit", "_group_names")
+                 "_matchers", "_loop_thread", "_cursors", "_cursors_limit", "_group_names",
+                 "_loop", "_watchers", "_plain", "_next_tag", "_watch")
 
     def __init__(self, node: Node, name: str, scope: ScopeServer) -> None:
         self.name = name
@@ -104,6 +110,14 @@ class Registry:
         self._table = scope.table
         self._matchers: OrderedDict[Any, Matcher] = OrderedDict()
         self._loop_thread = node.loop_thread
+        # For `register`'s inlined write (all fixed for the scope's life): the loop whose
+        # current task is the caller, the scope's live "who else cares" dicts, whether the
+        # scope is duplicate-keyed without listeners, its tag counter and exit watch.
+        self._loop = node.runtime.loop
+        self._watchers = scope.write_watchers
+        self._plain = not scope.unique and not scope.listeners
+        self._next_tag = scope.next_tag
+        self._watch = scope.watch
         self._cursors: dict[Any, int] = {}  # round_robin: the next place per key
         self._cursors_limit = _CURSORS_MIN
         self._group_names = {how: _GroupNames(self, how) for how in PICK_MODES}
@@ -227,11 +241,29 @@ class Registry:
         node holds `key` (the caller included). `TypeError` if `key` is not a key term
         or `value` not a value term; `ValueError` if `key` holds a NaN.
         """
-        process = self._caller("register")
-        check_key(key)
-        check_value(value)
-        self._scope.join(key, process, value)
-        return process.pid
+        # The write path of every registration: its checks are inlined (each Python call
+        # here costs as much as the table insert); anything unusual takes `_caller`.
+        process = None
+        if _get_ident() == self._loop_thread:
+            task = _TASK_OF_LOOP.get(self._loop)
+            if task is not None:
+                process = _PROCESS_OF_TASK.get(task)
+        if process is None or process.runtime is not self._runtime or self._scope.closed:
+            process = self._caller("register")
+        if type(key) is not str and type(key) not in KEY_SCALARS:
+            check_key(key)
+        if type(value) is not int and type(value) not in VALUE_SCALARS:
+            check_value(value)
+        subs, key_subs, peers, sending = self._watchers
+        if subs or key_subs or peers or sending or not self._plain:
+            self._scope.join(key, process, value)
+            return process.pid
+        # `ScopeServer.join` when nobody listens, no peer gossips and no round is being
+        # sent (the table insert and the exit watch are all it does then), inlined
+        pid = process.pid
+        if self._table.insert(key, pid, value, self._next_tag()):
+            self._watch(process)
+        return pid
 
     def register_name(self, key: Any, pid: Pid, value: Any = None) -> bool:
         """Register any live local process under `key`; False on a unique collision.

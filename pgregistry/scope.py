@@ -178,6 +178,10 @@ class ScopeServer:
         self._counts: dict[str, float] = dict.fromkeys(
             ("rounds_sent", "rounds_sent_seconds", "rounds_received", "rounds_received_seconds",
              "peers_added", "peers_lost", "malformed_dropped", "left_out"), 0)
+        # While these (never replaced) dicts are empty a local write is a bare insert, which
+        # `Registry.register` then does itself with `next_tag` and `watch`.
+        self.write_watchers = (self._scope_subs, self._key_subs, self._peers, self._sending)
+        self.next_tag = self._next_tag
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -284,6 +288,7 @@ class ScopeServer:
 
     def _watch(self, process: Process) -> None:
         process.add_exit_hook(self, self._on_exit)
+    watch = _watch
 
     def _on_exit(self, pid: Pid, reason: Any) -> None:
         rows = self.table.pop_pid(pid)
@@ -307,7 +312,7 @@ class ScopeServer:
         tag = self._next_tag()
         if self.table.insert(key, pid, value, tag):
             self._watch(process)
-        if not self._quiet():
+        if self._scope_subs or self._key_subs or self.listeners:  # `not self._quiet()`, inlined
             self._publish_join(key, [(pid, value)])
         if self._sending:
             for round_ in self._sending.values():
@@ -755,11 +760,10 @@ class ScopeServer:
             raise BadPeerMessage(f"unknown op {short_repr(op)}")
 
     def _insert_rows(self, pid: Pid, flat: list[Any], joins: dict[Any, list[tuple[Pid, Any]]] | None) -> None:
-        """Insert flat ``key, value, tag`` rows of `pid`; collect them by key in `joins`."""
-        insert = self.table.insert
-        for i in range(0, len(flat), 3):
-            insert(flat[i], pid, flat[i + 1], flat[i + 2])
-            if joins is not None:
+        """Insert flat ``key, value, tag`` rows of `pid` (compiled); collect them by key in `joins`."""
+        self.table.insert_flat(pid, flat)
+        if joins is not None:
+            for i in range(0, len(flat), 3):
                 joins.setdefault(flat[i], []).append((pid, flat[i + 1]))
 
     def _remote_joins(self, peer: str, pid: Pid, flat: list[Any]) -> None:

@@ -238,6 +238,11 @@ SCALAR_TYPES: Final = _SCALARS
 """The types of the terms that hold no other term (nothing in them can be mutated)."""
 # The key scalars that need no further look: a float may be a NaN.
 _KEY_SCALARS: Final = _SCALARS - {float}
+_DICT_KEY_TYPES: Final = frozenset({str, int})
+#: The exact types `check_value` / `check_key` accept without looking further: a caller on
+#: a hot path may skip the call when ``type(x) in VALUE_SCALARS`` (or ``KEY_SCALARS``).
+VALUE_SCALARS: Final = _SCALARS
+KEY_SCALARS: Final = _KEY_SCALARS
 
 # One depth budget for everything that travels. A decoded message may nest `MAX_DEPTH`
 # containers (the decoder refuses deeper input, so hostile nesting cannot exhaust the
@@ -299,6 +304,8 @@ def _value_problem(x: Any, depth: int) -> str | None:
     if depth >= MAX_DEPTH:
         return _TOO_DEEP
     if t is tuple or t is list:
+        if _SCALARS.issuperset(map(type, x)):  # all scalars (a sync part's rows): one C loop
+            return None
         for item in x:
             if type(item) not in _SCALARS:
                 problem = _value_problem(item, depth + 1)
@@ -306,6 +313,8 @@ def _value_problem(x: Any, depth: int) -> str | None:
                     return problem
         return None
     if t is dict:
+        if _DICT_KEY_TYPES.issuperset(map(type, x)) and _SCALARS.issuperset(map(type, x.values())):
+            return None
         for k, item in x.items():
             if type(k) is not str and type(k) is not int:
                 return f"dict key {short_repr(k, 60)} is not a str or int"

@@ -14,6 +14,7 @@ ours and the test says so.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -1285,3 +1286,136 @@ def test_index_order_survives_compaction_identically() -> None:
         assert sorted(py.at(key, i)[1] for i in range(n)) == sorted(v for _p, v in py.lookup(key))
         assert py.first(key) == c.first(key) == py.lookup(key)[0]
         assert py.last(key) == c.last(key) == py.lookup(key)[-1]
+
+
+# Scalars on both sides of every comparison the Cython table decides in C (exact ints of
+# one machine word or more, floats with NaN, infinities and signed zeros, strs of every
+# width, bytes) and some it leaves to rich comparison (bool, None, big ints, tuples).
+COMPARED = [0, 1, -1, 2, -2, 2**30 - 1, 2**30, -(2**30), 2**62, 2**63, -(2**64), 10**30,
+            0.0, -0.0, 1.0, 0.5, -2.5, 2.0**53, 2.0**53 + 2, float("inf"), float("-inf"), float("nan"),
+            "", "a", "b", "ab", "é", "€", "\U0001d11e", "a\U0001d11e", b"", b"x", b"xy", b"y",
+            True, False, None, (1,), A]
+COMPARE_OPS = [("<", lambda a, b: a < b), ("<=", lambda a, b: a <= b), ("==", lambda a, b: a == b),
+               ("!=", lambda a, b: a != b), (">", lambda a, b: a > b), (">=", lambda a, b: a >= b)]
+
+
+def _python_guard(op: Any, a: Any, b: Any) -> bool:
+    """What a guard ``a <op> b`` decides in Python: exactly True passes; raising fails."""
+    try:
+        return op(a, b) is True
+    except Exception:
+        return False
+
+
+def _compare(name: str, a: Any, b: Any) -> Any:
+    """The spec expression ``a <name> b``."""
+    return {"<": lambda: a < b, "<=": lambda: a <= b, "==": lambda: a == b, "!=": lambda: a != b,
+            ">": lambda: a > b, ">=": lambda: a >= b}[name]()
+
+
+@pytest.mark.parametrize("name, op", COMPARE_OPS)
+def test_comparison_guards_decide_as_python(core: ModuleType, table: Any, name: str, op: Any) -> None:
+    """Every ordered pair of `COMPARED`: as a guard (variable against variable, and
+    against a constant) it passes exactly when Python's comparison returns True; as a
+    body it gives Python's result, and a comparison that raises skips the row."""
+    rows = [(i, A, (a, b)) for i, (a, b) in enumerate((a, b) for a in COMPARED for b in COMPARED)]
+    fill(table, rows)
+    want = [i for i, _p, (a, b) in rows if _python_guard(op, a, b)]
+    assert table.select(spec(core, [((V3, _, (V1, V2)), [_compare(name, V1, V2)], [V3])])) == want
+    want_body = []
+    for _i, _p, (a, b) in rows:
+        try:
+            want_body.append(op(a, b))
+        except Exception:
+            pass
+    assert_same(table.select(spec(core, [((_, _, (V1, V2)), [], [_compare(name, V1, V2)])])), want_body)
+    for b in COMPARED:
+        if b != b:
+            continue  # a spec constant may not be NaN
+        got = table.select(spec(core, [((V3, _, (V1, V2)), [V2 == const(b), _compare(name, V1, b)], [V3])]))
+        assert [i for i in got if rows[i][2][1] is b] == [
+            i for i, _p, (a, b2) in rows if b2 is b and _python_guard(op, a, b)], (name, b)
+
+
+def test_insert_flat_is_insert_row_by_row(core: ModuleType, table: Any) -> None:
+    """A sync part's rows of one pid in one call: the same rows, order and answer as
+    `insert` of each triple; a bad row raises and keeps the rows before it."""
+    other = core.Table()
+    flat = ["a", 1, 10, "b", {"n": 2}, 11, "a", None, 12]
+    assert table.insert_flat(A, flat) is True
+    firsts = [other.insert(flat[i], A, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    assert firsts == [True, False, False]
+    assert table.rows() == other.rows() and table.snapshot() == other.snapshot()
+    assert table.insert_flat(A, ["c", 3, 13]) is False
+    assert table.insert_flat(B, []) is False and table.count_pid(B) == 0
+    with pytest.raises(ValueError):
+        table.insert_flat(B, ["c", 3])
+    assert table.count_pid(B) == 0
+    with pytest.raises(TypeError):
+        table.insert_flat(B, ["d", 4, 20, ["unhashable"], 5, 21, "e", 6, 22])
+    assert table.entries("d") == [(B, 4, 20)] and table.count_pid(B) == 1 and "e" not in table
+
+
+class _Token:
+    """A hashable object a weak reference can watch (table rows hold the only strong one)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def test_a_change_during_a_scan_keeps_the_visited_row_alive(core: ModuleType, table: Any) -> None:
+    """Python code run by a guard (here a value's ``__eq__``; in real use another thread
+    or a finalizer) may change the table mid-visit: the row being visited keeps its key,
+    pid and value alive until the scan ends, and the scan starts again on the new table."""
+    import weakref
+
+    if core.__name__ == "pgregistry._core_py":
+        pytest.skip("the pure twin holds its lock through a scan: a change waits for the scan to end")
+    seen: list[bool] = []
+    refs: list[Any] = []
+
+    class Meddler:
+        """A value whose comparison clears the table once, then checks the row's objects."""
+
+        def __eq__(self, other: object) -> bool:
+            if not seen:
+                table.clear()
+                gc.collect()
+                seen.append(all(ref() is not None for ref in refs))
+            return True
+
+        __hash__ = None  # type: ignore[assignment]
+
+    for scan in (lambda: table.select(spec(core, [((V1, V2, V3), [V3 == 1], [V1])])),
+                 lambda: table.match("k", pattern(core, V1, [V1 == 1]))):
+        key, pid, value = (_Token(), _Token(), Meddler())
+        refs[:] = [weakref.ref(key), weakref.ref(pid), weakref.ref(value)]
+        table.insert("k", pid, value, 1)
+        table.insert(key, pid, 5, 2)
+        table.insert("k", A, 7, 3)
+        del key, pid, value
+        seen.clear()
+        assert scan() == [] and seen == [True] and len(table) == 0
+        gc.collect()
+        assert all(ref() is None for ref in refs)  # released once the scan ended
+
+
+def test_insert_flat_into_a_large_table(core: ModuleType) -> None:
+    """Past a few thousand keys `insert_flat` fetches index slots ahead (str and int keys
+    only): the rows, their order and a failing row's effect are still `insert`'s."""
+    one, other = core.Table(), core.Table()
+    for i in range(6000):
+        one.insert(("old", i), A, i, i + 1)
+        other.insert(("old", i), A, i, i + 1)
+    keys: list[Any] = [f"k{i}" if i % 4 == 0 else i if i % 4 == 1 else (i, "t") if i % 4 == 2 else float(i)
+                       for i in range(100)]
+    keys[50] = "k0"  # an existing key of this batch
+    flat: list[Any] = []
+    for i, key in enumerate(keys):
+        flat += [key, i, 10_000 + i]
+    assert one.insert_flat(B, flat) is True
+    for i in range(0, len(flat), 3):
+        other.insert(flat[i], B, flat[i + 1], flat[i + 2])
+    assert one.rows() == other.rows()
+    with pytest.raises(TypeError):
+        one.insert_flat(C, ["x", 1, 20_000, ["unhashable"], 2, 20_001])
+    assert one.entries("x") == [(C, 1, 20_000)] and one.count_pid(C) == 1

@@ -401,7 +401,8 @@ P2 = Pid("n@h:1", 2)
 P3 = Pid("m@h:2", 1)
 KEYS: list[Any] = ["a", "b", 1, 1.0, True, 0, None, (1, "a"), (1.0, "a")]
 PIDS: list[Any] = [P1, P2, P3, ("n@h:1", 1, 0), 7, 7.0]  # the plain tuple is not P1
-SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2, -1, 2.5, "a", "b", "", b"x"]
+SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2, -1, 2.5, "a", "b", "", b"x",
+                      2**40, -0.0, float("inf"), "é", "\U0001d11e", b"xy"]  # C-compared shapes too
 DICT_KEYS = ["n", "r", 1]
 NAN = float("nan")
 
@@ -688,6 +689,19 @@ class TableMachine(RuleBasedStateMachine):
     def insert_many(self, rows: list[tuple[Any, Any, Any, int]]) -> None:
         for key, pid, value, tag in rows:
             self.insert(key, pid, value, tag)
+
+    @rule(pid=pids, rows=st.lists(st.tuples(keys, values), max_size=6))
+    def insert_flat(self, pid: Any, rows: list[tuple[Any, Any]]) -> None:
+        """A sync part's rows of one pid: the subject's `insert_flat` is the reference's
+        `insert` row by row."""
+        flat: list[Any] = []
+        for key, value in rows:
+            tag = max(self.used_tags, default=0) + 1
+            self.used_tags.add(tag)
+            flat += [key, value, tag]
+        got = self.sub.insert_flat(pid, flat)
+        firsts = [self.ref.insert(flat[i], pid, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        agree(got, bool(firsts and firsts[0]), f"insert_flat({pid!r}, {flat!r})")
 
     @rule(pick=st.integers(0, 10**6), existing=st.booleans(), key=keys, pid=pids, tag=st.integers(0, 45))
     def pop(self, pick: int, existing: bool, key: Any, pid: Any, tag: int) -> None:
