@@ -241,13 +241,18 @@ class Connection(asyncio.Protocol):
             raise ValueError("an empty payload is not an encoded term")
         if size > self.peer_max_frame:
             raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
+        self.messages_sent += 1
         if not self._flush_scheduled:
+            # The first message of a loop iteration goes at once (no loop turn of delay);
+            # the rest wait for the one flush at the start of the next iteration.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+            if not self._paused:
+                self._write(_pack_header(size) + payload, size + 4)
+                return
         out = self._out
         out.append(_pack_header(size))
         out.append(payload)
-        self.messages_sent += 1
         self._out_size += size + 4
         if self._out_size > self._send_limit:
             self._overloaded()
@@ -375,6 +380,17 @@ class Connection(asyncio.Protocol):
             self._endpoint._count(self._endpoint._frames_rejected, "malformed")
             self._fail(f"malformed frame: {exc}")
             return
+        # What the messages make us send back goes in one write at the end of this callback.
+        held = self._flush_scheduled
+        self._flush_scheduled = True
+        try:
+            self._dispatch(frames)
+        finally:
+            if not held:
+                self._flush_scheduled = False
+            self._write_out()
+
+    def _dispatch(self, frames: list[bytes]) -> None:
         limits = self._limits
         on_message = self._on_message
         for payload in frames:
@@ -402,17 +418,24 @@ class Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Write the queued output now (established state)."""
         out = self._out
         if not out or self._state != _OPEN:
             return
         self._out = []
         size = self._out_size
         self._out_size = 0
+        self._write(b"".join(out), size)
+
+    def _write(self, data: bytes, size: int) -> None:
         self.bytes_sent += size
         self._wrote = True
         transport = self._transport
         assert transport is not None
-        transport.write(b"".join(out))
+        transport.write(data)
         if transport.get_write_buffer_size() > self._send_limit:
             self._overloaded()
 
