@@ -22,9 +22,11 @@ The full protocol is in docs/protocol.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
+import socket
 import ssl as _ssl
 import struct
 from collections.abc import Callable
@@ -98,6 +100,25 @@ class HandshakeError(ConnectionError):
         self.kind = kind
         self.detail = detail
         super().__init__(f"handshake failed ({kind}): {detail}")
+
+
+def set_nodelay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on a TCP connection's socket (before its handshake)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        with contextlib.suppress(OSError):  # the socket may already be closing
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def failure_kind(exc: Exception) -> str:
+    """The reason a failed handshake is counted under (a few fixed words)."""
+    if isinstance(exc, AuthenticationError):
+        return "cookie"
+    if isinstance(exc, HandshakeError):
+        return exc.kind
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return type(exc).__name__
 
 
 class _Refusal(Exception):

@@ -180,9 +180,17 @@ class Requests:
         if not self._node.send_service(peer, self._service, ["req", rid, what, args]):
             raise NoProcess(f"{peer} is not connected", reason="noconnection")
         self._replies[rid] = (peer, fut)
+        if timeout is None or not timeout > 0:  # (wait_for: what it did for these before)
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            finally:
+                self._replies.pop(rid, None)
+        # A timer rather than wait_for: the reply wakes the caller without a loop turn between.
+        timer = fut.get_loop().call_later(timeout, _time_out, fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await fut
         finally:
+            timer.cancel()
             self._replies.pop(rid, None)
 
     def on_payload(self, peer: str, payload: list[Any]) -> bool:
@@ -204,8 +212,7 @@ class Requests:
 
     def _answer(self, peer: str, rid: Any, result: Any) -> None:
         if asyncio.isfuture(result) or asyncio.iscoroutine(result):
-            task = asyncio.ensure_future(result)
-            task.add_done_callback(lambda t: self._answer(peer, rid, _outcome(t)))
+            asyncio.ensure_future(self._answer_when_done(peer, rid, result))
             return
         if self._closed:
             return
@@ -215,6 +222,17 @@ class Requests:
             # A result that is no term or too big for the peer: the asker gets the reason.
             self._log.warning("service %r: a reply to %s cannot be sent (%s)", self._service, peer, e)
             self._node.send_service(peer, self._service, ["rep", rid, ["error", f"{type(e).__name__}: {e}"]])
+
+    async def _answer_when_done(self, peer: str, rid: Any, awaitable: Any) -> None:
+        """Answer with `awaitable`'s outcome from the task that ran it (not a loop turn later)."""
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            self._answer(peer, rid, ["error", "cancelled"])
+            raise
+        except Exception as exc:
+            result = ["error", f"{type(exc).__name__}: {exc}"]
+        self._answer(peer, rid, result)
 
     def peer_down(self, peer: str) -> None:
         """`peer` went down: its unanswered requests raise `NoProcess`."""
@@ -233,21 +251,16 @@ class Requests:
         self._replies.clear()
 
 
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 def fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
     """Fail `fut` with `exc` without a "never retrieved" log if its waiter is gone (its wait
     timed out or was cancelled): the error is for whoever still waits, nobody else."""
     fut.set_exception(exc)
     fut.exception()
-
-
-def _outcome(task: asyncio.Future[Any]) -> Any:
-    """A request handler's result, or an error reply naming what it raised."""
-    if task.cancelled():
-        return ["error", "cancelled"]
-    exc = task.exception()
-    if exc is not None:
-        return ["error", f"{type(exc).__name__}: {exc}"]
-    return task.result()
 
 
 _REPLY_ERRORS: Final[dict[str, type[Exception]]] = {

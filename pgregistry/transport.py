@@ -8,8 +8,10 @@ endpoint. On each connection:
 
  * first the handshake of `pgregistry.handshake` (hello, challenge, response, accept, or
    refuse); then `on_connection(conn)`, on both sides
- * then every non-empty frame is one message: `send` queues it, one write per loop
-   iteration carries the queue, and the peer's `on_message(conn, term)` gets it in order
+ * then every non-empty frame is one message: `send` writes the first of a loop
+   iteration at once and queues the rest for one write at the next iteration (what
+   ``on_message`` sends back leaves at the end of the read); the peer's
+   `on_message(conn, term)` gets them in order
  * a side that wrote nothing for ``tick_interval`` sends a tick (an empty frame)
 
 What closes a connection (then `on_close(conn, reason)`, once, from a fresh callback):
@@ -25,9 +27,7 @@ The full protocol is in docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import ssl as _ssl
 import struct
 from collections.abc import Callable
@@ -44,6 +44,8 @@ from .handshake import (
     HandshakeError,
     certificate_names,
     certificate_proves,
+    failure_kind,
+    set_nodelay,
 )
 from .logbudget import LogBudget
 from .terms import short_repr
@@ -86,23 +88,8 @@ _OPEN: Final = 2
 _CLOSED: Final = 3
 
 
-def _set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-        with contextlib.suppress(OSError):  # the socket may already be closing
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _noop_connection(conn: Connection) -> None:
-    """Default ``on_connection``: ignore."""
-
-
-def _noop_message(conn: Connection, term: Any) -> None:
-    """Default ``on_message``: drop."""
-
-
-def _noop_close(conn: Connection, reason: str) -> None:
-    """Default ``on_close``: ignore."""
+def _ignore(*args: Any) -> None:
+    """The default ``on_connection``, ``on_message`` and ``on_close``: ignore (drop)."""
 
 
 class Connection(asyncio.Protocol):
@@ -212,7 +199,7 @@ class Connection(asyncio.Protocol):
         return self._state == _OPEN
 
     def send(self, term: Any) -> None:
-        """Queue `term` for the peer; it is written with the rest of this loop iteration's output.
+        """Send `term` to the peer: at once if it is the first this loop iteration, else queued.
 
         Never awaits, never calls a callback. `TypeError` if `term` is not a term,
         `ValueError` if its encoding exceeds the peer's ``max_frame``, `RuntimeError` on a
@@ -232,7 +219,7 @@ class Connection(asyncio.Protocol):
         self._enqueue(payload)
 
     def _enqueue(self, payload: bytes) -> None:
-        """Queue the frame of one encoded term for the flush at the end of this loop iteration."""
+        """Write the frame of one encoded term, or queue it for the next iteration's flush."""
         size = len(payload)
         if self._state != _OPEN:
             self._not_open()
@@ -241,13 +228,18 @@ class Connection(asyncio.Protocol):
             raise ValueError("an empty payload is not an encoded term")
         if size > self.peer_max_frame:
             raise ValueError(f"message of {size} bytes exceeds the peer's frame limit of {self.peer_max_frame}")
+        self.messages_sent += 1
         if not self._flush_scheduled:
+            # The first message of a loop iteration goes at once (no loop turn of delay);
+            # the rest wait for the one flush at the start of the next iteration.
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+            if not self._paused:
+                self._write_out(_pack_header(size) + payload, size + 4)
+                return
         out = self._out
         out.append(_pack_header(size))
         out.append(payload)
-        self.messages_sent += 1
         self._out_size += size + 4
         if self._out_size > self._send_limit:
             self._overloaded()
@@ -301,7 +293,7 @@ class Connection(asyncio.Protocol):
         if endpoint._closing:
             self._close(REASON_ENDPOINT_CLOSED, abort=True, log=False)
             return
-        _set_nodelay(transport)
+        set_nodelay(transport)
         self._hs_timer = self._loop.call_later(endpoint.handshake_timeout, self._handshake_timed_out)
         handshake = Handshake(
             endpoint,
@@ -375,44 +367,58 @@ class Connection(asyncio.Protocol):
             self._endpoint._count(self._endpoint._frames_rejected, "malformed")
             self._fail(f"malformed frame: {exc}")
             return
+        # What the messages make us send back goes in one write at the end of this callback.
+        held = self._flush_scheduled
+        self._flush_scheduled = True
         limits = self._limits
         on_message = self._on_message
-        for payload in frames:
-            if not payload:
-                continue  # tick
-            try:
-                term = decode(payload, limits)
-            except WireError as exc:
-                # The framing is intact, so the stream is still usable: this message
-                # alone is dropped. Closing instead would cost the peer every entry it
-                # holds here, and its next sync round would resend the same payload.
-                self.messages_dropped += 1
-                self._endpoint._count(self._endpoint._frames_rejected, "undecodable")
-                self._endpoint._input_log.warning("connection %r: dropped a malformed message: %s", self, exc)
-                continue
-            self.messages_received += 1
-            try:
-                on_message(self, term)
-            except Exception:
-                logger.exception("connection %r: on_message raised; closing the connection", self)
-                self._close("on_message raised")
-                return
-            if self._state != _OPEN:
-                return
+        try:
+            for payload in frames:
+                if not payload:
+                    continue  # tick
+                try:
+                    term = decode(payload, limits)
+                except WireError as exc:
+                    # The framing is intact, so the stream is still usable: this message
+                    # alone is dropped. Closing instead would cost the peer every entry it
+                    # holds here, and its next sync round would resend the same payload.
+                    self.messages_dropped += 1
+                    self._endpoint._count(self._endpoint._frames_rejected, "undecodable")
+                    self._endpoint._input_log.warning("connection %r: dropped a malformed message: %s", self, exc)
+                    continue
+                self.messages_received += 1
+                try:
+                    on_message(self, term)
+                except Exception:
+                    logger.exception("connection %r: on_message raised; closing the connection", self)
+                    self._close("on_message raised")
+                    return
+                if self._state != _OPEN:
+                    return
+        finally:
+            if not held:
+                self._flush_scheduled = False
+            self._write_out()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        out = self._out
-        if not out or self._state != _OPEN:
-            return
-        self._out = []
-        size = self._out_size
-        self._out_size = 0
+        self._write_out()
+
+    def _write_out(self, data: bytes = b"", size: int = 0) -> None:
+        """Write `data` (a frame) or else the queued output, now (established state)."""
+        if not data:
+            out = self._out
+            if not out or self._state != _OPEN:
+                return
+            self._out = []
+            size = self._out_size
+            self._out_size = 0
+            data = b"".join(out)
         self.bytes_sent += size
         self._wrote = True
         transport = self._transport
         assert transport is not None
-        transport.write(b"".join(out))
+        transport.write(data)
         if transport.get_write_buffer_size() > self._send_limit:
             self._overloaded()
 
@@ -500,7 +506,7 @@ class Connection(asyncio.Protocol):
         if self._state in (_CLOSED, _OPEN):
             return
         endpoint = self._endpoint
-        endpoint._count(endpoint._handshake_failures, _handshake_failure_kind(exc))
+        endpoint._count(endpoint._handshake_failures, failure_kind(exc))
         if self.initiated:
             logger.info("connection %r: handshake failed: %s", self, exc)
         else:
@@ -593,17 +599,6 @@ class Connection(asyncio.Protocol):
             self._linger = self._loop.call_later(delay, transport.abort)
 
 
-def _handshake_failure_kind(exc: Exception) -> str:
-    """The reason a failed handshake is counted under (a few fixed words)."""
-    if isinstance(exc, AuthenticationError):
-        return "cookie"
-    if isinstance(exc, HandshakeError):
-        return exc.kind
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return type(exc).__name__
-
-
 OnConnection = Callable[[Connection], None]
 OnMessage = Callable[[Connection, Any], None]
 OnClose = Callable[[Connection, str], None]
@@ -681,9 +676,9 @@ class Endpoint:
         for what, callback in (("on_connection", on_connection), ("on_message", on_message), ("on_close", on_close)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{what} must be callable or None, got {short_repr(callback)}")
-        self._on_connection: OnConnection = on_connection or _noop_connection
-        self._on_message: OnMessage = on_message or _noop_message
-        self._on_close: OnClose = on_close or _noop_close
+        self._on_connection: OnConnection = on_connection or _ignore
+        self._on_message: OnMessage = on_message or _ignore
+        self._on_close: OnClose = on_close or _ignore
         self._node_id: str | None = None
         self._input_log = LogBudget(logger, f"endpoint {name}")
         self._creation = 0

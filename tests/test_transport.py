@@ -393,12 +393,14 @@ async def test_order_and_batching_in_one_iteration(cluster: Cluster) -> None:
 
     transport.write = counting_write  # type: ignore[method-assign]
     n = 5000
+    before = conn.bytes_sent
     for i in range(n):
         conn.send(("m", i))
-    assert writes == [] and conn.bytes_sent < 1000  # nothing written inside the iteration
+    # The first message goes at once; the rest wait for one write at the next iteration.
+    assert len(writes) == 1 and writes[0] == conn.bytes_sent - before < 1000
     await brec.wait_for(lambda: len(brec.messages) == n)
     assert brec.received() == [("m", i) for i in range(n)]
-    assert len(writes) == 1, f"{n} sends in one iteration took {len(writes)} writes"
+    assert len(writes) == 2, f"{n} sends in one iteration took {len(writes)} writes"
     # Across iterations, order holds too.
     for i in range(n, n + 200):
         conn.send(("m", i))
@@ -406,6 +408,36 @@ async def test_order_and_batching_in_one_iteration(cluster: Cluster) -> None:
             await asyncio.sleep(0)
     await brec.wait_for(lambda: len(brec.messages) == n + 200)
     assert brec.received() == [("m", i) for i in range(n + 200)]
+
+
+async def test_answers_made_while_reading_go_in_one_write_at_the_end_of_the_read(cluster: Cluster) -> None:
+    a, arec = await cluster.endpoint("a")
+    b, brec = await cluster.endpoint("b")
+    await a.connect(addr(b))
+    await brec.wait_for(lambda: len(brec.connections) == 1)
+    conn = brec.connections[0]
+    transport = conn._transport
+    assert transport is not None
+    writes: list[bytes] = []
+    real_write = transport.write
+
+    def counting_write(data: Any) -> None:
+        writes.append(data)
+        real_write(data)
+
+    transport.write = counting_write  # type: ignore[method-assign]
+    n = 50
+    # One read carrying n pings: the pongs leave in one write before the read callback
+    # returns, whether or not a flush is already scheduled for this iteration.
+    for scheduled in (False, True):
+        writes.clear()
+        conn._flush_scheduled = scheduled
+        conn.data_received(b"".join(framed(encode(("ping", i))) for i in range(n)))
+        assert len(writes) == 1 and writes[0] == b"".join(framed(encode(("pong", i))) for i in range(n))
+        assert conn._flush_scheduled is scheduled
+    conn._flush_scheduled = False
+    await arec.wait_for(lambda: len(arec.messages) == 2 * n)
+    assert arec.received() == [("pong", i) for i in range(n)] * 2
 
 
 async def test_send_checks_and_closed_connection(cluster: Cluster) -> None:
