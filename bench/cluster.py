@@ -733,9 +733,13 @@ class ChildNode:
         except OSError:
             return ""
 
-    async def start(self, timeout: float = 30.0) -> ChildNode:
-        args = [sys.executable, str(Path(__file__).resolve()), "--child", "--name", self.name, "--loop", self.loop,
+    def child_args(self) -> list[str]:
+        """The command line of the child (a subclass runs its own script with its options)."""
+        return [sys.executable, str(Path(__file__).resolve()), "--child", "--name", self.name, "--loop", self.loop,
                 "--tick", str(self.tick), "--down-after", str(self.down_after)]
+
+    async def start(self, timeout: float = 30.0) -> ChildNode:
+        args = self.child_args()
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,

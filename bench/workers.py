@@ -378,26 +378,9 @@ class _WorkersChild:
 class WorkersChild(cluster.ChildNode):
     """A child node running this script (`cluster.ChildNode` starts cluster.py)."""
 
-    async def start(self, timeout: float = 30.0) -> WorkersChild:
-        args = [sys.executable, str(Path(__file__).resolve()), "--child", "--name", self.name,
+    def child_args(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--child", "--name", self.name,
                 "--tick", str(self.tick), "--down-after", str(self.down_after)]
-        with open(self.log_path, "ab") as logf:
-            self.proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=logf,
-                cwd=REPO, limit=1 << 24)
-        self.pid = self.proc.pid
-        cluster._LIVE_CHILDREN.add(self.pid)
-        ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[0] = ready
-        self._reader = asyncio.ensure_future(self._read())
-        try:
-            info = await asyncio.wait_for(ready, timeout)
-        except TimeoutError:
-            raise cluster.ChildError(f"node {self.name} did not start within {timeout} s; "
-                                     f"log:\n{self.log_tail()}") from None
-        self.id = info["id"]
-        self.info = info
-        return self
 
 
 def profiled(opts: argparse.Namespace, section: str, nodes: list[WorkersChild]) -> Any:

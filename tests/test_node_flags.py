@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import selectors
 import shutil
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from pgregistry.cli import _parser
 from pgregistry.node import Node
 
 from .helpers import eventually
+from .test_cli import _read_line
 from .tls_certs import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +48,6 @@ def _start(*args: str, cookie: str | None = COOKIE, cwd: Path = ROOT) -> subproc
         env["PGREGISTRY_COOKIE"] = cookie
     return subprocess.Popen([sys.executable, "-m", "pgregistry", "node", "--test-control", *args], cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
-    """The child's first stdout line, waiting at most `timeout` seconds."""
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise AssertionError(f"no line on stdout within {timeout} s")
-    return proc.stdout.readline()
 
 
 def _node_id(proc: subprocess.Popen[str]) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import selectors
 import shlex
 import subprocess
 import sys
 import time
+
+from .test_cli import _read_line
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -77,11 +78,7 @@ def test_readme_three_terminal_walk_through_works_as_written(tmp_path: pathlib.P
             proc = subprocess.Popen(shlex.split(line), cwd=tmp_path, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             nodes.append(proc)
-            assert proc.stdout is not None
-            with selectors.DefaultSelector() as selector:
-                selector.register(proc.stdout, selectors.EVENT_READ)
-                assert selector.select(20), f"{line!r} printed nothing"
-            assert proc.stdout.readline().startswith("NODE "), line
+            assert _read_line(proc).startswith("NODE "), line
         deadline = 20.0
         start = time.monotonic()
         while True:
