@@ -496,8 +496,10 @@ async def _cluster_tour(cookie: str, logs: Path, children: list[NodeProcess]) ->
             for child in (a, b):
                 child.terminate()
             for child in (a, b):
-                _say(f"  node {child.name} stopped by SIGTERM: exit status {child.stop(5.0)}")
-            _say(f"  node {c.name} was killed: exit status {c.stop(5.0)}")
+                # In a thread: the narrator's loop keeps ticking while a node stops gracefully.
+                status = await asyncio.to_thread(child.stop, 5.0)
+                _say(f"  node {child.name} stopped by SIGTERM: exit status {status}")
+            _say(f"  node {c.name} was killed: exit status {await asyncio.to_thread(c.stop, 5.0)}")
 
 
 async def _story(narrator: Node, reg: Registry, obs: _Observer, part: Partition, nodes: list[NodeProcess]) -> None:
