@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import signal
 import sys
@@ -26,7 +25,7 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _runner import die_with_parent  # noqa: E402  (bench/_runner.py)
+from _runner import die_with_parent, reply, serve_commands  # noqa: E402  (bench/_runner.py)
 from cluster import echo_round_trips, serve_echo, summarize  # noqa: E402  (bench/cluster.py: the statistics, the echo)
 
 SERVICE = "names"
@@ -85,20 +84,10 @@ class _NamesChild:
             self.node = node
             self.names = await Names.start(node, SERVICE, lease=self.args.lease)
             self._reply({"id": 0, "ok": True, "result": {"id": node.id, "pid": os.getpid()}})
-            tasks = set()
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                task = asyncio.ensure_future(self._handle(json.loads(line)))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            for task in list(tasks):
-                task.cancel()
+            await serve_commands(reader, self._handle)
 
     def _reply(self, answer: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        reply(answer)
 
     async def _handle(self, request: dict[str, Any]) -> None:
         t0 = time.monotonic()

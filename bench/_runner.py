@@ -1,19 +1,27 @@
 """How the multi-process benchmarks run: the parent's main, and a child's first steps.
 
 `run_main` runs a parent's async main under a time limit, turns SIGTERM and Ctrl-C into
-a clean stop, and always kills the child nodes left over; `die_with_parent` makes a
-child node process exit with its parent (even while its loop is blocked) and dump its
-Python stack on SIGUSR2.
+a clean stop, and always kills the child nodes left over; `run_children` is the body of
+such a main (a cookie, a log directory, the figures kept when a section fails, the JSON
+dump, the report); `choose_sections` checks ``--only``; `die_with_parent` makes a child
+node process exit with its parent (even while its loop is blocked) and dump its Python
+stack on SIGUSR2.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
+import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -50,3 +58,61 @@ def die_with_parent() -> None:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR2)
+
+
+def choose_sections(parser: argparse.ArgumentParser, only: str, sections: Sequence[str]) -> list[str]:
+    """The sections of a comma-separated ``--only``; a usage error naming any unknown one."""
+    chosen = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = set(chosen) - set(sections)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(sections)}")
+    return chosen
+
+
+async def run_children(kind: str, opts: argparse.Namespace,
+                       run: Callable[[argparse.Namespace, Path, dict[str, Any]], Awaitable[None]],
+                       report: Callable[[dict[str, Any]], None]) -> int:
+    """A parent's main: ``run(opts, logdir, res)`` with a fresh cookie for the children,
+    then ``report(res)``; the figures measured before a failure are kept and reported
+    (exit status 1), and written to ``--json`` when given."""
+    from cluster import log  # bench/cluster.py: the shared log line
+
+    os.environ["PGREGISTRY_COOKIE"] = secrets.token_urlsafe(24)
+    logdir = Path(tempfile.mkdtemp(prefix=f"pgregistry-{kind}-bench-"))
+    res: dict[str, Any] = {}
+    started = time.monotonic()
+    failed = False
+    try:
+        await run(opts, logdir, res)
+    except Exception as exc:  # noqa: BLE001 - report, keep the figures measured so far
+        failed = True
+        res.setdefault("errors", {})["run"] = str(exc)[-2000:]
+        print(f"\nthe run failed: {exc!r}\n(children's logs in {logdir})", file=sys.stderr)
+    log(kind, f"done in {time.monotonic() - started:.0f} s; children's logs in {logdir}")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"options": vars(opts), "results": res}, indent=1, default=str))
+    print()
+    report(res)
+    return 1 if failed else 0
+
+
+def reply(answer: dict[str, Any]) -> None:
+    """A child's answer to its parent: one JSON line on stdout."""
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+
+
+async def serve_commands(reader: asyncio.StreamReader,
+                         handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """A child's command loop: ``handle`` each JSON line of `reader` in a task of its own,
+    until end of input; then cancel what is still running."""
+    tasks: set[asyncio.Future[None]] = set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        task = asyncio.ensure_future(handle(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    for task in list(tasks):
+        task.cancel()

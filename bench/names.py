@@ -40,13 +40,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import secrets
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,7 +54,7 @@ if str(HERE) not in sys.path:
 import _names_child  # noqa: E402  (the node side: what each child process runs)
 import cluster  # noqa: E402  (bench/cluster.py: child plumbing, statistics and the table)
 from _names_child import now_ns  # noqa: E402
-from _runner import run_main  # noqa: E402  (bench/_runner.py)
+from _runner import choose_sections, run_children, run_main  # noqa: E402  (bench/_runner.py)
 from cluster import Line, fmt_time, log, machine, verdict  # noqa: E402
 
 SECTIONS = ("rtt", "latency", "whereis", "tput", "lease", "memory", "exit", "kill", "join")
@@ -517,33 +512,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if opts.join_sizes is None:
         opts.join_sizes = "1000" if quick else "10000,100000" + (",1000000" if opts.big else "")
     opts.join_sizes = [int(x) for x in opts.join_sizes.split(",") if x.strip()]
-    opts.only = [x.strip() for x in opts.only.split(",") if x.strip()]
-    unknown = set(opts.only) - set(SECTIONS)
-    if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    opts.only = choose_sections(p, opts.only, SECTIONS)
     return opts
 
 
 async def main_async(opts: argparse.Namespace) -> int:
-    os.environ["PGREGISTRY_COOKIE"] = secrets.token_urlsafe(24)
-    logdir = Path(tempfile.mkdtemp(prefix="pgregistry-names-bench-"))
-    res: dict[str, Any] = {}
-    started = time.monotonic()
-    failed = False
-    try:
-        await run(opts, logdir, res)
-    except Exception as exc:  # noqa: BLE001 - report, keep the figures measured so far
-        failed = True
-        print(f"\nthe run failed: {exc!r}\n(children's logs in {logdir})", file=sys.stderr)
-    log("names", f"done in {time.monotonic() - started:.0f} s; children's logs in {logdir}")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps({"options": vars(opts), "results": res}, indent=1, default=str))
-    print()
-    print(f"pgregistry names bench: 3 nodes (separate OS processes) on loopback, one names cluster, "
-          f"lease {opts.lease:g} s; the standard asyncio loop")
-    print_table(build_lines(res, opts))
-    print(machine())
-    return 1 if failed else 0
+    def report(res: dict[str, Any]) -> None:
+        print(f"pgregistry names bench: 3 nodes (separate OS processes) on loopback, one names cluster, "
+              f"lease {opts.lease:g} s; the standard asyncio loop")
+        print_table(build_lines(res, opts))
+        print(machine())
+
+    return await run_children("names", opts, run, report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,11 +57,8 @@ import asyncio
 import bisect
 import cProfile
 import gc
-import json
 import os
-import secrets
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -74,7 +71,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import cluster  # noqa: E402  (bench/cluster.py: child plumbing, the echo, statistics and the table)
-from _runner import die_with_parent, run_main  # noqa: E402  (bench/_runner.py)
+from _runner import choose_sections, die_with_parent, reply, run_children, run_main, serve_commands  # noqa: E402  (bench/_runner.py)
 from cluster import echo_round_trips, fmt_time, log, machine, print_rows, serve_echo, summarize  # noqa: E402
 
 SERVICE = "workers"
@@ -124,20 +121,10 @@ class _WorkersChild:
             self.node = node
             self.workers = await Workers.start(node, SERVICE, functions=self.fns.values())
             self._reply({"id": 0, "ok": True, "result": {"id": node.id, "pid": os.getpid()}})
-            tasks = set()
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                task = asyncio.ensure_future(self._handle(json.loads(line)))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            for task in list(tasks):
-                task.cancel()
+            await serve_commands(reader, self._handle)
 
     def _reply(self, answer: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        reply(answer)
 
     async def _handle(self, request: dict[str, Any]) -> None:
         try:
@@ -591,36 +578,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, (full, small) in defaults.items():
         if getattr(opts, key) is None:
             setattr(opts, key, small if opts.quick else full)
-    opts.only = [x.strip() for x in opts.only.split(",") if x.strip()]
-    unknown = set(opts.only) - set(SECTIONS)
-    if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    opts.only = choose_sections(p, opts.only, SECTIONS)
     return opts
 
 
 async def main_async(opts: argparse.Namespace) -> int:
-    os.environ["PGREGISTRY_COOKIE"] = secrets.token_urlsafe(24)
-    logdir = Path(tempfile.mkdtemp(prefix="pgregistry-workers-bench-"))
-    res: dict[str, Any] = {}
-    started = time.monotonic()
-    failed = False
-    try:
-        await run(opts, logdir, res)
-    except Exception as exc:  # noqa: BLE001 - report, keep the figures measured so far
-        failed = True
-        res.setdefault("errors", {})["run"] = str(exc)[-2000:]
-        print(f"\nthe run failed: {exc!r}\n(children's logs in {logdir})", file=sys.stderr)
-    log("workers", f"done in {time.monotonic() - started:.0f} s; children's logs in {logdir}")
-    if opts.json:
-        Path(opts.json).write_text(json.dumps({"options": vars(opts), "results": res}, indent=1, default=str))
-    print()
-    print(f"pgregistry workers bench: nodes in separate OS processes on loopback, the standard asyncio loop, "
-          f"tick {opts.tick:g} s, down_after {opts.down_after:g} s")
-    print(machine())
-    print_rows(["figure", "value", "baseline", "ratio", "target", "met?"], build_rows(res, opts))
-    if opts.profile:
-        print(f"(a profiled run, cProfile in {opts.profile}: these timings are not the figures)")
-    return 1 if failed else 0
+    def report(res: dict[str, Any]) -> None:
+        print(f"pgregistry workers bench: nodes in separate OS processes on loopback, the standard asyncio loop, "
+              f"tick {opts.tick:g} s, down_after {opts.down_after:g} s")
+        print(machine())
+        print_rows(["figure", "value", "baseline", "ratio", "target", "met?"], build_rows(res, opts))
+        if opts.profile:
+            print(f"(a profiled run, cProfile in {opts.profile}: these timings are not the figures)")
+
+    return await run_children("workers", opts, run, report)
 
 
 def main(argv: list[str] | None = None) -> int:
