@@ -116,3 +116,22 @@ async def serve_commands(reader: asyncio.StreamReader,
         task.add_done_callback(tasks.discard)
     for task in list(tasks):
         task.cancel()
+
+
+class Profiling:
+    """The ``prof_on`` / ``prof_off`` commands of a child: cProfile between the two, dumped
+    to the path the parent names (``--profile``)."""
+
+    profiler: Any = None
+
+    async def cmd_prof_on(self) -> None:
+        import cProfile
+
+        self.profiler = cProfile.Profile()
+        self.profiler.enable()
+
+    async def cmd_prof_off(self, path: str) -> None:
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(path)
+            self.profiler = None

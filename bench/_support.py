@@ -16,8 +16,10 @@ Both the pytest-benchmark suite (``test_bench_registry.py``) and the memory prob
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -170,3 +172,21 @@ def loop_factories(only: str | None) -> list[tuple[str, Callable[[], asyncio.Abs
     else:
         factories.append(("uvloop", uvloop.new_event_loop))
     return [(name, factory) for name, factory in factories if only in (None, name)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``"unknown cpu"``."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown cpu"
+
+
+def git_commit() -> str:
+    """The short hash of the checked-out commit, or ``"?"``."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    except OSError:
+        return "?"
+    return done.stdout.strip() or "?"

@@ -77,7 +77,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from _runner import die_with_parent, run_main  # bench/_runner.py (this directory is on sys.path)
+from _runner import Profiling, die_with_parent, run_main  # bench/_runner.py (this directory is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -148,14 +148,13 @@ async def serve_echo() -> asyncio.AbstractServer:
     return await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
 
 
-class _ChildServer:
+class _ChildServer(Profiling):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.holders: list[Any] = []
         self.subscriber: Any = None
         self.purge: dict[str, Any] = {}
         self.sync_timing: dict[str, Any] = {}
-        self.profiler: Any = None
 
     def _track_gc(self) -> None:
         """Count the cyclic GC's pauses (time and collections per generation)."""
@@ -289,18 +288,6 @@ class _ChildServer:
         for pid in holders:
             self.node.runtime.send(pid, "stop")
         return len(holders)
-
-    async def cmd_prof_on(self) -> None:
-        import cProfile
-
-        self.profiler = cProfile.Profile()
-        self.profiler.enable()
-
-    async def cmd_prof_off(self, path: str) -> None:
-        if self.profiler is not None:
-            self.profiler.disable()
-            self.profiler.dump_stats(path)
-            self.profiler = None
 
     async def cmd_gc_collect(self) -> int:
         return gc.collect()

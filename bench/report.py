@@ -35,7 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import memory  # noqa: E402  (bench/memory.py)
-from _support import extension_status  # noqa: E402
+from _support import cpu_model, extension_status, git_commit  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,19 +142,7 @@ def medians(json_paths: list[Path]) -> dict[tuple[str, str], float]:
 
 def machine() -> str:
     """CPU model and count, Python version, commit: the line under the table."""
-    model = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
+    model, commit = cpu_model(), git_commit()
     built = sorted((REPO / "pgregistry").glob("_core*.so"))
     extension = (f"extension built {datetime.datetime.fromtimestamp(built[0].stat().st_mtime):%Y-%m-%d %H:%M:%S}"
                  if built else "extension not built")

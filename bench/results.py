@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402  (bench/report.py: the medians of its pytest-benchmark JSON)
-from _support import extension_status  # noqa: E402
+from _support import cpu_model, extension_status, git_commit  # noqa: E402
 
 CLUSTER_ARGS = ["--loop", "both", "--churn", "5", "--trials", "3000", "--tput-n", "100000",
                 "--purge-n", "100000", "--catchup-sizes", "10000,30000,100000,300000,1000000"]
@@ -58,19 +58,7 @@ SECTIONS = ("registry", "memory", "placement", "cluster", "names", "workers")
 
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
-    model = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
+    model, commit = cpu_model(), git_commit()
     problem = extension_status()
     return {
         "cpu": model,

@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import cProfile
 import gc
 import os
 import sys
@@ -71,7 +70,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import cluster  # noqa: E402  (bench/cluster.py: child plumbing, the echo, statistics and the table)
-from _runner import choose_sections, die_with_parent, reply, run_children, run_main, serve_commands  # noqa: E402  (bench/_runner.py)
+from _runner import Profiling, choose_sections, die_with_parent, reply, run_children, run_main, serve_commands  # noqa: E402  (bench/_runner.py)
 from cluster import echo_round_trips, fmt_time, log, machine, print_rows, serve_echo, summarize  # noqa: E402
 
 SERVICE = "workers"
@@ -97,12 +96,11 @@ def child_main(args: argparse.Namespace) -> None:
         runner.run(_WorkersChild(args).serve())
 
 
-class _WorkersChild:
+class _WorkersChild(Profiling):
     """One node with the workers service, answering the parent's commands (``cmd_*``)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.profiler: cProfile.Profile | None = None
         self.ring_changes: list[dict[str, Any]] = []
         self.adopt: dict[str, Any] = {}
 
@@ -172,16 +170,6 @@ class _WorkersChild:
 
     async def cmd_stat(self) -> dict[str, Any]:
         return self.workers.stat()
-
-    async def cmd_prof_on(self) -> None:
-        self.profiler = cProfile.Profile()
-        self.profiler.enable()
-
-    async def cmd_prof_off(self, path: str) -> None:
-        if self.profiler is not None:
-            self.profiler.disable()
-            self.profiler.dump_stats(path)
-            self.profiler = None
 
     # -- rtt and quiet --------------------------------------------------------------------------
 
