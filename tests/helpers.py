@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -197,3 +198,35 @@ async def proxied_links(stack: contextlib.AsyncExitStack, nodes: list[Node]) -> 
             if src is not dst:
                 src.add_route(dst.id, part.address(src.name, dst.name))
     return part
+
+
+async def poll(probe: Callable[[], Any], what: str, timeout: float, interval: float = 0.02) -> Any:
+    """Call `probe` (sync or async) until it returns something other than None or False;
+    that result. `AssertionError` naming `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
+        if result is not None and result is not False:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class ChildProcess:
+    """What every test harness of node OS processes needs of one child: signals and its log."""
+
+    proc: asyncio.subprocess.Process
+    log: Any  # a pathlib.Path
+
+    def signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def logs(self, limit: int | None = 3000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text if limit is None else text[-limit:]

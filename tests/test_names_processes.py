@@ -33,15 +33,16 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from pgregistry.names import lease_clock
 from pgregistry.testing import Partition
 
+from .helpers import ChildProcess, poll
 from .names_checker import Analysis, History, Violation, analyse, check, read_history
 
 pytestmark = pytest.mark.multiprocess
@@ -59,7 +60,6 @@ CHURN = 6  # grants after each heal before the next fault
 START_TIMEOUT = 20.0  # a cold interpreter start on a loaded machine
 REPLY_TIMEOUT = 15.0  # of a command (a join waits up to 10 s)
 
-T = TypeVar("T")
 
 
 # -- the checker fails on broken histories -------------------------------------------------
@@ -118,7 +118,7 @@ def test_checker_ends_validity_at_a_lapse_or_a_newer_generation() -> None:
 
 # -- the node processes --------------------------------------------------------------------
 
-class Child:
+class Child(ChildProcess):
     """One node process: its commands, its latest STAT, its history file."""
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process, history: Path, log: Path) -> None:
@@ -167,9 +167,7 @@ class Child:
         assert reply == f"OK {command[0]}", f"{self.name}: {command} -> {reply}\n{self.logs()}"
 
     def signal(self, sig: int) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
+        super().signal(sig)
         if sig == signal.SIGSTOP:
             self.stopped = True
         elif sig == signal.SIGCONT:
@@ -180,11 +178,6 @@ class Child:
         s = self.stat
         return (bool(s) and s["clock"] > since and s["is_member"] and s["serving"] and s["lease_valid"]
                 and len(s["members"]) == len(NODES) and len(s["live_members"]) == len(NODES))
-
-    def logs(self, limit: int | None = 3000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text if limit is None else text[-limit:]
-
 
 class Cluster:
     """The node processes, their proxies and their histories."""
@@ -255,19 +248,6 @@ async def cluster(tmp: Path) -> AsyncIterator[Cluster]:
         raise
     finally:
         await started.close()
-
-
-async def poll(probe: Callable[[], T | None], what: str, timeout: float) -> T:
-    """`probe()` until it returns something else than None or False; at most `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = probe()
-        if result is not None and result is not False:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- the run ----------------------------------------------------------------------------------

@@ -24,13 +24,15 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from pgregistry.workers import DIENOW_GRACE
+
+from .helpers import ChildProcess, poll
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,7 +47,6 @@ START_TIMEOUT = 20.0  # a cold interpreter start on a loaded machine
 REPLY_TIMEOUT = 15.0  # of a command (each request to the service inside is bounded by 5 s)
 SOON = 10.0  # a ring change, a heal, duplicates settled: within this
 
-T = TypeVar("T")
 
 
 def node_of(pid: str) -> str:
@@ -53,7 +54,7 @@ def node_of(pid: str) -> str:
     return pid[1:-1].rsplit(".", 2)[0]
 
 
-class Child:
+class Child(ChildProcess):
     """One node process: its commands and their answers, its log."""
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
@@ -94,14 +95,6 @@ class Child:
         result: dict[str, Any] = await self.command("stat")
         return result
 
-    def signal(self, sig: int) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    def logs(self, limit: int | None = 3000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text if limit is None else text[-limit:]
 
 
 class Cluster:
@@ -169,19 +162,6 @@ async def cluster(tmp: Path) -> AsyncIterator[Cluster]:
         raise
     finally:
         await started.close()
-
-
-async def poll(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float) -> T:
-    """Await `probe()` until it returns something else than None or False; at most `timeout` s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await probe()
-        if result is not None and result is not False:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def rings_are(c: Cluster, ids: list[str], what: str, *but: str) -> None:
