@@ -32,8 +32,10 @@ Everything here runs on the node's loop thread.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -101,7 +103,7 @@ def _check_address(what: str, address: Any) -> str:
     return address
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """One way to find nodes; the base of `Static`, `Dns` and `Multicast`.
 
     A strategy is used by one `Discovery` at a time: it calls `open` once with its node
@@ -112,22 +114,22 @@ class Strategy:
     kind: ClassVar[str] = "strategy"
     interval: float
 
-    async def open(self, node: Node) -> None:
+    async def open(self, node: Node) -> None:  # noqa: B027 - optional: most strategies take nothing
         """Get ready to poll for `node` (bind sockets, build resolvers)."""
 
+    @abc.abstractmethod
     async def poll(self) -> list[str]:
         """One lookup: the addresses (``"host:port"``) or node ids found.
 
         An exception is a failed lookup: the discovery counts and logs it and polls
         again after ``interval``. Cancellation ends the lookup and changes nothing.
         """
-        raise NotImplementedError
 
     def stat(self) -> dict[str, int]:
         """The strategy's own counters (added to the discovery's `Discovery.stat`)."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional, as `open` is
         """Release what `open` took; the strategy is not polled again."""
 
     def __repr__(self) -> str:
@@ -202,11 +204,10 @@ class Dns(Strategy):
     def _nameserver(text: Any) -> tuple[str, int]:
         if type(text) is not str or not text:
             raise TypeError(f"a nameserver must be a 'host:port' or 'host' str, got {short_repr(text)}")
-        try:
-            ipaddress.ip_address(text.strip("[]"))
-            return text.strip("[]"), 53
-        except ValueError:
-            pass
+        bare = text.strip("[]")
+        with contextlib.suppress(ValueError):  # a bare address: the DNS port
+            ipaddress.ip_address(bare)
+            return bare, 53
         host, port = parse_address(text)
         ipaddress.ip_address(host)  # dnspython wants an address: ValueError for a name
         return host, port

@@ -219,8 +219,7 @@ def prepare(args: argparse.Namespace, argv: Sequence[str] | None,
 def _tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
         try:
-            with open(path, "rb"):
-                pass
+            open(path, "rb").close()  # readable: the one check that tells the option apart
         except OSError as exc:
             raise OptionError(f"{option} {path}: cannot read it: {exc.strerror or exc}") from None
     try:
