@@ -60,6 +60,11 @@ def die_with_parent() -> None:
     faulthandler.register(signal.SIGUSR2)
 
 
+def log(label: str, text: str) -> None:
+    """A progress line on stderr: ``[label HH:MM:SS] text``."""
+    print(f"[{label} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def choose_sections(parser: argparse.ArgumentParser, only: str, sections: Sequence[str]) -> list[str]:
     """The sections of a comma-separated ``--only``; a usage error naming any unknown one."""
     chosen = [x.strip() for x in only.split(",") if x.strip()]
@@ -75,8 +80,6 @@ async def run_children(kind: str, opts: argparse.Namespace,
     """A parent's main: ``run(opts, logdir, res)`` with a fresh cookie for the children,
     then ``report(res)``; the figures measured before a failure are kept and reported
     (exit status 1), and written to ``--json`` when given."""
-    from cluster import log  # bench/cluster.py: the shared log line
-
     os.environ["PGREGISTRY_COOKIE"] = secrets.token_urlsafe(24)
     logdir = Path(tempfile.mkdtemp(prefix=f"pgregistry-{kind}-bench-"))
     res: dict[str, Any] = {}

@@ -77,7 +77,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from _runner import Profiling, die_with_parent, run_main  # bench/_runner.py (this directory is on sys.path)
+from _runner import Profiling, die_with_parent, log, run_main  # bench/_runner.py (this directory is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -840,10 +840,6 @@ def _is_stopped(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("T", "t")
     except OSError:
         return False
-
-
-def log(loop: str, text: str) -> None:
-    print(f"[{loop} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 @contextlib.asynccontextmanager
